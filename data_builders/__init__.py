@@ -1,0 +1,1 @@
+"""Builders that turn raw data into preference datasets."""

@@ -1,0 +1,59 @@
+"""The ``prefalign`` command: thin dispatch to recipes, data builders and model helpers.
+
+    prefalign train <method> [--key value ...]    runs recipes/<method>.py with those arguments
+    prefalign build <builder> [--option ...]      runs a data builder (data_builders/<builder>.py)
+    prefalign models [--prepare NAME ...]         lists the embedded models; --prepare converts/caches them now
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import sys
+
+from prefalign.models import EMBEDDED_MODELS, resolve_model_path
+from prefalign.recipe_args import RECIPES_DIR
+
+BUILDERS = {"wordnet-definitions": "data_builders.wordnet_definitions"}
+
+
+def _recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.py"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``prefalign`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="prefalign", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run a training recipe", add_help=False)
+    train.add_argument("method", help=f"one of: {', '.join(_recipes()) or '(recipes folder not found)'}")
+    build = sub.add_parser("build", help="build a preference data set", add_help=False)
+    build.add_argument("builder", choices=sorted(BUILDERS))
+    models = sub.add_parser("models", help="list or prepare the embedded models")
+    models.add_argument("--prepare", nargs="*", default=None, metavar="NAME",
+                        help="convert and cache these embedded models now (all when no name is given)")
+    args, rest = parser.parse_known_args(argv)
+
+    if args.command == "train":
+        script = RECIPES_DIR / f"{args.method}.py"
+        if not script.is_file():
+            parser.error(f"no recipe {args.method!r}: expected {script} (choices: {', '.join(_recipes())})")
+        sys.argv = [str(script), *rest]
+        runpy.run_path(str(script), run_name="__main__")
+    elif args.command == "build":
+        importlib.import_module(BUILDERS[args.builder]).main(rest)
+    elif args.command == "models":
+        if rest:
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        names = EMBEDDED_MODELS if args.prepare == [] else (args.prepare or [])
+        for name in names:
+            print(f"{name}: {resolve_model_path(name)}")
+        if args.prepare is None:
+            print("embedded models (short names usable wherever a model id is):", ", ".join(EMBEDDED_MODELS))
+
+
+if __name__ == "__main__":
+    main()

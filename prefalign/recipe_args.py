@@ -1,0 +1,76 @@
+"""Command-line and YAML arguments shared by every recipe in ``recipes/``.
+
+A recipe is parsed TRL-style: ``recipes/configs/<method>.yaml`` gives the defaults, ``--config other.yaml``
+replaces it, and ``--key value`` overrides any field of the dataclasses (data, training config, model config).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import TrlParser
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DataArguments:
+    """Which preference data a recipe trains and evaluates on."""
+
+    dataset_name: str = field(
+        default="wordnet-definitions",
+        metadata={"help": "Embedded short name, local jsonl/parquet file or folder, save_to_disk folder, or hub id."},
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (when evaluating)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+    drop_invalid: bool = field(
+        default=False,
+        metadata={"help": "Drop (and count in the log) invalid rows instead of stopping with an error."},
+    )
+
+
+def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | None = None) -> tuple:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into ``dataclass_types`` with ``recipes/configs/<recipe>.yaml``
+    as defaults unless ``--config`` is given; on a machine without CUDA, bf16 is turned off unless asked for."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(RECIPES_DIR / "configs" / f"{recipe}.yaml"), *argv]
+    if not torch.cuda.is_available() and not any(a.startswith("--bf16") for a in argv):
+        argv += ["--bf16", "false"]
+    return TrlParser(dataclass_types).parse_args_and_config(argv)
+
+
+def resume_checkpoint(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint true`` resumes from the newest checkpoint in ``output_dir``; a path resumes there."""
+    if value is not None and value.lower() in ("true", "last", "latest"):
+        return True
+    if value is not None and value.lower() in ("false", "none", ""):
+        return None
+    return value
+
+
+def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_length: int | None = None,
+                         with_eval: bool = True) -> tuple:
+    """Load, subsample and validate the train (and, if ``with_eval``, test) splits named by ``data_args``.
+
+    Validation runs before any training: bad rows raise an error naming row and column, or are dropped and
+    counted when ``data_args.drop_invalid`` is set.
+    """
+    from prefalign.data import load_preference_dataset, validate_preference_dataset
+
+    splits = [(data_args.dataset_train_split, data_args.max_train_samples)]
+    if with_eval:
+        splits.append((data_args.dataset_test_split, data_args.max_eval_samples))
+    loaded = []
+    for split, limit in splits:
+        dataset = load_preference_dataset(data_args.dataset_name, split=split)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        loaded.append(validate_preference_dataset(dataset, processing_class, max_length=max_length,
+                                                  drop_invalid=data_args.drop_invalid))
+    return tuple(loaded) if with_eval else (loaded[0], None)

