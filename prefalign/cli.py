@@ -15,7 +15,7 @@ import sys
 from prefalign.models import EMBEDDED_MODELS, resolve_model_path
 from prefalign.recipe_args import RECIPES_DIR
 
-BUILDERS = {"wordnet-definitions": "data_builders.wordnet_definitions"}
+BUILDERS = {"phrases": "data_builders.phrases", "wordnet-definitions": "data_builders.wordnet_definitions"}
 
 
 def _recipes() -> list[str]:

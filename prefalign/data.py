@@ -205,7 +205,7 @@ def validate_preference_dataset(
         raise PreferenceDataError(
             f"{len(problems)} problem(s) in {len(bad_rows)} of {len(dataset)} rows ({kind_counts}):\n{listed}"
             + (f"\n  ... and {more} more" if more > 0 else "")
-            + ("\nPass drop_invalid=True to drop these rows." if len(bad_rows) < len(dataset) else "")
+            + ("\nPass drop_invalid=True (recipes: --drop_invalid true) to drop and count these rows." if len(bad_rows) < len(dataset) else "")
         )
     logger.warning("dropped %d of %d rows: %s", len(bad_rows), len(dataset), kind_counts)
     bad = set(bad_rows)

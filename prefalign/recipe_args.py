@@ -40,8 +40,10 @@ def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | Non
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(RECIPES_DIR / "configs" / f"{recipe}.yaml"), *argv]
-    if not torch.cuda.is_available() and not any(a.startswith("--bf16") for a in argv):
-        argv += ["--bf16", "false"]
+    if not torch.cuda.is_available():  # CPU: no bf16 autocast, and use_cpu so that 2 processes use gloo
+        for flag, value in (("--bf16", "false"), ("--use_cpu", "true")):
+            if not any(a == flag or a.startswith(flag + "=") for a in argv):
+                argv += [flag, value]
     return TrlParser(dataclass_types).parse_args_and_config(argv)
 
 

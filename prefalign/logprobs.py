@@ -1,0 +1,73 @@
+"""Shared tensor plumbing for the trainers: per-token log-probs, chunked full-vocabulary KL, sequence log-probs.
+
+Everything here works on tensors and callables; the objectives themselves live in ``prefalign.losses``.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from prefalign.losses import token_kl
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log π(index) per token: logits [B,T,V], index [B,T] in [0, V) → [B,T] in at least float32.
+
+    One batch row at a time, so only a [T,V] float32 temporary exists besides the logits.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = []
+    for row_logits, row_index in zip(logits, index):
+        row_logits = row_logits.to(dtype)
+        selected = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
+        rows.append(selected - row_logits.logsumexp(-1))
+    return torch.stack(rows)
+
+
+def chunked_token_kl(
+    policy_hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    policy_head: Callable[[torch.Tensor], torch.Tensor],
+    ref_head: Callable[[torch.Tensor], torch.Tensor],
+    mask: torch.Tensor,
+    chunk_size: int = 128,
+    skip_empty_chunks: bool = True,
+) -> torch.Tensor:
+    """``token_kl(policy_head(policy_hidden), ref_head(ref_hidden), mask)`` → [B], never building [B,T,V] logits.
+
+    Hidden states [B,T,H], mask [B,T]. Positions are processed ``chunk_size`` at a time; each chunk is
+    checkpointed, so backward recomputes its logits and peak memory is O(B·chunk_size·V). The reference head runs
+    under no_grad. Chunks with no masked position are skipped unless ``skip_empty_chunks=False`` (use that under
+    ZeRO-3, where every rank must call the heads the same number of times).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunked_token_kl: chunk_size must be ≥ 1, got {chunk_size}")
+    if policy_hidden.shape[:2] != mask.shape or ref_hidden.shape[:2] != mask.shape:
+        raise ValueError(f"chunked_token_kl: policy_hidden {tuple(policy_hidden.shape)}, ref_hidden "
+                         f"{tuple(ref_hidden.shape)} and mask {tuple(mask.shape)} disagree on [B,T]")
+
+    def chunk_kl(policy_chunk: torch.Tensor, ref_chunk: torch.Tensor, mask_chunk: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # inside the checkpoint, so reference logits are not kept alive until backward
+            ref_logits = ref_head(ref_chunk)
+        return token_kl(policy_head(policy_chunk), ref_logits, mask_chunk)
+
+    total = policy_hidden.new_zeros(mask.shape[0], dtype=torch.promote_types(policy_hidden.dtype, torch.float32))
+    for start in range(0, mask.shape[1], chunk_size):
+        end = start + chunk_size
+        if skip_empty_chunks and not mask[:, start:end].any():
+            continue
+        total = total + checkpoint(chunk_kl, policy_hidden[:, start:end], ref_hidden[:, start:end],
+                                   mask[:, start:end], use_reentrant=False)
+    return total
+
+
+def sequence_logps(per_token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Sum (or, with ``average=True``, the length-normalised mean) of log-probs over masked tokens: [B,T] → [B].
+
+    A row with no masked token gives 0.
+    """
+    total = torch.where(mask.bool(), per_token_logps, 0.0).sum(-1)
+    if not average:
+        return total
+    return total / mask.bool().sum(-1).clamp(min=1)

@@ -1,0 +1,103 @@
+"""The DPO recipe end to end on the tiny model: config parsing, validation before training, outputs that plain
+transformers/peft load, resuming, and the `prefalign` CLI running the same code."""
+
+import json
+import runpy
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, log_history
+from prefalign.cli import main as cli_main
+from prefalign.data import PreferenceDataError
+from prefalign.models import load_processing_class, resolve_model_path
+from prefalign.recipe_args import parse_recipe_args
+
+dpo_recipe = runpy.run_path(str(REPO / "recipes" / "dpo.py"))
+
+
+def _generate(model, tokenizer) -> torch.Tensor:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does the word 'dog' mean?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return model.generate(**prompt, max_new_tokens=5, do_sample=False)
+
+
+def test_default_config_is_cpu_friendly_and_overridable():
+    from trl import DPOConfig, ModelConfig
+
+    from prefalign.recipe_args import DataArguments
+
+    data_args, training_args, model_args = parse_recipe_args((DataArguments, DPOConfig, ModelConfig), "dpo",
+                                                             ["--beta", "0.3", "--max_steps", "7"])
+    assert model_args.model_name_or_path == "smollm2-135m-instruct" and model_args.use_peft
+    assert data_args.dataset_name == "wordnet-definitions"
+    assert training_args.beta == 0.3 and training_args.max_steps == 7  # command line beats the YAML
+    assert training_args.learning_rate == 5e-5  # from the YAML
+    if not torch.cuda.is_available():
+        assert not training_args.bf16
+
+
+def test_lora_run_saves_an_adapter_that_plain_peft_loads(tiny_dpo_args, tmp_path):
+    trainer = dpo_recipe["main"](tiny_dpo_args)
+    out = tmp_path / "out"
+    losses = [e["loss"] for e in log_history(out) if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert abs(losses[0] - 0.6931) < 1e-3  # LoRA starts at the reference: DPO loss = log 2
+    assert (out / "adapter_config.json").is_file()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm"))
+    model = PeftModel.from_pretrained(base, out)
+    trained = trainer.model.state_dict()
+    lora_b = [k for k in model.state_dict() if "lora_B" in k]
+    assert lora_b and any(model.state_dict()[k].abs().sum() > 0 for k in lora_b)  # the adapter learned something
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in lora_b if k in trained)
+    tokenizer = load_processing_class("tiny-causal-lm")
+    assert _generate(model, tokenizer).shape[1] > 0
+
+
+def test_full_model_run_saves_a_plain_checkpoint(tiny_dpo_args, tmp_path):
+    dpo_recipe["main"]([*tiny_dpo_args, "--use_peft", "false"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    reference = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm"))
+    changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters())]
+    assert any(changed)
+    assert _generate(model, load_processing_class(tmp_path / "out")).shape[1] > 0
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_dpo_args, tmp_path):
+    args = [*tiny_dpo_args, "--save_steps", "2", "--max_steps", "2"]
+    dpo_recipe["main"](args)
+    trainer = dpo_recipe["main"]([*tiny_dpo_args, "--save_steps", "2", "--max_steps", "4",
+                                  "--resume_from_checkpoint", "true"])
+    assert trainer.state.global_step == 4
+    steps = [e["step"] for e in log_history(tmp_path / "out") if "loss" in e]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_bad_data_stops_before_training_naming_row_and_column(tiny_dpo_args, tmp_path):
+    rows = [{"prompt": "Define 'cat'.", "chosen": "A small feline.", "rejected": "A large bird."}] * 3
+    rows.append({"prompt": "Define 'dog'.", "chosen": "A canine.", "rejected": "A canine."})
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PreferenceDataError, match=r"row 3, column 'chosen': chosen identical to rejected"):
+        dpo_recipe["main"]([*tiny_dpo_args, "--dataset_name", str(path)])
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_cli_train_runs_the_recipe(tiny_dpo_args, tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prefalign"])
+    cli_main(["train", "dpo", *tiny_dpo_args])
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_recipe_on_the_embedded_model(tmp_path):
+    out = tmp_path / "smol"
+    dpo_recipe["main"](["--output_dir", str(out), "--max_steps", "8", "--logging_steps", "1", "--save_steps", "8",
+                        "--learning_rate", "2e-4", "--max_train_samples", "16", "--per_device_train_batch_size", "2"])
+    history = [e for e in log_history(out) if "loss" in e]
+    assert abs(history[0]["loss"] - 0.6931) < 1e-3
+    # Eight steps over the same 16 pairs: the DPO loss falls and the margin grows on data it has seen.
+    assert sum(e["loss"] for e in history[-3:]) / 3 < history[0]["loss"] - 0.02
+    assert history[-1]["rewards/margins"] > 0
