@@ -17,21 +17,18 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import ProcessorMixin
-from trl.data_utils import _tokenize, common_prefix_length, prepare_multimodal_messages
+
+from prefalign.phrases import Span, alignment_problem, diff_phrases, parse_phrase_tags, tag_phrases
 
 logger = logging.getLogger("prefalign.data_builders.phrases")
 
-OPEN_TAG, CLOSE_TAG = "<MASK>", "</MASK>"
 DEFAULT_REWRITE_MODEL = "smollm2-135m-instruct"
-WORD_OR_PUNCTUATION = re.compile(r"\w+|[^\w\s]")
 WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 MAX_PHRASE_WORDS = 3
 MIN_CONTENT_WORD_CHARS = 3
@@ -52,184 +49,6 @@ REWRITE_INSTRUCTION = (
     "Word: {word}\nDefinition: {definition}"
 )
 
-Span = tuple[int, int]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tags
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def parse_phrase_tags(text: str, open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG) -> tuple[str, list[Span]]:
-    """Strip phrase tags; return the clean text and each phrase's [start, end) character span in it, in order."""
-    pattern = re.compile(f"{re.escape(open_tag)}|{re.escape(close_tag)}")
-    pieces, spans = [], []
-    clean_length, cursor, open_at = 0, 0, None  # open_at: (position in text, position in clean text)
-    for match in pattern.finditer(text):
-        pieces.append(text[cursor : match.start()])
-        clean_length += match.start() - cursor
-        cursor = match.end()
-        if match.group() == open_tag:
-            if open_at is not None:
-                raise ValueError(
-                    f"nested {open_tag} at character {match.start()}: the {open_tag} at character {open_at[0]} "
-                    f"is not closed yet, in {text!r:.200}"
-                )
-            open_at = (match.start(), clean_length)
-        else:
-            if open_at is None:
-                raise ValueError(
-                    f"{close_tag} at character {match.start()} has no opening {open_tag}, in {text!r:.200}"
-                )
-            spans.append((open_at[1], clean_length))
-            open_at = None
-    if open_at is not None:
-        raise ValueError(f"{open_tag} at character {open_at[0]} is never closed, in {text!r:.200}")
-    pieces.append(text[cursor:])
-    return "".join(pieces), spans
-
-
-def tag_phrases(text: str, spans: Sequence[Span], open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG) -> str:
-    """Wrap each [start, end) character span of `text` in tags: the inverse of `parse_phrase_tags`."""
-    previous_end = 0
-    for start, end in spans:
-        if not previous_end <= start <= end <= len(text):
-            raise ValueError(
-                f"spans must be ordered, non-overlapping and within the text's {len(text)} characters: {list(spans)}"
-            )
-        previous_end = end
-    pieces, cursor = [], 0
-    for start, end in spans:
-        pieces += [text[cursor:start], open_tag, text[start:end], close_tag]
-        cursor = end
-    pieces.append(text[cursor:])
-    return "".join(pieces)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Diff
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _text_tokens(text: str, tokenizer: Any = None) -> tuple[list, list[Span]]:
-    """Split text into comparable tokens with character offsets: the tokenizer's tokens, or words and punctuation."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if tokenizer is not None and getattr(tokenizer, "is_fast", False):
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(encoding["input_ids"]), [tuple(offset) for offset in encoding["offset_mapping"]]
-    matches = list(WORD_OR_PUNCTUATION.finditer(text))
-    return [m.group() for m in matches], [m.span() for m in matches]
-
-
-def _covering_span(text: str, offsets: list[Span], first: int, last: int) -> Span:
-    """Character span of tokens [first, last), whitespace trimmed; an empty span at the gap when there are none."""
-    if first == last:
-        position = offsets[first][0] if first < len(offsets) else len(text.rstrip())
-        return position, position
-    start, end = offsets[first][0], offsets[last - 1][1]
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
-
-def diff_phrases(chosen: str, rejected: str, tokenizer: Any = None) -> tuple[list[Span], list[Span]]:
-    """Phrases where two texts differ, by a token-level diff: paired span lists, empty spans where a side has none."""
-    chosen_tokens, chosen_offsets = _text_tokens(chosen, tokenizer)
-    rejected_tokens, rejected_offsets = _text_tokens(rejected, tokenizer)
-    matcher = difflib.SequenceMatcher(a=chosen_tokens, b=rejected_tokens, autojunk=False)
-    chosen_spans, rejected_spans = [], []
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-        if tag != "equal":
-            chosen_spans.append(_covering_span(chosen, chosen_offsets, i1, i2))
-            rejected_spans.append(_covering_span(rejected, rejected_offsets, j1, j2))
-    return chosen_spans, rejected_spans
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Token ids
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _completion_ids(processing_class: Any, prompt: str | list, completion: str | list) -> list[int]:
-    """The completion's token ids exactly as TRL 1.16's DPOTrainer tokenises one prompt/completion pair."""
-    generation_prompt = {"add_generation_prompt": True} if isinstance(prompt, list) else {}
-    prompt_ids = list(_tokenize(processing_class, prompt, **generation_prompt)["input_ids"])
-    full_ids = list(_tokenize(processing_class, prompt + completion)["input_ids"])
-    return full_ids[common_prefix_length(prompt_ids, full_ids) :]
-
-
-def _offsets_by_encoding(tokenizer: Any, full_text: str, completion_ids: list[int], conversational: bool):
-    """Character offsets (in `full_text`) of the completion tokens, if re-tokenising `full_text` gives the same ids."""
-    if not getattr(tokenizer, "is_fast", False):
-        return None
-    kwargs = {"add_special_tokens": False} if conversational else {}  # as apply_chat_template / TRL's _tokenize do
-    encoding = tokenizer(full_text, return_offsets_mapping=True, **kwargs)
-    ids, offsets = list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
-    n = len(completion_ids)
-    if n > len(ids) or ids[len(ids) - n :] != completion_ids:
-        return None
-    return offsets[len(ids) - n :]
-
-
-def _offsets_by_decoding(tokenizer: Any, completion_ids: list[int]) -> tuple[str, list[Span]]:
-    """Decode the completion ids one more token at a time; return the decoded text and each token's char offsets."""
-    lengths = [
-        len(tokenizer.decode(completion_ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False))
-        for i in range(len(completion_ids))
-    ]
-    for i in range(len(lengths) - 2, -1, -1):  # a token ending inside a multi-byte character decodes to U+FFFD
-        lengths[i] = min(lengths[i], lengths[i + 1])
-    decoded = tokenizer.decode(completion_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return decoded, [(lengths[i - 1] if i else 0, lengths[i]) for i in range(len(lengths))]
-
-
-def phrase_token_ids(
-    processing_class: Any, prompt: str | list, completion: str | list, spans: Sequence[Span]
-) -> tuple[list[int], list[int]]:
-    """Return (completion_ids as TRL's DPOTrainer tokenises them, phrase id per token: k inside span k-1, else 0).
-
-    `completion` is a string (standard format; EOS is appended if missing, as TRL does) or a list holding one
-    assistant message whose content is the clean text; `spans` are [start, end) character spans in that clean text.
-    A token overlapping any character of a span is in that phrase (the first such span when it straddles two), so a
-    token merged across a phrase boundary counts as phrase. Empty spans mark no token.
-    """
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    conversational = isinstance(completion, list)
-    if conversational:
-        if len(completion) != 1 or not isinstance(completion[0].get("content"), str):
-            raise ValueError(f"expected one assistant message with string content, got {completion!r:.200}")
-        text = completion[0]["content"]
-        messages = prompt + completion
-        if isinstance(processing_class, ProcessorMixin):
-            messages = prepare_multimodal_messages(messages)
-        full_text = processing_class.apply_chat_template(messages, tokenize=False)
-        text_start = full_text.rfind(text)
-    else:
-        text = completion
-        if not completion.endswith(tokenizer.eos_token):
-            completion = completion + tokenizer.eos_token
-        full_text, text_start = prompt + completion, len(prompt)
-    if any(not 0 <= start <= end <= len(text) for start, end in spans):
-        raise ValueError(f"spans {list(spans)} fall outside the completion's {len(text)} characters")
-    completion_ids = _completion_ids(processing_class, prompt, completion)
-
-    offsets = _offsets_by_encoding(tokenizer, full_text, completion_ids, conversational) if text_start >= 0 else None
-    if offsets is None:  # no offsets, or re-tokenising the rendered text differs: recover offsets by decoding
-        decoded, offsets = _offsets_by_decoding(tokenizer, completion_ids)
-        text_start = decoded.find(text)
-        if text_start < 0:
-            raise ValueError(f"cannot locate the completion text {text!r:.100} in its decoded tokens {decoded!r:.200}")
-    phrase_ids = []
-    for token_start, token_end in offsets:
-        overlapping = (
-            k
-            for k, (start, end) in enumerate(spans, start=1)
-            if start < end and token_start < text_start + end and token_end > text_start + start
-        )
-        phrase_ids.append(next(overlapping, 0))
-    return completion_ids, phrase_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,24 +136,6 @@ def _donor_phrases(texts: list[str]) -> dict[int, list[str]]:
     for phrase in sorted(phrases):
         grouped.setdefault(len(phrase.split()), []).append(phrase)
     return grouped
-
-
-def _alignment_problem(chosen: str, rejected: str) -> str | None:
-    """Why a tagged pair cannot train RRPO (bad tags, no phrase, unequal counts, no change), or None."""
-    try:
-        chosen_text, chosen_spans = parse_phrase_tags(chosen)
-        rejected_text, rejected_spans = parse_phrase_tags(rejected)
-    except ValueError as error:
-        return f"bad tags: {error}"
-    if not chosen_spans or not rejected_spans:
-        return "no phrase" + (" (rejected identical to chosen)" if chosen_text == rejected_text else "")
-    if len(chosen_spans) != len(rejected_spans):
-        return f"unequal phrase counts ({len(chosen_spans)} chosen, {len(rejected_spans)} rejected)"
-    if chosen_text == rejected_text:
-        return "rejected identical to chosen"
-    if not chosen_text.strip() or not rejected_text.strip():
-        return "empty completion"
-    return None
 
 
 def _generate_rewrites(
@@ -425,7 +226,7 @@ def build_phrase_pairs(
 
     output, problems, short = [], [], 0
     for index, (row, (chosen, rejected)) in enumerate(zip(rows, pairs)):
-        problem = _alignment_problem(chosen, rejected)
+        problem = alignment_problem(chosen, rejected)
         if problem is not None:
             problems.append((index, row.get("word", ""), problem))
             continue

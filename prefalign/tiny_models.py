@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from prefalign.models import PilQwen2VLProcessor
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -21,6 +20,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
+
+from prefalign.models import PilQwen2VLProcessor
 
 HIDDEN = 64
 VOCAB_SIZE = 1024

@@ -9,16 +9,12 @@ import pytest
 from datasets import Dataset
 from trl import DPOTrainer
 
+import prefalign.phrases
 from data_builders import phrases
-from data_builders.phrases import (
-    build_phrase_pairs,
-    diff_phrases,
-    parse_phrase_tags,
-    phrase_token_ids,
-    tag_phrases,
-)
+from data_builders.phrases import build_phrase_pairs
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
+from prefalign.phrases import alignment_problem, diff_phrases, parse_phrase_tags, phrase_token_ids, tag_phrases
 
 PROMPT = [{"role": "user", "content": "What does the word 'coppice' mean?"}]
 
@@ -102,13 +98,13 @@ def test_tag_phrases_rejects_overlapping_spans():
 
 
 def test_unequal_phrase_counts_are_detected():
-    problem = phrases._alignment_problem("<MASK>a</MASK> b <MASK>c</MASK>", "<MASK>x</MASK> b c")
+    problem = alignment_problem("<MASK>a</MASK> b <MASK>c</MASK>", "<MASK>x</MASK> b c")
     assert problem.startswith("unequal phrase counts (2 chosen, 1 rejected)")
-    assert phrases._alignment_problem("a b", "a c") == "no phrase"
-    assert phrases._alignment_problem("a b", "a b") == "no phrase (rejected identical to chosen)"
-    assert phrases._alignment_problem("a <MASK>b</MASK>", "a <MASK>b</MASK>") == "rejected identical to chosen"
-    assert phrases._alignment_problem("a <MASK>b", "a <MASK>c</MASK>").startswith("bad tags")
-    assert phrases._alignment_problem("a <MASK>b</MASK>", "a <MASK>c</MASK>") is None
+    assert alignment_problem("a b", "a c") == "no phrase"
+    assert alignment_problem("a b", "a b") == "no phrase (rejected identical to chosen)"
+    assert alignment_problem("a <MASK>b</MASK>", "a <MASK>b</MASK>") == "rejected identical to chosen"
+    assert alignment_problem("a <MASK>b", "a <MASK>c</MASK>").startswith("bad tags")
+    assert alignment_problem("a <MASK>b</MASK>", "a <MASK>c</MASK>") is None
 
 
 # --- diff ---------------------------------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def test_phrase_token_ids_fallback_by_decoding(tiny_tokenizer, monkeypatch):
     text = "A dense growth of bushes."
     completion = [{"role": "assistant", "content": text}]
     expected = phrase_token_ids(tiny_tokenizer, PROMPT, completion, [(2, 7), (18, 24)])
-    monkeypatch.setattr(phrases, "_offsets_by_encoding", lambda *args: None)
+    monkeypatch.setattr(prefalign.phrases, "_offsets_by_encoding", lambda *args: None)
     assert phrase_token_ids(tiny_tokenizer, PROMPT, completion, [(2, 7), (18, 24)]) == expected
 
 
@@ -392,7 +388,7 @@ def test_build_phrase_pairs_model_source_runs_a_real_model(wordnet, caplog):
     )
     assert built + unaligned == 3 and built == len(pairs)
     for row in pairs:
-        assert phrases._alignment_problem(row["chosen"][0]["content"], row["rejected"][0]["content"]) is None
+        assert alignment_problem(row["chosen"][0]["content"], row["rejected"][0]["content"]) is None
 
 
 def test_main_writes_jsonl(tmp_path, capsys):

@@ -6,10 +6,10 @@ import runpy
 
 import pytest
 import torch
+from conftest import REPO, log_history
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, log_history
 from prefalign.cli import main as cli_main
 from prefalign.data import PreferenceDataError
 from prefalign.models import load_processing_class, resolve_model_path
