@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger("prefalign.data")
 
-EMBEDDED_DATASETS = {"wordnet-definitions": Path(__file__).parent / "embedded" / "wordnet-definitions"}
+EMBEDDED_DATASETS = {name: Path(__file__).parent / "embedded" / name for name in ("wordnet-definitions", "wordnet-phrases")}
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 SPLIT_FILE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 MAX_LISTED_PROBLEMS = 10
@@ -210,3 +210,29 @@ def validate_preference_dataset(
     logger.warning("dropped %d of %d rows: %s", len(bad_rows), len(dataset), kind_counts)
     bad = set(bad_rows)
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
+
+
+def video_frames_as_images(dataset: Dataset) -> Dataset:
+    """Turn a `video` column (a list of frames per row) into TRL's `images` column, one image per frame.
+
+    TRL's vision collator feeds images only; a video given as sampled frames becomes a sequence of images, and each
+    `{"type": "video"}` part of a conversational prompt becomes one `{"type": "image"}` part per frame (the way
+    frame-based video LLMs such as LLaVA-Video see a clip). Rows keep their order; nothing is dropped.
+    """
+    if "video" not in dataset.column_names:
+        return dataset
+    if "images" in dataset.column_names or "image" in dataset.column_names:
+        raise PreferenceDataError("column 'video': rows with both a video and images are not supported")
+
+    def expand(row: dict, index: int) -> dict:
+        frames = row["video"]
+        if not frames:
+            raise PreferenceDataError(f"row {index}, column 'video': no frames")
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = [{**m, "content": [p for part in m["content"] for p in
+                                        ([{"type": "image"}] * len(frames) if part.get("type") == "video" else [part])]}
+                      if isinstance(m["content"], list) else m for m in prompt]
+        return {"images": frames, "prompt": prompt}
+
+    return dataset.map(expand, with_indices=True, remove_columns=["video"], desc="Video frames as images")

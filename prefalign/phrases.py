@@ -187,6 +187,11 @@ def phrase_token_ids(
         text_start = decoded.find(text)
         if text_start < 0:
             raise ValueError(f"cannot locate the completion text {text!r:.100} in its decoded tokens {decoded!r:.200}")
+    return completion_ids, _phrase_ids_for_offsets(offsets, spans, text_start)
+
+
+def _phrase_ids_for_offsets(offsets: Sequence[Span], spans: Sequence[Span], text_start: int) -> list[int]:
+    """Phrase id of each token (char ``offsets``) given phrase ``spans`` of a text starting at ``text_start``."""
     phrase_ids = []
     for token_start, token_end in offsets:
         overlapping = (
@@ -195,7 +200,31 @@ def phrase_token_ids(
             if start < end and token_start < text_start + end and token_end > text_start + start
         )
         phrase_ids.append(next(overlapping, 0))
-    return completion_ids, phrase_ids
+    return phrase_ids
+
+
+def rendered_phrase_ids(tokenizer: Any, rendered: str, text: str, spans: Sequence[Span]) -> list[int]:
+    """Phrase id per token of ``rendered`` (a completion as the chat template renders it, tokenised on its own
+    without special tokens, as TRL's vision collator does), where ``text`` with phrase ``spans`` sits inside it."""
+    encoding = tokenizer(rendered, return_offsets_mapping=True, add_special_tokens=False)
+    text_start = rendered.rfind(text)
+    if text_start < 0:
+        raise ValueError(f"cannot locate the completion text {text!r:.100} in {rendered!r:.200}")
+    return _phrase_ids_for_offsets([tuple(o) for o in encoding["offset_mapping"]], spans, text_start)
+
+
+def pair_phrase_spans(chosen: str, rejected: str, tokenizer: Any = None) -> tuple[str, list[Span], str, list[Span]]:
+    """Clean texts and phrase spans of a pair: from ``<MASK>`` tags when either side has them, otherwise from a
+    token-level diff. Raises ValueError (with the reason) when the pair cannot be aligned into phrases."""
+    if OPEN_TAG in chosen or OPEN_TAG in rejected:
+        problem = alignment_problem(chosen, rejected)
+        if problem is not None:
+            raise ValueError(problem)
+        return (*parse_phrase_tags(chosen), *parse_phrase_tags(rejected))
+    chosen_spans, rejected_spans = diff_phrases(chosen, rejected, tokenizer)
+    if not chosen_spans:
+        raise ValueError("no phrase (rejected identical to chosen)")
+    return chosen, chosen_spans, rejected, rejected_spans
 
 
 def alignment_problem(chosen: str, rejected: str) -> str | None:
