@@ -36,8 +36,10 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import datasets  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
@@ -161,6 +163,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # METHOD:OUT.json, the CPU memory child
     opts = parser.parse_args(argv)
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     processing_class = load_processing_class(opts.model)
     dataset = build_workload(processing_class, opts.batch_size, opts.seq_len)

@@ -15,7 +15,7 @@ from datasets import Dataset, DatasetDict, IterableDataset
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from prefalign.data import video_frames_as_images
 from prefalign.logprobs import chunked_token_kl
@@ -173,6 +173,24 @@ class _LastHiddenState:
         self.handle.remove()
 
 
+def _lm_head(module: torch.nn.Module):
+    """The LM head as a function of hidden states, safe to call again in a checkpoint's recomputation.
+
+    A trainable head is called as a module (ZeRO-3's hooks gather it and reduce its gradient). A frozen head (LoRA,
+    reference) is applied functionally inside an explicit ZeRO-3 gather, because a checkpoint recomputation during
+    the backward pass would otherwise see its partitioned, empty weight. Without ZeRO-3 both are plain calls.
+    """
+    if module.weight.requires_grad:
+        return module
+
+    def frozen_head(hidden: torch.Tensor) -> torch.Tensor:
+        with maybe_gather_lm_head_ctx(module.weight, module.bias):  # detach: a view that outlives the gather
+            bias = None if module.bias is None else module.bias.detach()
+            return torch.nn.functional.linear(hidden, module.weight.detach(), bias)
+
+    return frozen_head
+
+
 class RRPOTrainer(DPOTrainer):
     """DPOTrainer with the RRPO loss: phrase-level refined rewards plus a token-wise KL on the chosen response.
 
@@ -262,12 +280,18 @@ class RRPOTrainer(DPOTrainer):
 
         def ref_head(hidden):
             with self._reference_context():
-                return reference.get_output_embeddings()(hidden)
+                return _lm_head(reference.get_output_embeddings())(hidden)
 
         def kl(rows: slice) -> torch.Tensor:
             # hidden state t predicts token t+1: the last position predicts nothing
-            return chunked_token_kl(policy_hidden.value[rows, :-1][:, -seq_len:], ref_hidden.value[rows, :-1][:, -seq_len:],
-                                    policy.get_output_embeddings(), ref_head, shift_mask[rows],
+            hidden = policy_hidden.value[rows, :-1][:, -seq_len:]
+            ref = ref_hidden.value[rows, :-1][:, -seq_len:]
+            mask = shift_mask[rows]
+            if self._zero3:  # every rank must call the (sharded) heads equally often: same length, no skipping
+                pad = int(self.accelerator.gather(torch.tensor([seq_len], device=mask.device)).max()) - seq_len
+                hidden, ref = (torch.nn.functional.pad(h, (0, 0, 0, pad)) for h in (hidden, ref))
+                mask = torch.nn.functional.pad(mask, (0, pad))
+            return chunked_token_kl(hidden, ref, _lm_head(policy.get_output_embeddings()), ref_head, mask,
                                     chunk_size=self.args.kl_chunk_size, skip_empty_chunks=not self._zero3)
 
         batch_size = completion_mask.size(0) // 2

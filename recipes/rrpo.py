@@ -1,0 +1,51 @@
+"""RRPO: refined phrase-level rewards with a token-wise KL penalty (METHODS.md §2, arXiv:2504.12083).
+
+    accelerate launch recipes/rrpo.py                                  # embedded model + phrase pairs, LoRA, CPU
+    accelerate launch recipes/rrpo.py --alpha 0.05 --beta 0.5          # override any field
+    accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/rrpo.py --model_name_or_path <hub id>
+    prefalign train rrpo ...                                           # the same script
+
+Data: preference rows whose completions mark the differing phrases with <MASK>…</MASK> (the official format), or
+untagged pairs (phrases come from a token diff). Image columns (`images`) and videos as frame lists (`video`) go to
+the model's processor. Defaults: recipes/configs/rrpo.yaml. Output: a LoRA adapter (or full model) in output_dir.
+"""
+
+from trl import ModelConfig, get_peft_config
+
+from prefalign.models import load_model, load_processing_class
+from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
+
+
+def main(argv: list[str] | None = None) -> RRPOTrainer:
+    data_args, training_args, model_args = parse_recipe_args((DataArguments, RRPOConfig, ModelConfig), "rrpo", argv)
+
+    # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy.
+    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
+    processing_class = load_processing_class(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, **model_kwargs)
+    peft_config = get_peft_config(model_args)
+    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if peft_config is None else None
+
+    # Data: validated before training; phrases are aligned with tokens inside the trainer (unaligned pairs reported).
+    with_eval = training_args.eval_strategy != "no"
+    train_dataset, eval_dataset = load_recipe_datasets(data_args, processing_class, training_args.max_length, with_eval)
+
+    trainer = RRPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    trainer.save_model(training_args.output_dir)
+    kind = "LoRA adapter" if peft_config is not None else "model"
+    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
