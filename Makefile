@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/accelerate launch --num_processes 1 --mixed_precision no --dynamo_backend no recipes/dpo.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --mixed_precision no --dynamo_backend no recipes/rrpo.py
 
 test: install
 	$(PY) -m pytest -ra --durations=15
