@@ -62,6 +62,65 @@ def chunked_token_kl(
     return total
 
 
+class _FrozenHeadTokenKL(torch.autograd.Function):
+    """KL(π_ref ‖ π_θ) per row of hidden states [N,H] under frozen LM heads, with its gradient built in the forward.
+
+    d KL / d logits = softmax(policy logits) − softmax(ref logits), so d KL / d hidden = (p_θ − p_ref) W. Computing
+    it chunk by chunk during the forward keeps only an [N,H] gradient instead of any [N,V] logits, and the backward
+    needs neither the head nor a recomputation (the heads are frozen, so no weight gradient is due).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, weight, bias, ref_weight, ref_bias, chunk_size):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        kl = hidden.new_empty(hidden.shape[0], dtype=dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logp = torch.nn.functional.linear(hidden[start:end], weight, bias).to(dtype).log_softmax(-1)
+            ref_logp = torch.nn.functional.linear(ref_hidden[start:end], ref_weight, ref_bias).to(dtype).log_softmax(-1)
+            ref_p = ref_logp.exp()
+            kl[start:end] = (ref_p * (ref_logp - logp)).sum(-1)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = ((logp.exp() - ref_p).to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad_hidden,) = ctx.saved_tensors
+        grad = None if grad_hidden is None else grad_kl.unsqueeze(-1).to(grad_hidden.dtype) * grad_hidden
+        return grad, None, None, None, None, None, None
+
+
+def frozen_head_token_kl(
+    policy_hidden: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``token_kl`` from hidden states [B,T,H] through frozen linear heads (weight [V,H]) → [B], memory-light.
+
+    Only masked positions are projected, ``chunk_size`` rows at a time, and the gradient w.r.t. ``policy_hidden``
+    is formed during the forward (see ``_FrozenHeadTokenKL``): no [B,T,V] logits are kept and nothing is
+    recomputed in the backward. The heads must not require gradients (use ``chunked_token_kl`` for a trained head).
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("frozen_head_token_kl: the policy head is trainable; use chunked_token_kl")
+    if chunk_size < 1:
+        raise ValueError(f"frozen_head_token_kl: chunk_size must be ≥ 1, got {chunk_size}")
+    mask = mask.bool()
+    rows = mask.nonzero()[:, 0]
+    per_position = _FrozenHeadTokenKL.apply(policy_hidden[mask], ref_hidden[mask].detach(), weight.detach(),
+                                            None if bias is None else bias.detach(), ref_weight.detach(),
+                                            None if ref_bias is None else ref_bias.detach(), chunk_size)
+    return per_position.new_zeros(mask.shape[0]).index_add(0, rows, per_position)
+
+
 def sequence_logps(per_token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Sum (or, with ``average=True``, the length-normalised mean) of log-probs over masked tokens: [B,T] → [B].
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prefalign.logprobs import chunked_token_kl, selective_log_softmax, sequence_logps
+from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl, selective_log_softmax, sequence_logps
 from prefalign.losses import token_kl
 
 F64 = torch.float64
@@ -116,3 +116,32 @@ def test_sequence_logps_sum_and_mean():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
     torch.testing.assert_close(sequence_logps(logps, mask), torch.tensor([-6.0, -1.0, 0.0]))
     torch.testing.assert_close(sequence_logps(logps, mask, average=True), torch.tensor([-2.0, -0.5, 0.0]))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_frozen_head_token_kl_matches_token_kl_values_and_hidden_gradients(chunk_size):
+    torch.manual_seed(0)
+    B, T, H, V = 3, 6, 5, 11
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    ref_hidden = torch.randn(B, T, H, dtype=torch.float64)
+    weight, ref_weight = torch.randn(V, H, dtype=torch.float64), torch.randn(V, H, dtype=torch.float64)
+    bias = torch.randn(V, dtype=torch.float64)
+    mask = torch.rand(B, T) > 0.4
+    mask[2] = False  # a row with no position: KL 0, no gradient
+
+    expected = token_kl(hidden @ weight.T + bias, ref_hidden @ ref_weight.T, mask)
+    upstream = torch.tensor([0.3, -1.7, 2.0], dtype=torch.float64)  # an arbitrary, non-uniform upstream gradient
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), hidden)
+
+    got = frozen_head_token_kl(hidden, ref_hidden, weight, ref_weight, mask, bias=bias, chunk_size=chunk_size)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), hidden)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+    assert got[2] == 0 and got_grad[2].abs().sum() == 0
+
+
+def test_frozen_head_token_kl_refuses_a_trainable_head():
+    hidden = torch.randn(1, 2, 3)
+    with pytest.raises(ValueError, match="trainable"):
+        frozen_head_token_kl(hidden, hidden, torch.randn(4, 3, requires_grad=True), torch.randn(4, 3),
+                             torch.ones(1, 2, dtype=torch.bool))

@@ -1,5 +1,6 @@
 """RRPOTrainer against independent computations: TRL's own DPO, a float64 brute-force KL, PEFT references, VLMs."""
 
+import contextlib
 import copy
 import logging
 import math
@@ -68,12 +69,15 @@ def test_alpha_zero_all_tokens_as_phrase_equals_trl_dpo(tmp_path, pairs, tokeniz
 
 
 def _brute_force_loss(policy, ref, batch, beta, alpha) -> torch.Tensor:
-    """METHODS.md §2 from full logits in float64: −logsigmoid(u) + α·Σ_t KL(π_ref ‖ π_θ) on y+, mean over pairs."""
+    """METHODS.md §2 from full logits in float64: −logsigmoid(u) + α·Σ_t KL(π_ref ‖ π_θ) on y+, mean over pairs.
+
+    ``ref`` is a model, or None for the PEFT policy with its adapter disabled."""
     mask = batch["completion_mask"][:, 1:].bool()
     phrase = (batch["phrase_ids"][:, 1:] > 0) & mask
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
-    with torch.no_grad():
-        ref_logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = policy(**inputs).logits[:, :-1].double()
+    with torch.no_grad(), (policy.disable_adapter() if ref is None else contextlib.nullcontext()):
+        ref_logits = (policy if ref is None else ref)(**inputs).logits[:, :-1].double()
     labels = batch["input_ids"][:, 1:].unsqueeze(-1)
     lr = (logits.log_softmax(-1).gather(-1, labels) - ref_logits.log_softmax(-1).gather(-1, labels)).squeeze(-1)
     reward = beta * (lr * phrase).sum(-1)
@@ -85,22 +89,32 @@ def _brute_force_loss(policy, ref, batch, beta, alpha) -> torch.Tensor:
     return (-torch.nn.functional.logsigmoid(u) + alpha * chosen_kl).mean()
 
 
-def test_loss_and_gradients_match_a_float64_brute_force(tmp_path, pairs, tokenizer):
-    """Phrase margin + chunked KL through the trainer equal the full-logits formula, values and gradients."""
-    policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
-    trainer = _rrpo(tmp_path, pairs, tokenizer, policy, ref, alpha=0.5, beta=0.7, kl_chunk_size=5)
+@pytest.mark.parametrize("setup", ["full", "lora"])
+def test_loss_and_gradients_match_a_float64_brute_force(tmp_path, pairs, tokenizer, setup):
+    """Phrase margin + token-wise KL through the trainer equal the full-logits formula, values and gradients:
+    a trained LM head (full fine-tuning: checkpointed chunks) and a frozen one (LoRA: gradient formed in the pass)."""
+    if setup == "full":
+        policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+        args = RRPOConfig(output_dir=str(tmp_path), alpha=0.5, beta=0.7, kl_chunk_size=5, **COMMON)
+        trainer = RRPOTrainer(policy, ref, args=args, train_dataset=pairs, processing_class=tokenizer)
+    else:
+        args = RRPOConfig(output_dir=str(tmp_path), alpha=0.5, beta=0.7, kl_chunk_size=7, **COMMON)
+        trainer = RRPOTrainer(load_model("tiny-causal-lm"), args=args, train_dataset=pairs, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        policy, ref = trainer.model, None
+        assert not policy.get_base_model().get_output_embeddings().weight.requires_grad
     batch = _first_batch(trainer)
     assert (batch["phrase_ids"] > 0).any() and ((batch["phrase_ids"] > 0) <= batch["completion_mask"].bool()).all()
 
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     got = trainer.compute_loss(trainer.model, batch)
-    got.backward()
-    got_grads = [p.grad.clone() for p in policy.parameters()]
-    policy.zero_grad()
+    got_grads = torch.autograd.grad(got, trainable)
     expected = _brute_force_loss(policy, ref, batch, beta=0.7, alpha=0.5)
-    expected.backward()
+    expected_grads = torch.autograd.grad(expected, trainable)
+    assert abs(expected.item() - math.log(2)) > 1e-3  # policy and reference differ
     assert abs(got.item() - expected.item()) < 1e-4
-    for got_grad, p in zip(got_grads, policy.parameters()):
-        torch.testing.assert_close(got_grad, p.grad.float(), rtol=1e-3, atol=1e-5)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad.float(), rtol=1e-3, atol=1e-5)
 
 
 def test_peft_reference_is_the_base_model(tmp_path, pairs, tokenizer):

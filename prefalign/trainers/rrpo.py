@@ -18,7 +18,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 
 from prefalign.data import video_frames_as_images
-from prefalign.logprobs import chunked_token_kl
+from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import phrase_rewards, rrpo_loss
 from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
 
@@ -42,10 +42,11 @@ class RRPOConfig(DPOConfig):
             and counted in the log instead. Never trained as a silent zero margin.
 
     Parameters that control memory:
-        kl_chunk_size (`int`, defaults to `64`): positions per chunk of the full-vocabulary KL, which is computed
-            from hidden states chunk by chunk (checkpointed) so that no [B, T, V] logits tensor is kept.
+        kl_chunk_size (`int`, defaults to `256`): token positions per chunk of the full-vocabulary KL. The KL is
+            computed from hidden states chunk by chunk, so that no [B, T, V] logits tensor is kept: with a frozen LM
+            head (LoRA) its gradient is formed in the same pass; a trained head is checkpointed and recomputed.
         log_rejected_kl (`bool`, defaults to `True`): also compute (without gradient) and log the KL on the
-            rejected response; it is never optimised.
+            rejected response, on logging steps and in evaluation only; it is never optimised.
 
     The paper's runs use lr 5e-6, one epoch, LoRA r=128, lora_alpha=256; `learning_rate` defaults to 5e-6 here.
     """
@@ -56,8 +57,9 @@ class RRPOConfig(DPOConfig):
     drop_unaligned: bool = field(
         default=False, metadata={"help": "Drop (and count) pairs whose phrases cannot be aligned instead of failing."}
     )
-    kl_chunk_size: int = field(default=64, metadata={"help": "Positions per chunk of the full-vocabulary KL."})
-    log_rejected_kl: bool = field(default=True, metadata={"help": "Also log the (unoptimised) KL on the rejected."})
+    kl_chunk_size: int = field(default=256, metadata={"help": "Token positions per chunk of the full-vocabulary KL."})
+    log_rejected_kl: bool = field(
+        default=True, metadata={"help": "Also log the (unoptimised) KL on the rejected, on logging steps."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,22 +175,9 @@ class _LastHiddenState:
         self.handle.remove()
 
 
-def _lm_head(module: torch.nn.Module):
-    """The LM head as a function of hidden states, safe to call again in a checkpoint's recomputation.
-
-    A trainable head is called as a module (ZeRO-3's hooks gather it and reduce its gradient). A frozen head (LoRA,
-    reference) is applied functionally inside an explicit ZeRO-3 gather, because a checkpoint recomputation during
-    the backward pass would otherwise see its partitioned, empty weight. Without ZeRO-3 both are plain calls.
-    """
-    if module.weight.requires_grad:
-        return module
-
-    def frozen_head(hidden: torch.Tensor) -> torch.Tensor:
-        with maybe_gather_lm_head_ctx(module.weight, module.bias):  # detach: a view that outlives the gather
-            bias = None if module.bias is None else module.bias.detach()
-            return torch.nn.functional.linear(hidden, module.weight.detach(), bias)
-
-    return frozen_head
+def _is_frozen_linear(module: torch.nn.Module) -> bool:
+    """A plain linear LM head with no trainable parameter (LoRA leaves the head frozen; a reference always is)."""
+    return type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
 class RRPOTrainer(DPOTrainer):
@@ -255,6 +244,29 @@ class RRPOTrainer(DPOTrainer):
             return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         return contextlib.nullcontext()
 
+    def _token_kl(self, policy, reference, hidden, ref_hidden, mask) -> torch.Tensor:
+        """Σ_t KL(π_ref ‖ π_θ) per row [B] from the two models' last hidden states [B,T,H] at the masked positions."""
+        head, ref_head = policy.get_output_embeddings(), reference.get_output_embeddings()
+        if _is_frozen_linear(head) and _is_frozen_linear(ref_head):  # LoRA and frozen heads: the light path
+            with maybe_gather_lm_head_ctx(head.weight, head.bias, ref_head.weight, ref_head.bias):
+                return frozen_head_token_kl(hidden, ref_hidden, head.weight, ref_head.weight, mask, head.bias,
+                                            ref_head.bias, chunk_size=self.args.kl_chunk_size)
+        # A trained head: checkpointed chunks through the head modules. Under ZeRO-3 every rank must call the
+        # sharded heads equally often, so all ranks pad to the longest sequence and skip no chunk.
+        if self._zero3:
+            length = hidden.size(1)
+            pad = int(self.accelerator.gather(torch.tensor([length], device=mask.device)).max()) - length
+            hidden, ref_hidden = (torch.nn.functional.pad(h, (0, 0, 0, pad)) for h in (hidden, ref_hidden))
+            mask = torch.nn.functional.pad(mask, (0, pad))
+
+        def reference_head(h: torch.Tensor) -> torch.Tensor:
+            with self._reference_context():
+                return ref_head(h)
+
+        return chunked_token_kl(hidden, ref_hidden, head, reference_head, mask,
+                                chunk_size=max(1, self.args.kl_chunk_size // hidden.size(0)),
+                                skip_empty_chunks=not self._zero3)
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
@@ -278,21 +290,9 @@ class RRPOTrainer(DPOTrainer):
                 ref_outputs = ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
         ref_per_token_logps = ref_outputs.log_probs[:, -seq_len:]
 
-        def ref_head(hidden):
-            with self._reference_context():
-                return _lm_head(reference.get_output_embeddings())(hidden)
-
-        def kl(rows: slice) -> torch.Tensor:
-            # hidden state t predicts token t+1: the last position predicts nothing
-            hidden = policy_hidden.value[rows, :-1][:, -seq_len:]
-            ref = ref_hidden.value[rows, :-1][:, -seq_len:]
-            mask = shift_mask[rows]
-            if self._zero3:  # every rank must call the (sharded) heads equally often: same length, no skipping
-                pad = int(self.accelerator.gather(torch.tensor([seq_len], device=mask.device)).max()) - seq_len
-                hidden, ref = (torch.nn.functional.pad(h, (0, 0, 0, pad)) for h in (hidden, ref))
-                mask = torch.nn.functional.pad(mask, (0, pad))
-            return chunked_token_kl(hidden, ref, _lm_head(policy.get_output_embeddings()), ref_head, mask,
-                                    chunk_size=self.args.kl_chunk_size, skip_empty_chunks=not self._zero3)
+        def kl(rows: slice) -> torch.Tensor:  # hidden state t predicts token t+1: the last one predicts nothing
+            return self._token_kl(policy, reference, policy_hidden.value[rows, :-1][:, -seq_len:],
+                                  ref_hidden.value[rows, :-1][:, -seq_len:], shift_mask[rows])
 
         batch_size = completion_mask.size(0) // 2
         chosen_kl = kl(slice(0, batch_size))
@@ -305,7 +305,8 @@ class RRPOTrainer(DPOTrainer):
 
         # Metrics: TRL's sequence-level ones, then phrase-level rewards, KL and phrase-token counts.
         with torch.no_grad():
-            rejected_kl = kl(slice(batch_size, None)) if self.args.log_rejected_kl else None
+            logging_step = mode == "eval" or (self.state.global_step + 1) % max(1, int(self.args.logging_steps)) == 0
+            rejected_kl = kl(slice(batch_size, None)) if self.args.log_rejected_kl and logging_step else None
             self._log_metrics(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                               chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses)
         return (loss, outputs) if return_outputs else loss
