@@ -15,7 +15,11 @@ import sys
 from prefalign.models import EMBEDDED_MODELS, resolve_model_path
 from prefalign.recipe_args import RECIPES_DIR
 
-BUILDERS = {"phrases": "data_builders.phrases", "wordnet-definitions": "data_builders.wordnet_definitions"}
+BUILDERS = {
+    "cross-prompt": "data_builders.cross_prompt",
+    "phrases": "data_builders.phrases",
+    "wordnet-definitions": "data_builders.wordnet_definitions",
+}
 
 
 def _recipes() -> list[str]:

@@ -2,7 +2,7 @@
 
 No trainer state, no I/O, no model calls: inputs are log-probs, logits, rewards and masks; outputs are tensors.
 This module imports only torch and is the single place where the maths of ``shared/specs/METHODS.md`` lives.
-Losses are returned per pair (shape [B]); the caller averages.
+Losses are returned per pair (shape [B]) for the caller to average, unless a docstring says otherwise.
 """
 
 import torch
@@ -90,3 +90,73 @@ def rrpo_loss(
     rejected_margin = torch.where(rejected_phrase_ids > 0, policy_rejected_logps - ref_rejected_logps, 0.0).sum(-1)
     u = beta * (chosen_margin - rejected_margin)
     return -F.logsigmoid(u) + alpha * chosen_kl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Win-tie Bradley–Terry (SoliReward) — METHODS.md §1
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def win_tie_bt_loss(
+    rewards_a: torch.Tensor,
+    rewards_b: torch.Tensor,
+    is_tie: torch.Tensor,
+    margin: float | torch.Tensor = 0.0,
+    win_weight: float = 1.0,
+    tie_weight: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Win-tie Bradley–Terry loss, the MEAN over pairs: rewards [B], is_tie [B] (bool) → scalar.
+
+    SoliReward (arXiv:2512.22170, METHODS.md §1; official code github lian700/SoliReward,
+    solireward/trainer/loss.py). With d = r(a) − r(b), where a is the good side of a win pair, margin m ≥ 0
+    (a float or a per-pair tensor [B]) and label smoothing ε:
+        win pair:  L_win = −(1−ε)·logsigmoid(d − m) − ε·logsigmoid(−d − m)
+        tie pair:  L_tie = −logsigmoid(d − m) − logsigmoid(−d − m)
+        loss = mean over pairs of ( w_win·L_win·[not tie] + w_tie·L_tie·[tie] )
+    The tie term is symmetric in a and b, minimal at d = 0 with value 2·softplus(m) and zero gradient there.
+    Defaults m = 0, w_win = w_tie = 1, ε = 0: with no ties this is TRL's RewardTrainer loss.
+    """
+    if not rewards_a.shape == rewards_b.shape == is_tie.shape or rewards_a.dim() != 1:
+        raise ValueError(f"win_tie_bt_loss: expected three [B] tensors, got rewards_a {tuple(rewards_a.shape)}, "
+                         f"rewards_b {tuple(rewards_b.shape)}, is_tie {tuple(is_tie.shape)}")
+    d = rewards_a - rewards_b
+    up, down = F.logsigmoid(d - margin), F.logsigmoid(-d - margin)
+    win = -(1.0 - label_smoothing) * up - label_smoothing * down
+    tie = -up - down
+    return torch.where(is_tie.bool(), tie_weight * tie, win_weight * win).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# D²O — METHODS.md §3
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def d2o_loss(
+    policy_anchor_logps: torch.Tensor,
+    ref_anchor_logps: torch.Tensor,
+    policy_negative_logps: torch.Tensor,
+    ref_negative_logps: torch.Tensor,
+    beta: float = 0.1,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """D²O loss per prompt: summed sequence log-probs of K anchors [B,K] and of the negative [B] → [B].
+
+    Distributional Dispreference Optimization (arXiv:2403.03419, METHODS.md §3):
+        L = −logsigmoid( (β/K)·Σ_{i=1..K} [log π_θ(y_i|x) − log π_r−(y_i|x)] − α·[log π_θ(y_l|x) − log π_r+(y_l|x)] )
+    with y_1..y_K self-generated anchors, y_l the human negative, ``ref_anchor_logps`` = log π_r− and
+    ``ref_negative_logps`` = log π_r+. Every log-prob is a SUM over the response's tokens, and the anchor term is
+    divided by K exactly once (β/K times the sum, not β/K times a mean). The "implicit Jeffrey divergence" comes from
+    this objective in expectation; it is not an extra term. Defaults β = 0.1, α = 0.1 (a public reproduction).
+    """
+    if policy_anchor_logps.dim() != 2 or ref_anchor_logps.shape != policy_anchor_logps.shape:
+        raise ValueError(f"d2o_loss: anchor log-probs must both be [B, K], got policy "
+                         f"{tuple(policy_anchor_logps.shape)}, ref {tuple(ref_anchor_logps.shape)}")
+    expected = policy_anchor_logps.shape[:1]
+    if policy_negative_logps.shape != expected or ref_negative_logps.shape != expected:
+        raise ValueError(f"d2o_loss: negative log-probs must both be [B] = {tuple(expected)}, got policy "
+                         f"{tuple(policy_negative_logps.shape)}, ref {tuple(ref_negative_logps.shape)}")
+    num_anchors = policy_anchor_logps.shape[1]
+    anchor_term = (beta / num_anchors) * (policy_anchor_logps - ref_anchor_logps).sum(-1)
+    negative_term = alpha * (policy_negative_logps - ref_negative_logps)
+    return -F.logsigmoid(anchor_term - negative_term)

@@ -153,7 +153,9 @@ def _load_vlm_processor(path: str, **kwargs):
     """AutoProcessor, except Qwen2-VL without torchvision, which gets the PIL-only processor."""
     if AutoConfig.from_pretrained(path).model_type == "qwen2_vl" and importlib.util.find_spec("torchvision") is None:
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-        return PilQwen2VLProcessor.from_pretrained(path, image_processor=image_processor, **kwargs)
+        processor = PilQwen2VLProcessor.from_pretrained(path, image_processor=image_processor, **kwargs)
+        processor.tokenizer.init_kwargs.pop("image_processor", None)  # else save_pretrained cannot serialise it
+        return processor
     return AutoProcessor.from_pretrained(path, **kwargs)
 
 

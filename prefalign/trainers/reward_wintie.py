@@ -1,0 +1,440 @@
+"""Win-tie Bradley–Terry reward modelling (SoliReward, arXiv:2512.22170): a TRL RewardTrainer whose pairs may be ties,
+for text and vision reward models, with a last-token or query-attention reward head. The loss is
+``prefalign.losses.win_tie_bt_loss`` (METHODS.md §1).
+
+Data: TRL's implicit-prompt preference format — `chosen` and `rejected` are full conversations (or texts), each with
+ITS OWN prompt, as `data_builders.cross_prompt` builds them — plus a boolean `is_tie` column (absent: every pair is
+a win pair, i.e. plain Bradley–Terry). Optional `chosen_label`/`rejected_label` (1 good, 0 bad) and
+`chosen_item`/`rejected_item` (source item ids) make the pointwise metrics exact; `chosen_images`/`rejected_images`
+(or `chosen_video`/`rejected_video` as frame lists) switch to vision collation with the model's processor.
+
+Checkpoints: the last-token head is the model's own sequence-classification head, so a checkpoint loads with
+``AutoModelForSequenceClassification.from_pretrained``. The query-attention head is saved next to the model as
+``reward_head.safetensors`` + ``reward_head.json``; load such a checkpoint with ``load_reward_model(path)``, whose
+forward then returns the head's reward in ``.logits`` like any reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from datasets import Dataset, IterableDataset
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, Qwen2VLConfig, set_seed
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
+from trl import RewardConfig, RewardTrainer
+from trl.data_utils import prepare_multimodal_messages
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from prefalign.losses import win_tie_bt_loss
+from prefalign.models import load_processing_class, resolve_model_path
+
+logger = logging.getLogger("prefalign.trainers.reward_wintie")
+
+HEAD_CONFIG = "reward_head.json"
+HEAD_WEIGHTS = "reward_head.safetensors"
+HEAD_ATTRIBUTE = "query_attention_head"
+REWARD_HEADS = ("last_token", "query_attention")
+PAIR_KEYS = ("is_tie", "chosen_label", "rejected_label", "chosen_item", "rejected_item")
+VISION_COLUMNS = ("chosen_images", "rejected_images", "chosen_video", "rejected_video")
+
+
+@dataclass
+class WinTieRewardConfig(RewardConfig):
+    r"""Configuration for [`WinTieRewardTrainer`]: every [`~trl.RewardConfig`] field, plus the ones below.
+
+    Parameters that control the loss (METHODS.md §1):
+        margin (`float`, defaults to `0.0`): m ≥ 0 in −logsigmoid(d − m) (wins) and −logsigmoid(d − m)
+            − logsigmoid(−d − m) (ties). The official SoliReward training script uses 3.0 (recipe default); its
+            config default, and ours, is 0.0. A `margin` column (TRL's) replaces it pair by pair.
+        win_weight (`float`, defaults to `1.0`): weight w_win of the win pairs' term.
+        tie_weight (`float`, defaults to `1.0`): weight w_tie of the tie pairs' term.
+        label_smoothing (`float`, defaults to `0.0`): ε in [0, 0.5) for win pairs: −(1−ε)·logsigmoid(d − m)
+            − ε·logsigmoid(−d − m).
+
+    Parameters that control the reward head:
+        reward_head (`str`, defaults to `"last_token"`): `"last_token"` — the model's own linear head on the last
+            non-padding token (TRL's) — or `"query_attention"`: SoliReward's hierarchical progressive query
+            attention, one learnable query per layer in `head_layers` attending over that layer's hidden states,
+            a final query attending over those summaries, then a Linear–SiLU–Linear read-out.
+        head_layers (`list[int]`, defaults to `[-3, -2, -1]`): hidden-state indices the query-attention head reads
+            (index 0 is the embeddings; negative counts from the last layer).
+        head_num_heads (`int`, defaults to `8`): attention heads of each query attention (must divide the hidden
+            size).
+
+    With `reward_head="query_attention"` the model's last-token head gets no gradient, so
+    `ddp_find_unused_parameters` defaults to `True`.
+    """
+
+    margin: float = field(default=0.0, metadata={"help": "Margin m ≥ 0 (official training script: 3.0)."})
+    win_weight: float = field(default=1.0, metadata={"help": "Weight of the win pairs' loss term."})
+    tie_weight: float = field(default=1.0, metadata={"help": "Weight of the tie pairs' loss term."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing ε of the win pairs' term."})
+    reward_head: str = field(default="last_token", metadata={"help": "'last_token' or 'query_attention'."})
+    head_layers: list[int] = field(default_factory=lambda: [-3, -2, -1],
+                                   metadata={"help": "Hidden-state indices read by the query-attention head."})
+    head_num_heads: int = field(default=8, metadata={"help": "Attention heads of the query-attention head."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.margin < 0:
+            raise ValueError(f"margin must be ≥ 0, got {self.margin}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if self.reward_head not in REWARD_HEADS:
+            raise ValueError(f"reward_head must be one of {REWARD_HEADS}, got {self.reward_head!r}")
+        if self.reward_head == "query_attention":
+            if not self.head_layers:
+                raise ValueError("head_layers must name at least one hidden-state index")
+            if self.ddp_find_unused_parameters is None:
+                self.ddp_find_unused_parameters = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward heads and models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class QueryAttentionRewardHead(nn.Module):
+    """Hierarchical progressive query attention (SoliReward): per-layer queries, a final query, an MLP read-out."""
+
+    def __init__(self, hidden_size: int, layers: list[int], num_heads: int = 8):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"head_num_heads={num_heads} must divide the hidden size {hidden_size}")
+        self.layers = list(layers)
+        self.layer_queries = nn.Parameter(0.02 * torch.randn(len(self.layers), hidden_size))
+        self.layer_attention = nn.ModuleList(
+            nn.MultiheadAttention(hidden_size, num_heads, batch_first=True) for _ in self.layers)
+        self.final_query = nn.Parameter(0.02 * torch.randn(1, hidden_size))
+        self.final_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.readout = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
+                                     nn.Linear(hidden_size, 1, bias=False))
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards [B] from the model's hidden states (a tuple of [B, T, H]) and its attention mask [B, T]."""
+        padding = ~attention_mask.bool()
+        batch = attention_mask.shape[0]
+        summaries = []
+        for query, attention, layer in zip(self.layer_queries, self.layer_attention, self.layers):
+            states = hidden_states[layer].to(query.dtype)
+            summary, _ = attention(query.expand(batch, 1, -1), states, states, key_padding_mask=padding,
+                                   need_weights=False)
+            summaries.append(summary)
+        summaries = torch.cat(summaries, dim=1)  # [B, layers, H]
+        pooled, _ = self.final_attention(self.final_query.expand(batch, 1, -1), summaries, summaries,
+                                         need_weights=False)
+        return self.readout(pooled[:, 0]).squeeze(-1)
+
+
+def _ask_hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: the query-attention head needs every layer's hidden states."""
+    return args, {**kwargs, "output_hidden_states": True}
+
+
+def _query_attention_logits(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Forward hook: replace the last-token logits [B, 1] with the query-attention head's rewards."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is None:
+        mask = torch.ones(output.hidden_states[-1].shape[:2], dtype=torch.bool, device=output.logits.device)
+    output.logits = getattr(module, HEAD_ATTRIBUTE)(output.hidden_states, mask).unsqueeze(-1).to(output.logits.dtype)
+    return output
+
+
+def add_query_attention_head(model: PreTrainedModel, layers: list[int], num_heads: int = 8
+                             ) -> QueryAttentionRewardHead:
+    """Attach a query-attention head as `model.query_attention_head`; the model's forward then returns its rewards.
+
+    The head is a submodule, so optimisers, DDP, ZeRO and `state_dict` see it; hooks make the model's own forward
+    compute it (inside the forward, as distributed wrappers require).
+    """
+    text_config = model.config.get_text_config()
+    num_layers = text_config.num_hidden_layers + 1  # hidden states: embeddings, then one per layer
+    bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
+    if bad:
+        raise ValueError(f"head_layers {bad} out of range: the model has {num_layers} hidden states")
+    weight = next(model.parameters())
+    head = QueryAttentionRewardHead(text_config.hidden_size, layers, num_heads).to(weight.device, weight.dtype)
+    model.add_module(HEAD_ATTRIBUTE, head)
+    model.register_forward_pre_hook(_ask_hidden_states, with_kwargs=True)
+    model.register_forward_hook(_query_attention_logits, with_kwargs=True)
+    return head
+
+
+def query_attention_head(model: nn.Module) -> QueryAttentionRewardHead | None:
+    """The query-attention head of a (possibly wrapped) model, or None for the last-token head."""
+    for name, module in model.named_modules():
+        if isinstance(module, QueryAttentionRewardHead) and "original_module" not in name:
+            return module
+    return None
+
+
+class Qwen2VLForSequenceClassification(GenericForSequenceClassification, Qwen2VLPreTrainedModel):
+    """Qwen2-VL with a linear head on the last non-padding token (transformers ships no such class); images go in
+    as `pixel_values` + `image_grid_thw`. Registered with AutoModelForSequenceClassification on import."""
+
+
+AutoModelForSequenceClassification.register(Qwen2VLConfig, Qwen2VLForSequenceClassification, exist_ok=True)
+# transformers renames Qwen2-VL checkpoint keys by class name; give ours the renaming of the generation class.
+QWEN2_VL_KEY_MAPPING = {r"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+
+
+def load_reward_model(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """Load a reward model (short name, hub id or path; text or Qwen2-VL) with one output, and its query-attention
+    head when `reward_head.json` lies next to the weights. `kwargs` go to `from_pretrained`."""
+    path = resolve_model_path(name_or_path)
+    if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
+        kwargs.setdefault("key_mapping", QWEN2_VL_KEY_MAPPING)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    text_config = model.config.get_text_config()
+    if text_config.pad_token_id is None:
+        processing_class = load_processing_class(name_or_path)
+        text_config.pad_token_id = getattr(processing_class, "tokenizer", processing_class).pad_token_id
+    folder = Path(path)
+    if (folder / HEAD_CONFIG).is_file():
+        settings = json.loads((folder / HEAD_CONFIG).read_text())
+        head = add_query_attention_head(model, settings["layers"], settings["num_heads"])
+        head.load_state_dict(safetensors.torch.load_file(str(folder / HEAD_WEIGHTS)))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mann_whitney_auc(good: torch.Tensor, bad: torch.Tensor) -> float:
+    """P(score of a good item > score of a bad item) + ½·P(equal), from average ranks (Mann–Whitney U)."""
+    scores = torch.cat([good, bad]).double()
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean rank
+    rank_sum = average_rank[inverse[: len(good)]].sum().item()
+    return (rank_sum - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad))
+
+
+def win_tie_metrics(rewards_a: torch.Tensor, rewards_b: torch.Tensor, is_tie: torch.Tensor, labels_a: torch.Tensor,
+                    labels_b: torch.Tensor, items_a: torch.Tensor, items_b: torch.Tensor) -> dict[str, float]:
+    """Win accuracy (d > 0 on win pairs), mean |d| on tie pairs, and over single items (deduplicated by item id
+    where ids are ≥ 0) the std of good items' rewards and the pointwise Mann–Whitney AUC. Absent kinds are left out."""
+    is_tie, d = is_tie.bool(), (rewards_a - rewards_b).double()
+    metrics = {}
+    if (~is_tie).any():
+        metrics["win_accuracy"] = (d[~is_tie] > 0).double().mean().item()
+        metrics["win_margin"] = d[~is_tie].mean().item()
+    if is_tie.any():
+        metrics["tie_abs_diff"] = d[is_tie].abs().mean().item()
+    scores, labels, items = (torch.cat([rewards_a, rewards_b]).double(), torch.cat([labels_a, labels_b]),
+                             torch.cat([items_a, items_b]))
+    if (items >= 0).all():  # score each item once, however many pairs it is in
+        unique, inverse = torch.unique(items, return_inverse=True)
+        first = torch.full((len(unique),), len(items), dtype=torch.long, device=items.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(items), device=items.device), reduce="amin")
+        scores, labels = scores[first], labels[first]
+    good, bad = scores[labels == 1], scores[labels == 0]
+    if len(good) > 1:
+        metrics["good_reward_std"] = good.std(correction=0).item()
+    if len(good) and len(bad):
+        metrics["auc"] = mann_whitney_auc(good, bad)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _side_conversation(example: dict, side: str) -> tuple[list, list]:
+    """One side's conversation with image placeholders filled, and its images (video frames count as images)."""
+    conversation, images = example[side], list(example.get(f"{side}_images") or [])
+    frames = example.get(f"{side}_video")
+    if frames:
+        images += list(frames)
+        conversation = [{**m, "content": [p for part in m["content"] for p in
+                                          ([{"type": "image"}] * len(frames) if part.get("type") == "video" else [part])]}
+                        if isinstance(m["content"], list) else m for m in conversation]
+    return prepare_multimodal_messages(conversation, images=images), images
+
+
+@dataclass
+class WinTieCollator:
+    """TRL's preference batch ([all a; all b], right-padded) plus `is_tie`, labels and item ids per pair.
+
+    Text rows arrive tokenised by RewardTrainer (`chosen_ids`/`rejected_ids`). Vision rows (`chosen_images`, ...)
+    arrive raw and are rendered with the processor's chat template and processed here, images and all, because
+    TRL 1.16's RewardTrainer has no vision collation.
+    """
+
+    pad_token_id: int
+    processor: Any = None
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        self.text_collator = DataCollatorForPreference(self.pad_token_id, self.pad_to_multiple_of)
+
+    def _vision_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        texts, images = [], []
+        for side in ("chosen", "rejected"):
+            for example in examples:
+                conversation, side_images = _side_conversation(example, side)
+                texts.append(self.processor.apply_chat_template(conversation, tokenize=False))
+                images += side_images
+        return dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                                   pad_to_multiple_of=self.pad_to_multiple_of))
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if "chosen_ids" in examples[0]:
+            batch = self.text_collator(examples)
+        else:
+            batch = self._vision_batch(examples)
+            if "margin" in examples[0]:
+                batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+        is_tie = [bool(e.get("is_tie", False)) for e in examples]
+        batch["is_tie"] = torch.tensor(is_tie)
+        batch["chosen_label"] = torch.tensor([int(e.get("chosen_label", 1)) for e in examples])
+        batch["rejected_label"] = torch.tensor([int(e.get("rejected_label", t)) for e, t in zip(examples, is_tie)])
+        for side in ("chosen", "rejected"):
+            batch[f"{side}_item"] = torch.tensor([int(e.get(f"{side}_item", -1)) for e in examples])
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_is_tie(dataset: Dataset | IterableDataset, name: str) -> None:
+    """Stop on an `is_tie` column that is not boolean; log when it is absent (every pair is then a win pair)."""
+    if "is_tie" not in (dataset.column_names or []):
+        logger.warning("the %s dataset has no 'is_tie' column: every pair is a win pair (plain Bradley–Terry)", name)
+        return
+    feature = (dataset.features or {}).get("is_tie")
+    if feature is not None and getattr(feature, "dtype", None) != "bool":
+        raise ValueError(f"{name} dataset, column 'is_tie': expected true/false values, got {feature} "
+                         f"(row 0: {next(iter(dataset))['is_tie']!r})")
+
+
+class WinTieRewardTrainer(RewardTrainer):
+    """RewardTrainer with SoliReward's win-tie Bradley–Terry loss over (possibly cross-prompt) pairs.
+
+    `model` is a sequence-classification model with one output, or a name/path loaded with `load_reward_model`.
+    `processing_class` is a tokenizer, or for VLMs a processor (TRL's RewardTrainer takes only tokenizers: it gets
+    the processor's tokenizer, and the processor collates images and is saved with the checkpoints). Logged on top
+    of TRL's reward metrics: `win_accuracy`, `win_margin`, `tie_abs_diff`, `good_reward_std` and pointwise `auc`
+    (per batch in training; pooled over the whole evaluation set, items deduplicated, in evaluation). In training,
+    TRL's `accuracy` and `margin` are kept over all pairs, ties included.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "prefalign", "win-tie"]
+
+    def __init__(self, model: str | PreTrainedModel, args: WinTieRewardConfig | None = None, data_collator=None,
+                 train_dataset: Dataset | IterableDataset | None = None, eval_dataset=None, processing_class=None,
+                 peft_config=None, **kwargs):
+        args = args or WinTieRewardConfig("win-tie-reward")
+        if isinstance(model, str):
+            set_seed(args.seed)
+            model = load_reward_model(model, **{"dtype": torch.float32, **(args.model_init_kwargs or {})})
+        if processing_class is None:
+            processing_class = load_processing_class(model.config._name_or_path)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self._vision_data = train_dataset is not None and any(
+            column in (train_dataset.column_names or []) for column in VISION_COLUMNS)
+
+        head = query_attention_head(model)
+        if args.reward_head == "query_attention" and head is None:
+            set_seed(args.seed)
+            add_query_attention_head(model, args.head_layers, args.head_num_heads)
+        elif args.reward_head == "last_token" and head is not None:
+            raise ValueError("the model carries a query-attention head but reward_head='last_token': set "
+                             "reward_head='query_attention' to train it, or load the model without reward_head.json")
+        if peft_config is not None and args.reward_head == "query_attention":
+            peft_config.modules_to_save = [*(peft_config.modules_to_save or []), HEAD_ATTRIBUTE]
+
+        if data_collator is None:
+            pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+            data_collator = WinTieCollator(tokenizer.convert_tokens_to_ids(pad_token), processing_class,
+                                           args.pad_to_multiple_of)
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config, **kwargs)
+        self.processing_class = processing_class  # saved with checkpoints: the full processor for VLMs
+        self._eval_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        _check_is_tie(dataset, dataset_name)
+        columns = dataset.column_names or []
+        if any(column in columns for column in VISION_COLUMNS):
+            missing = [column for column in ("chosen", "rejected") if column not in columns]
+            if missing:
+                raise ValueError(f"{dataset_name} dataset: missing column(s) {missing}; columns present: {columns}")
+            logger.info("%s dataset: images are processed in the collator; max_length does not filter these rows",
+                        dataset_name)
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            raw = ["chosen", "rejected", *VISION_COLUMNS] if self._vision_data else []
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", *PAIR_KEYS, *raw]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        pair = {key: inputs.pop(key) for key in PAIR_KEYS}
+        margin = inputs.pop("margin", self.args.margin)
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        rewards_a, rewards_b = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = win_tie_bt_loss(rewards_a, rewards_b, pair["is_tie"], margin, self.args.win_weight,
+                               self.args.tie_weight, self.args.label_smoothing)
+        if self.args.center_rewards_coefficient is not None:
+            loss += self.args.center_rewards_coefficient * torch.mean((rewards_a + rewards_b) ** 2)
+
+        if mode == "train":
+            num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            rewards = gather(torch.stack([rewards_a, rewards_b], dim=1).detach().float())
+            meta = gather(torch.stack([pair[key].long() for key in PAIR_KEYS], dim=1))
+            self._metrics[mode]["min_reward"].append(rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(rewards.max().item())
+            self._metrics[mode]["accuracy"].append((rewards[:, 0] > rewards[:, 1]).float().mean().item())
+            self._metrics[mode]["margin"].append((rewards[:, 0] - rewards[:, 1]).mean().item())
+            if mode == "train":
+                for name, value in win_tie_metrics(rewards[:, 0], rewards[:, 1], *meta.unbind(1)).items():
+                    self._metrics[mode][name].append(value)
+            else:  # pooled over the whole evaluation set in `log`
+                self._eval_rewards.append((rewards.cpu(), meta.cpu()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if not self.model.training and self._eval_rewards:
+            rewards, meta = (torch.cat(parts) for parts in zip(*self._eval_rewards))
+            self._eval_rewards.clear()
+            for name, value in win_tie_metrics(rewards[:, 0], rewards[:, 1], *meta.unbind(1)).items():
+                self._metrics["eval"][name] = [value]
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save as RewardTrainer does, plus the query-attention head's weights and settings next to the model."""
+        super()._save(output_dir, state_dict)
+        head = query_attention_head(self.model)
+        if head is None or not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        state_dict = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model).state_dict()
+        weights = {}
+        for key, value in state_dict.items():
+            _, found, rest = key.partition(f"{HEAD_ATTRIBUTE}.")
+            if found and not rest.startswith("original_module."):  # PEFT keeps an untrained copy there
+                weights[rest.removeprefix("modules_to_save.default.")] = value.detach().cpu().contiguous()
+        safetensors.torch.save_file(weights, str(output_dir / HEAD_WEIGHTS))
+        settings = {"type": "query_attention", "layers": head.layers, "num_heads": head.final_attention.num_heads}
+        (output_dir / HEAD_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")

@@ -1,0 +1,84 @@
+"""Win-tie reward modelling over cross-prompt pairs (SoliReward, METHODS.md §1, arXiv:2512.22170).
+
+    accelerate launch recipes/reward_wintie.py                                  # MiniLM + WordNet items, CPU
+    accelerate launch recipes/reward_wintie.py --tie_ratio 0 --margin 0         # plain Bradley–Terry, no ties
+    accelerate launch recipes/reward_wintie.py --reward_head query_attention    # SoliReward's query-attention head
+    accelerate launch recipes/reward_wintie.py --model_name_or_path tiny-qwen2-vl --dataset_name pairs/  # a VLM
+    prefalign train reward_wintie ...                                           # the same script
+
+Data (`dataset_name`): preference pairs {prompt, chosen, rejected} are split into single items (chosen = good,
+rejected = bad) and re-paired ACROSS prompts; items {prompt, completion, label} are paired directly; a dataset that
+already has `is_tie` (from `prefalign build cross-prompt`, images allowed) is used as it is. Output: the reward
+model in output_dir; with the query-attention head also reward_head.{json,safetensors} (load with
+`prefalign.trainers.reward_wintie.load_reward_model`).
+"""
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, get_peft_config
+
+from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
+from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.models import load_processing_class
+from prefalign.recipe_args import DataArguments, parse_recipe_args, resume_checkpoint
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
+
+
+@dataclass
+class CrossPromptArguments:
+    """How single items are paired across prompts (see data_builders/cross_prompt.py)."""
+
+    pairs_per_item: int = field(default=2, metadata={"help": "Pairs anchored by each good item."})
+    tie_ratio: float = field(default=0.5, metadata={"help": "Fraction of those pairs that are good-good ties."})
+    bad_bad_ties: bool = field(default=False, metadata={"help": "Also build ties between two bad items."})
+    pair_seed: int = field(default=0, metadata={"help": "Seed of the pairing."})
+
+
+def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_text: bool, seed: int):
+    """Load one split and turn it into cross-prompt win/tie pairs (unless it already is)."""
+    data = load_preference_dataset(data_args.dataset_name, split=split)
+    data = data.select(range(min(limit, len(data)))) if limit is not None else data
+    if "is_tie" in data.column_names:
+        return data
+    if "completion" not in data.column_names:
+        data = validate_preference_dataset(data, drop_invalid=data_args.drop_invalid)
+        data = items_from_preference_pairs(data, as_text=as_text)
+    return build_cross_prompt_pairs(data, pair_args.pairs_per_item, pair_args.tie_ratio, seed=seed,
+                                    bad_bad_ties=pair_args.bad_bad_ties)
+
+
+def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
+    data_args, pair_args, training_args, model_args = parse_recipe_args(
+        (DataArguments, CrossPromptArguments, WinTieRewardConfig, ModelConfig), "reward_wintie", argv)
+
+    # Reward model: the backbone with one output (last-token head; the query-attention head is added by the trainer).
+    processing_class = load_processing_class(model_args.model_name_or_path)
+    model = load_reward_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32")
+    peft_config = get_peft_config(model_args)
+
+    # Data: a backbone without a chat template (MiniLM) reads the conversations as plain text.
+    as_text = getattr(processing_class, "chat_template", None) is None
+    train_dataset = cross_prompt_pairs(data_args, pair_args, data_args.dataset_train_split,
+                                       data_args.max_train_samples, as_text, pair_args.pair_seed)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = cross_prompt_pairs(data_args, pair_args, data_args.dataset_test_split,
+                                          data_args.max_eval_samples, as_text, pair_args.pair_seed + 1)
+    trainer = WinTieRewardTrainer(model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                  processing_class=processing_class, peft_config=peft_config)
+    counts = ", ".join(f"{n} {kind}" for kind, n in pair_kind_counts(train_dataset).items())
+    trainer.accelerator.print(f"Training on {len(train_dataset)} cross-prompt pairs: {counts}")
+
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.accelerator.print("Held-out: " + ", ".join(
+            f"{k.removeprefix('eval_')} {metrics[k]:.3f}" for k in ("eval_auc", "eval_win_accuracy",
+                                                                    "eval_tie_abs_diff", "eval_good_reward_std")))
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved the reward model to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
