@@ -24,7 +24,15 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from prefalign.phrases import Span, alignment_problem, diff_phrases, parse_phrase_tags, tag_phrases
+from prefalign.phrases import (
+    Span,
+    alignment_problem,
+    completion_text,
+    diff_phrases,
+    parse_phrase_tags,
+    tag_phrases,
+    with_completion_text,
+)
 
 logger = logging.getLogger("prefalign.data_builders.phrases")
 
@@ -54,16 +62,6 @@ REWRITE_INSTRUCTION = (
 # ---------------------------------------------------------------------------------------------------------------
 # Builder
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _completion_text(value: str | list) -> str:
-    """The text of a completion: the string itself, or the content of its single message."""
-    return value if isinstance(value, str) else value[0]["content"]
-
-
-def _with_text(value: str | list, text: str) -> str | list:
-    """A completion in the same format as `value` holding `text`."""
-    return text if isinstance(value, str) else [{**value[0], "content": text}]
 
 
 def _prompt_text(prompt: str | list) -> str:
@@ -216,7 +214,7 @@ def build_phrase_pairs(
     if missing:
         raise ValueError(f"missing column(s) {missing}; columns present: {dataset.column_names}")
     rows = dataset.to_list()
-    texts = [_completion_text(row["chosen"]) for row in rows]
+    texts = [completion_text(row["chosen"]) for row in rows]
     if source == "swap":
         rng, donors = random.Random(seed), _donor_phrases(texts)
         pairs = [_swap_phrases(text, donors, n_phrases, rng) for text in texts]
@@ -231,7 +229,7 @@ def build_phrase_pairs(
             problems.append((index, row.get("word", ""), problem))
             continue
         short += len(parse_phrase_tags(chosen)[1]) < n_phrases
-        new_row = {**row, "chosen": _with_text(row["chosen"], chosen), "rejected": _with_text(row["chosen"], rejected)}
+        new_row = {**row, "chosen": with_completion_text(row["chosen"], chosen), "rejected": with_completion_text(row["chosen"], rejected)}
         output.append({**new_row, "phrase_source": source})
     logger.info(
         "built %d phrase pairs from %d rows (source=%s): %d unaligned, %d with fewer than %d phrase(s)",
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     with args.output.open("w", encoding="utf-8") as f:
         for row in pairs:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    phrase_counts = Counter(len(parse_phrase_tags(_completion_text(c))[1]) for c in pairs["chosen"])
+    phrase_counts = Counter(len(parse_phrase_tags(completion_text(c))[1]) for c in pairs["chosen"])
     counts = ", ".join(f"{n} with {k} phrase(s)" for k, n in sorted(phrase_counts.items()))
     print(f"{args.output}: {len(pairs)} of {len(dataset)} rows ({counts}), {len(dataset) - len(pairs)} dropped")
 

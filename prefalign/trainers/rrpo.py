@@ -20,7 +20,13 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
 from prefalign.data import video_frames_as_images
 from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import phrase_rewards, rrpo_loss
-from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
+from prefalign.phrases import (
+    completion_text,
+    pair_phrase_spans,
+    phrase_token_ids,
+    rendered_phrase_ids,
+    with_completion_text,
+)
 
 logger = logging.getLogger("prefalign.trainers.rrpo")
 
@@ -72,31 +78,6 @@ class RRPOConfig(DPOConfig):
                              "precompute_ref_log_probs=True only works with alpha=0.")
 
 
-def _completion_text(completion: str | list) -> str:
-    """The text of a completion: the string, or its last message's content (a string or one text part)."""
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"]
-    if isinstance(content, str):
-        return content
-    texts = [part["text"] for part in content if part.get("type") == "text"]
-    if len(texts) != 1:
-        raise ValueError(f"expected one text part in the completion, got {len(texts)}")
-    return texts[0]
-
-
-def _with_text(completion: str | list, text: str) -> str | list:
-    """``completion`` in the same format, holding ``text``."""
-    if isinstance(completion, str):
-        return text
-    content = completion[-1]["content"]
-    if not isinstance(content, str):
-        content = [{**part, "text": text} if part.get("type") == "text" else part for part in content]
-    else:
-        content = text
-    return [*completion[:-1], {**completion[-1], "content": content}]
-
-
 def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: str = "train") -> Dataset:
     """Strip `<MASK>` tags (or diff chosen against rejected) into clean completions plus `chosen_spans` and
     `rejected_spans` columns; report pairs that cannot be aligned (error, or counted drop with `drop_unaligned`)."""
@@ -105,11 +86,11 @@ def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: st
     def split_row(row, index):
         try:
             chosen, chosen_spans, rejected, rejected_spans = pair_phrase_spans(
-                _completion_text(row["chosen"]), _completion_text(row["rejected"]), tokenizer)
+                completion_text(row["chosen"]), completion_text(row["rejected"]), tokenizer)
         except ValueError as error:
             problems[index] = str(error)
             return {"chosen_spans": [], "rejected_spans": []}
-        return {"chosen": _with_text(row["chosen"], chosen), "rejected": _with_text(row["rejected"], rejected),
+        return {"chosen": with_completion_text(row["chosen"], chosen), "rejected": with_completion_text(row["rejected"], rejected),
                 "chosen_spans": chosen_spans, "rejected_spans": rejected_spans}
 
     dataset = dataset.map(split_row, with_indices=True, desc=f"Finding phrases in the {name} dataset",
@@ -143,12 +124,12 @@ class _PhraseIdsCollator:
             rendered["prompt"] = prepare_multimodal_messages(rendered["prompt"], images=rendered.get("images", []))
             rendered[side] = prepare_multimodal_messages(rendered[side])
             rendered = apply_chat_template(rendered, self.processing_class)
-        text = _completion_text(example[side])
+        text = completion_text(example[side])
         return rendered_phrase_ids(self.tokenizer, rendered[side], text, example[f"{side}_spans"])
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        per_row = [example.get(f"{side}_phrase_ids") or self._rendered_phrase_ids(example, side)
-                   for side in ("chosen", "rejected") for example in examples]
+        per_row = [example[f"{side}_phrase_ids"] if f"{side}_phrase_ids" in example  # text rows: precomputed
+                   else self._rendered_phrase_ids(example, side) for side in ("chosen", "rejected") for example in examples]
         batch = self.collator(examples)
         phrase_ids = torch.zeros_like(batch["input_ids"])
         for row, ids in enumerate(per_row):
