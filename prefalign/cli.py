@@ -2,6 +2,7 @@
 
     prefalign train <method> [--key value ...]    runs recipes/<method>.py with those arguments
     prefalign build <builder> [--option ...]      runs a data builder (data_builders/<builder>.py)
+    prefalign judge score|compare|consistency --data FILE [--judge-model NAME]   TrustJudge over a data set
     prefalign models [--prepare NAME ...]         lists the embedded models; --prepare converts/caches them now
 """
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("method", help=f"one of: {', '.join(_recipes()) or '(recipes folder not found)'}")
     build = sub.add_parser("build", help="build a preference data set", add_help=False)
     build.add_argument("builder", choices=sorted(BUILDERS))
+    sub.add_parser("judge", help="TrustJudge: score | compare | consistency over a data file", add_help=False)
     models = sub.add_parser("models", help="list or prepare the embedded models")
     models.add_argument("--prepare", nargs="*", default=None, metavar="NAME",
                         help="convert and cache these embedded models now (all when no name is given)")
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
         runpy.run_path(str(script), run_name="__main__")
     elif args.command == "build":
         importlib.import_module(BUILDERS[args.builder]).main(rest)
+    elif args.command == "judge":
+        from prefalign.judges.cli import main as judge_main
+
+        judge_main(rest)
     elif args.command == "models":
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")

@@ -1,0 +1,347 @@
+"""TrustJudge (METHODS.md §6) against hand-computed values and naive one-forward-per-answer computations."""
+
+import copy
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from prefalign.judges import (
+    ConsistencyReport,
+    JudgeReward,
+    TrustJudge,
+    Verdict,
+    baseline_verdict,
+    discrete_score,
+    expected_score,
+    geval_score,
+    merge_pairwise,
+    pair_action,
+    ppl_verdict,
+    relabel_pairs,
+    score_comparison_counts,
+    softmax_weighted_score,
+    transitivity_counts,
+    triple_inconsistency,
+)
+from prefalign.judges.cli import main as judge_cli
+from prefalign.models import load_model, load_processing_class
+
+PROMPTS = ["What does the word 'dog' mean?", "Hi", "What does the word 'eminence grise' mean? Answer briefly."]
+RESPONSES = ["A domesticated carnivorous mammal.", "Hello there, how can I help?", "A powerful adviser."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny random LM with noise added so its distributions are far from uniform, and its tokenizer."""
+    model = load_model("tiny-causal-lm")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=generator))
+    return model.eval(), load_processing_class("tiny-causal-lm")
+
+
+def _naive_logprob(model, context_ids: list[int], answer_ids: list[int], **extra) -> float:
+    """log P(answer | context) from ONE full forward of context + answer, float64 softmax (no cache, no batching)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([context_ids + answer_ids]), **extra).logits[0].double()
+    logp = logits.log_softmax(-1)
+    return sum(logp[len(context_ids) - 1 + k, t].item() for k, t in enumerate(answer_ids))
+
+
+def _context_ids(judge, text: str, marker: str) -> list[int]:
+    """Token ids of the rendered judge prompt followed by '<marker> [['."""
+    return judge.tokenizer(judge._render(text, 0) + f"{marker} [[", add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ pure arithmetic
+
+
+def test_score_functions_on_hand_written_distributions():
+    """p = {1: .1, 2: .2, 3: .2}: renormalised {.2, .4, .4}; expected 2.2; G-Eval 1.1 (top-2: 1.0)."""
+    probs = {1: 0.1, 2: 0.2, 3: 0.2}
+    assert expected_score(probs) == pytest.approx(0.2 * 1 + 0.4 * 2 + 0.4 * 3, abs=1e-12)
+    assert geval_score(probs) == pytest.approx(1 * 0.1 + 2 * 0.2 + 3 * 0.2, abs=1e-12)
+    assert geval_score(probs, top_k=2) == pytest.approx(2 * 0.2 + 3 * 0.2, abs=1e-12)
+    # softmax(log-odds / T) = odds^(1/T) normalised: odds 1/9, 1/4, 1/4 with T = 0.2
+    w = {1: (1 / 9) ** 5, 2: (1 / 4) ** 5, 3: (1 / 4) ** 5}
+    assert softmax_weighted_score(probs) == pytest.approx(sum(s * v for s, v in w.items()) / sum(w.values()), rel=1e-6)
+    assert discrete_score({1: 0.3, 2: 0.3, 3: 0.1}) == 1  # tie → lower score
+    assert discrete_score({1: 0.1, 5: 0.6, 3: 0.3}) == 5
+    assert softmax_weighted_score({4: 1.0, 5: 0.0}) == 4.0  # p ∈ {0, 1} skipped: falls back to the top-1
+    for bad in ({}, {1: 0.0, 2: 0.0}, {1: -0.1, 2: 0.5}, {1: float("nan")}):
+        with pytest.raises(ValueError):
+            expected_score(bad)
+
+
+def test_merge_pairwise_by_hand_symmetry_ties_and_determinism():
+    """m = P1 + swap(P2); swapping A and B swaps the verdict; exact ties → tie; the result never depends on order."""
+    p1 = {"first": 0.5, "second": 0.3, "tie": 0.2}
+    p2 = {"first": 0.4, "second": 0.4, "tie": 0.2}
+    verdict, merged = merge_pairwise(p1, p2)
+    assert verdict == "first" and merged == pytest.approx({"first": 0.9, "second": 0.7, "tie": 0.4})
+    # (B, A): its order 1 is our order 2 and vice versa
+    swapped, swapped_merged = merge_pairwise(p2, p1)
+    assert swapped == "second" and swapped_merged == pytest.approx({"first": 0.7, "second": 0.9, "tie": 0.4})
+    # unnormalised inputs are renormalised per order
+    assert merge_pairwise({k: 3 * v for k, v in p1.items()}, p2)[1] == pytest.approx(merged)
+    # exact tie of first and second: "tie", in both orders, every time, whatever the dict order
+    tied = {"first": 0.4, "second": 0.4, "tie": 0.2}
+    for order in itertools.permutations(tied):
+        reordered = {k: tied[k] for k in order}
+        assert merge_pairwise(reordered, reordered)[0] == "tie"
+    assert merge_pairwise(p1, p2, tie_margin=0.11)[0] == "tie"  # (0.9 − 0.7)/2 = 0.1 ≤ margin
+    assert merge_pairwise(p1, p2, tie_margin=0.09)[0] == "first"
+    with pytest.raises(ValueError):
+        merge_pairwise({"first": 1.0, "second": 0.0}, p2)
+
+
+def test_ppl_and_baseline_verdicts_by_hand():
+    """ppl: the lower-perplexity order's top-1 (order 2 swapped back); baseline: agreement or tie."""
+    a_wins = {"first": 0.6, "second": 0.3, "tie": 0.1}
+    b_wins_in_order2 = {"first": 0.2, "second": 0.7, "tie": 0.1}  # order 2 shows (B, A): "second" = A better
+    assert ppl_verdict(a_wins, 1.5, b_wins_in_order2, 2.0) == "first"
+    assert ppl_verdict({"first": 0.1, "second": 0.8, "tie": 0.1}, 3.0, {"first": 0.1, "second": 0.2, "tie": 0.7},
+                       2.0) == "tie"
+    assert ppl_verdict(a_wins, 2.0, {"first": 0.9, "second": 0.05, "tie": 0.05}, 1.2) == "second"
+    assert ppl_verdict(a_wins, 2.0, b_wins_in_order2, 2.05, tolerance=0.1) == "tie"
+    assert baseline_verdict(a_wins, b_wins_in_order2) == "first"
+    assert baseline_verdict(a_wins, a_wins) == "tie"  # order 1 says A, order 2 says B: position bias → tie
+
+
+# ------------------------------------------------------------------ consistency metrics
+
+# The official NonTransitivityCalculator's table: (r(i,j), r(j,k), r(i,k)) → inconsistency type (None: consistent)
+OFFICIAL_TRIPLES = {
+    (">", ">", ">"): None, (">", ">", "="): "equivalence", (">", ">", "<"): "cycle", (">", "=", ">"): None,
+    (">", "=", "="): "equivalence", (">", "=", "<"): "cycle", (">", "<", ">"): None, (">", "<", "="): None,
+    (">", "<", "<"): None, ("=", ">", ">"): None, ("=", ">", "="): "equivalence", ("=", ">", "<"): "cycle",
+    ("=", "=", ">"): "equivalence", ("=", "=", "="): None, ("=", "=", "<"): "equivalence", ("=", "<", ">"): "cycle",
+    ("=", "<", "="): "equivalence", ("=", "<", "<"): None, ("<", ">", ">"): None, ("<", ">", "="): None,
+    ("<", ">", "<"): None, ("<", "=", ">"): "cycle", ("<", "=", "="): "equivalence", ("<", "=", "<"): None,
+    ("<", "<", ">"): "cycle", ("<", "<", "="): "equivalence", ("<", "<", "<"): None,
+}
+
+
+def test_triple_classification_matches_the_official_table():
+    for relations, kind in OFFICIAL_TRIPLES.items():
+        assert triple_inconsistency(*relations) == kind, relations
+
+
+def test_consistency_counts_on_hand_built_verdict_tables():
+    """0 ≻ 1 ≻ 2 ≻ 0 with 3 below all: 4 triples, 1 cycle; 0 = 1 = 2 but 0 ≻ 2: 1 equivalence contradiction."""
+    cyclic = {(0, 1): "first", (1, 2): "first", (0, 2): "second", (0, 3): "first", (1, 3): "first", (2, 3): "first"}
+    assert transitivity_counts(cyclic, 4) == (4, 1, 0)
+    two_cycles = {(0, 1): "first", (1, 2): "first", (0, 2): "second", (0, 3): "second", (1, 3): "first",
+                  (2, 3): "first"}  # adds 3 ≻ 0 ≻ 1 ≻ 3: (0, 1, 3) cycles too; (0,2,3): 2≻0, 3≻0, 2≻3 fine
+    assert transitivity_counts(two_cycles, 4) == (4, 2, 0)
+    equivalence = {(0, 1): "tie", (1, 2): "tie", (0, 2): "first"}
+    assert transitivity_counts(equivalence, 3) == (1, 0, 1)
+    # keys in either order: (2, 0) "first" means 2 ≻ 0
+    assert transitivity_counts({(0, 1): "first", (1, 2): "first", (2, 0): "first"}, 3) == (1, 1, 0)
+    # scores 3 > 2 > 2: pair (1, 2) expects a tie
+    scores = [3.0, 2.0, 2.0]
+    verdicts = {(0, 1): "first", (0, 2): "second", (1, 2): "first"}
+    assert score_comparison_counts(scores, verdicts) == (3, 2, 1)  # (0,2) reversed; (1,2) strict on a tie
+    assert score_comparison_counts([3.0, 2.5, 1.0], {(0, 1): "tie", (0, 2): "first", (1, 2): "first"},
+                                   tolerance=1.0) == (3, 0, 0)
+    report = ConsistencyReport()
+    report.add(scores, verdicts)
+    report.add([1.0, 2.0, 3.0, 4.0], {pair: "second" for pair in itertools.combinations(range(4), 2)})
+    assert (report.pairs, report.score_conflicts, report.triples, report.cycles) == (9, 2, 5, 1)
+    assert report.score_comparison_inconsistency == pytest.approx(2 / 9)
+    assert report.transitivity_inconsistency == pytest.approx(1 / 5)
+
+
+# ------------------------------------------------------------------ the judge on tiny models
+
+
+def test_tiny_tokenizer_splits_numbers_into_digits(tiny):
+    tokenizer = tiny[1]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("85", add_special_tokens=False)["input_ids"]) == ["8", "5"]
+
+
+def test_multi_token_score_includes_every_digit_and_the_delimiter(tiny):
+    """P("85") = p(8)·p(5|8)·p(]]|85) and P("8") = p(8)·p(]]|8), by naive forwards; P sums to 1 over 1..100."""
+    model, tokenizer = tiny
+    judge = TrustJudge(model, tokenizer)
+    text = judge.template.pointwise.format(question=PROMPTS[0], response=RESPONSES[0], low=1, high=100,
+                                           instruction=judge.template.pointwise_direct)
+    context = _context_ids(judge, text, "Rating:")
+    digit = {d: tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    close = tokenizer("]]", add_special_tokens=False)["input_ids"]
+    p85 = math.exp(_naive_logprob(model, context, [digit["8"], digit["5"], *close]))
+    p8 = math.exp(_naive_logprob(model, context, [digit["8"], *close]))
+    first8 = math.exp(_naive_logprob(model, context, [digit["8"]]))
+    assert p8 < first8 and p85 < first8  # neither is just the first token's probability
+    dist = judge.score_distribution([PROMPTS[0]], [RESPONSES[0]])[0]
+    assert sorted(dist) == list(range(1, 101)) and sum(dist.values()) == pytest.approx(1.0, abs=1e-12)
+    raw = judge.candidate_logprobs(judge._encode([tokenizer.decode(context)], [[]]), judge.score_candidates)[0].exp()
+    assert raw[85 - 1].item() == pytest.approx(p85, rel=1e-5)
+    assert raw[8 - 1].item() == pytest.approx(p8, rel=1e-5)
+    assert dist[85] / dist[8] == pytest.approx(p85 / p8, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [(1, 100), (1, 5)])
+def test_batched_kv_path_equals_one_forward_per_answer(tiny, scale):
+    """Left-padded batches of contexts + the prefix-tree pass = a full forward per (context, answer)."""
+    model, tokenizer = tiny
+    judge = TrustJudge(model, tokenizer, scale=scale, batch_size=2)  # 3 items: a padded batch of 2, then 1
+    dists = judge.score_distribution(PROMPTS, RESPONSES)
+    for prompt, response, dist in zip(PROMPTS, RESPONSES, dists):
+        text = judge.template.pointwise.format(question=prompt, response=response, low=scale[0], high=scale[1],
+                                               instruction=judge.template.pointwise_direct)
+        context = _context_ids(judge, text, "Rating:")
+        naive = torch.tensor([_naive_logprob(model, context, ids) for ids in judge.score_candidates],
+                             dtype=torch.float64).exp()
+        naive = naive / naive.sum()
+        torch.testing.assert_close(torch.tensor([dist[s] for s in range(scale[0], scale[1] + 1)], dtype=torch.float64), naive,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_reason_then_score_reads_the_score_after_a_greedy_rationale(tiny):
+    """The rationale is the model's greedy continuation; the score distribution is read after it."""
+    model, tokenizer = tiny
+    judge = TrustJudge(model, tokenizer, scale=(1, 5), style="reason_then_score", max_reason_tokens=6)
+    dist = judge.score_distribution([PROMPTS[0]], [RESPONSES[0]])[0]
+    text = judge.template.pointwise.format(question=PROMPTS[0], response=RESPONSES[0], low=1, high=5,
+                                           instruction=judge.template.pointwise_reason)
+    rendered = judge._render(text, 0)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    generated = []
+    with torch.no_grad():  # greedy by hand, one full forward per token
+        for _ in range(6):
+            generated.append(int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax()))
+    rationale = tokenizer.decode(generated, skip_special_tokens=True)
+    assert "Rating:" not in rationale  # random weights: the marker never appears, so nothing is cut
+    context = tokenizer(rendered + rationale.rstrip() + "\nRating: [[", add_special_tokens=False)["input_ids"]
+    naive = torch.tensor([_naive_logprob(model, context, c) for c in judge.score_candidates],
+                         dtype=torch.float64).exp()
+    torch.testing.assert_close(torch.tensor([dist[s] for s in range(1, 6)], dtype=torch.float64), naive / naive.sum(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_vlm_judge_with_an_image_equals_naive_forwards():
+    """tiny-qwen2-vl with an image in the prompt: KV-reusing rows = a full forward (image included) per answer."""
+    model, processor = load_model("tiny-qwen2-vl").eval(), load_processing_class("tiny-qwen2-vl")
+    judge = TrustJudge(model, processor, scale=(1, 20))
+    image = Image.new("RGB", (60, 60), (200, 30, 30))
+    prompt = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    dist = judge.score_distribution([prompt], ["Red."])[0]
+    text = judge.template.pointwise.format(question="Colour?", response="Red.", low=1, high=20,
+                                           instruction=judge.template.pointwise_direct)
+    context = judge._render(text, 1) + "Rating: [["
+    naive = []
+    for answer in judge.score_candidates:
+        inputs = processor(text=[context], images=[[image]], return_tensors="pt", add_special_tokens=False)
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs["attention_mask"] = torch.ones(1, len(ids) + len(answer), dtype=torch.long)
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(answer),
+                                                                                          dtype=torch.long)], 1)
+        naive.append(_naive_logprob(model, ids, answer, **inputs))
+    naive = torch.tensor(naive, dtype=torch.float64).exp()
+    torch.testing.assert_close(torch.tensor([dist[s] for s in range(1, 21)], dtype=torch.float64), naive / naive.sum(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_compare_is_symmetric_under_swapping_the_responses(tiny):
+    """compare(p, A, B) and compare(p, B, A): swapped verdicts and merged values, for every pairwise mode."""
+    model, tokenizer = tiny
+    for mode in ("likelihood", "ppl", "baseline"):
+        judge = TrustJudge(model, tokenizer, pairwise_mode=mode)
+        ab, ba = judge.compare_pairs([PROMPTS[0]] * 2, RESPONSES[:2], RESPONSES[1::-1])
+        swap = {"first": "second", "second": "first", "tie": "tie"}
+        assert ba.verdict == swap[ab.verdict]
+        assert ba.merged == pytest.approx({k: ab.merged[swap[k]] for k in ab.merged}, abs=1e-6)
+        assert ba.margin == pytest.approx(-ab.margin, abs=1e-6)
+    # the likelihood verdict is the merge of the two orders' distributions
+    assert ab.verdict in ("first", "second", "tie") and sum(ab.probs_order1.values()) == pytest.approx(1.0)
+    assert merge_pairwise(ab.probs_order1, ab.probs_order2)[1] == pytest.approx(ab.merged)
+
+
+def test_reward_adapter_follows_trls_reward_function_convention(tiny):
+    """Called as GRPOTrainer calls it (keywords, conversational, extra columns): scores mapped to [0, 1]."""
+    model, tokenizer = tiny
+    judge = TrustJudge(model, tokenizer, scale=(1, 10))
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    completions = [[{"role": "assistant", "content": r}] for r in RESPONSES]
+    reward = JudgeReward(judge)
+    got = reward(prompts=prompts, completions=completions, completion_ids=[[1]] * 3, trainer_state=None,
+                 log_extra=lambda *a: None, log_metric=lambda *a: None, word=["dog", "hi", "eg"])
+    assert got == pytest.approx([(s - 1) / 9 for s in judge.score(PROMPTS, RESPONSES)], abs=1e-9)
+    assert reward.__name__ == "trust_judge"
+    pairwise = JudgeReward(judge, anchor_column="reference")
+    got = pairwise(prompts=prompts, completions=completions, reference=list(reversed(RESPONSES)))
+    verdicts = judge.compare_pairs(PROMPTS, RESPONSES, list(reversed(RESPONSES)))
+    assert got == pytest.approx([(v.probs_order1["first"] + v.probs_order2["second"]) / 2 for v in verdicts])
+
+
+class _FixedJudge:
+    """Stands in for a judge whose verdicts are known, to test the keep/flip/drop bookkeeping alone."""
+
+    def __init__(self, verdicts):
+        self.verdicts = verdicts
+
+    def compare_pairs(self, prompts, a, b, images=None):
+        return self.verdicts[: len(prompts)]
+
+
+def _verdict(first, second, tie):
+    merged = {"first": first, "second": second, "tie": tie}
+    probs = {k: v / 2 for k, v in merged.items()}
+    verdict = merge_pairwise(probs, {"first": second / 2, "second": first / 2, "tie": tie / 2})[0]
+    return Verdict(verdict, merged, probs, probs, 1.0, 1.0)
+
+
+def test_pair_labeller_keeps_flips_and_drops_by_verdict_and_margin():
+    assert pair_action("first", 0.3, 0.2) == "keep" and pair_action("first", 0.1, 0.2) == "drop"
+    assert pair_action("second", -0.3, 0.2) == "flip" and pair_action("tie", 0.0) == "drop"
+    data = Dataset.from_list([{"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(4)])
+    judge = _FixedJudge([_verdict(1.6, 0.2, 0.2), _verdict(0.2, 1.6, 0.2), _verdict(0.8, 0.7, 0.5),
+                         _verdict(0.5, 0.5, 1.0)])
+    out = relabel_pairs(data, judge, min_margin=0.1)  # margins 0.7, −0.7, 0.05, 0 → keep, flip, drop, drop
+    assert out.to_list() == [{"prompt": "q0", "chosen": "c0", "rejected": "r0"},
+                             {"prompt": "q1", "chosen": "r1", "rejected": "c1"}]
+
+
+def test_cli_writes_next_to_the_input_and_resumes(tmp_path, monkeypatch):
+    rows = [{"prompt": p, "chosen": r, "rejected": RESPONSES[i - 1], "candidates": RESPONSES}
+            for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES))]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--data", str(data), "--judge-model", "tiny-causal-lm", "--scale", "1", "10"]
+    judge_cli(["score", *common, "--max-rows", "2"])
+    out = tmp_path / "pairs.judge-score.jsonl"
+    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == [0, 1]
+    judge_cli(["score", *common])  # resumes: only row 2 is added
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["row"] for line in lines] == [0, 1, 2] and all(1 <= line["score_chosen"] <= 10 for line in lines)
+    judge_cli(["compare", *common])
+    compared = [json.loads(line) for line in (tmp_path / "pairs.judge-compare.jsonl").read_text().splitlines()]
+    assert [c["verdict"] in ("first", "second", "tie") for c in compared] == [True] * 3
+    judge_cli(["consistency", *common, "--max-rows", "1"])
+    summary = json.loads((tmp_path / "pairs.judge-consistency.summary.json").read_text())
+    assert summary["pairs"] == 3 and summary["triples"] == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "r"}) + "\n")
+    with pytest.raises(SystemExit, match="row 0, column 'chosen'"):
+        judge_cli(["compare", "--data", str(bad), "--judge-model", "tiny-causal-lm"])
+
+
+# ------------------------------------------------------------------ the embedded judge
+
+
+@pytest.mark.slow
+def test_embedded_judge_scores_lie_in_the_scale_and_separate_different_answers():
+    model, tokenizer = load_model("smollm2-135m-instruct"), load_processing_class("smollm2-135m-instruct")
+    prompts = ["What is the capital of France?"] * 3
+    answers = ["The capital of France is Paris.", "asdf qwer zxcv", "I like turtles."]
+    scores = TrustJudge(model, tokenizer, batch_size=3).score(prompts, answers)
+    assert all(1 <= s <= 100 for s in scores) and max(scores) - min(scores) > 0.5
+    five = TrustJudge(copy.copy(model), tokenizer, scale=(1, 5), mode="discrete").score(prompts, answers)
+    assert all(s in (1, 2, 3, 4, 5) for s in five)
