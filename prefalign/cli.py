@@ -18,6 +18,7 @@ from prefalign.recipe_args import RECIPES_DIR
 
 BUILDERS = {
     "cross-prompt": "data_builders.cross_prompt",
+    "delta": "data_builders.delta",
     "phrases": "data_builders.phrases",
     "wordnet-definitions": "data_builders.wordnet_definitions",
 }
