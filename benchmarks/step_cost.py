@@ -47,6 +47,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.phrases import parse_phrase_tags  # noqa: E402
+from prefalign.trainers.d2o import D2OConfig, D2OTrainer  # noqa: E402
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -80,6 +81,11 @@ def untagged(dataset: Dataset) -> Dataset:
     return dataset.map(strip)
 
 
+def with_anchors(dataset: Dataset, k: int) -> Dataset:
+    """D²O rows: the chosen completion repeated as K anchors (DPO's chosen length, so costs compare fairly)."""
+    return dataset.map(lambda row: {"anchors": [row["chosen"]] * k}, remove_columns=["chosen"])
+
+
 def make_trainer(method: str, model_name: str, dataset: Dataset, processing_class, opts: argparse.Namespace):
     """A trainer for `method` on `model_name` (LoRA r=16, or all weights plus a reference copy with `opts.full`)."""
     common = dict(output_dir=os.path.join(tempfile.gettempdir(), f"step_cost_{method}"), report_to="none",
@@ -98,6 +104,10 @@ def make_trainer(method: str, model_name: str, dataset: Dataset, processing_clas
         extra = {} if opts.kl_chunk_size is None else {"kl_chunk_size": opts.kl_chunk_size}
         args = RRPOConfig(**common, log_rejected_kl=not opts.no_rejected_kl, **extra)
         return RRPOTrainer(model, args=args, train_dataset=dataset, **kwargs)
+    elif method.startswith("d2o-k"):  # --methods dpo,d2o-k1,d2o-k4,d2o-k8
+        k = int(method.removeprefix("d2o-k"))
+        args = D2OConfig(**common, num_anchors=k, anchor_refresh_steps=0)
+        return D2OTrainer(model, args=args, train_dataset=with_anchors(untagged(dataset), k), **kwargs)
     raise ValueError(f"unknown method {method!r}: add a branch to make_trainer")
 
 
@@ -185,6 +195,7 @@ def main(argv=None) -> dict:
     for step in range(opts.warmup + opts.steps):
         for m in methods:  # alternate so that drift and noise hit every method alike
             s, peak = timed_step(trainers[m], batches[m])
+            print(f"step {step} {m}: {s:.2f} s{' (warmup)' if step < opts.warmup else ''}", file=sys.stderr, flush=True)
             if step >= opts.warmup:
                 seconds[m].append(s)
                 cuda_peaks[m].append(peak)
@@ -202,14 +213,14 @@ def main(argv=None) -> dict:
                 results[m].update(json.load(open(out.name)))
 
     base = results.get("dpo")
-    print(f"\n{'method':<8}{'s/step median':>15}{'mean':>9}{'step mem MB':>13}{'peak RSS MB':>13}"
+    print(f"\n{'method':<12}{'s/step median':>15}{'mean':>9}{'step mem MB':>13}{'peak RSS MB':>13}"
           f"{'time ×dpo':>11}{'mem ×dpo':>10}")
     for m, r in results.items():
         if base:
             r["time_ratio"] = r["median_s"] / base["median_s"]
             if "step_memory_mb" in r:
                 r["memory_ratio"] = r["step_memory_mb"] / base["step_memory_mb"]
-        print(f"{m:<8}{r['median_s']:>15.3f}{r['mean_s']:>9.3f}{r.get('step_memory_mb', float('nan')):>13.1f}"
+        print(f"{m:<12}{r['median_s']:>15.3f}{r['mean_s']:>9.3f}{r.get('step_memory_mb', float('nan')):>13.1f}"
               f"{r.get('peak_rss_mb', float('nan')):>13.1f}{r.get('time_ratio', float('nan')):>11.3f}"
               f"{r.get('memory_ratio', float('nan')):>10.3f}")
     report = {"options": {k: v for k, v in vars(opts).items() if k != "child"}, "device": "cuda" if CUDA else "cpu",

@@ -17,6 +17,7 @@ from prefalign.models import EMBEDDED_MODELS, resolve_model_path
 from prefalign.recipe_args import RECIPES_DIR
 
 BUILDERS = {
+    "anchors": "data_builders.negatives",
     "cross-prompt": "data_builders.cross_prompt",
     "delta": "data_builders.delta",
     "phrases": "data_builders.phrases",

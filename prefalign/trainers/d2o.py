@@ -1,0 +1,385 @@
+"""D²O: Distributional Dispreference Optimization (arXiv:2403.03419), a DPOTrainer that learns from human negatives
+only, against K self-generated anchors per prompt refreshed online. The loss is ``prefalign.losses.d2o_loss``
+(METHODS.md §3).
+
+Data: rows {prompt, rejected, anchors} in TRL's standard (strings) or conversational (messages) format, where
+`rejected` is the human negative and `anchors` holds exactly `num_anchors` (K) responses sampled from the reference
+model (build them with `data_builders.negatives` / `prefalign build anchors`).
+
+Each step is ONE batched forward of the policy over B·(K+1) sequences, [the K anchors of prompt 0, ..., of prompt
+B−1, the B negatives], right-padded like TRL's [chosen; rejected] batches (with K = 1 the batch is exactly DPO's),
+plus one reference forward over the same batch (skipped with `precompute_ref_log_probs`). The reference is the
+`ref_model`, the base model with the adapter disabled under PEFT, or precomputed log-probs; it serves as both π_r−
+(anchors) and π_r+ (negative), METHODS.md's basic setting.
+
+Online anchors: from global step `anchor_warmup_steps` on, every `anchor_refresh_steps` steps, the prompts of that
+step's batch get K new anchors sampled from the current policy (`prefalign.generation.generate`), which replace
+their stored anchors from then on (later epochs too). Under several processes each rank samples, with its own seed,
+for the prompts of its own batch; generation involves no communication (under DeepSpeed ZeRO-3 TRL's
+`unwrap_model_for_generation` first gathers the full weights on every rank, which is safe because all ranks refresh
+at the same step), and ranks meet again at the gradient all-reduce. Refreshed anchors live in memory: a run resumed
+from a checkpoint starts again from the stored anchors and refreshes at its next refresh step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import _tokenize, common_prefix_length
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import global_then_local_main_first, pad
+
+from prefalign.data import PreferenceDataError, validate_preference_dataset
+from prefalign.generation import generate
+from prefalign.losses import d2o_loss
+
+logger = logging.getLogger("prefalign.trainers.d2o")
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "row_index"}
+MAX_LISTED_PROBLEMS = 10
+
+
+@dataclass
+class D2OConfig(DPOConfig):
+    r"""Configuration for [`D2OTrainer`]: every [`~trl.DPOConfig`] field, plus the D²O ones below.
+
+    Defaults marked "reproduction" come from METHODS.md §3, which took them from a public reproduction of the paper
+    (not verified against the paper itself).
+
+    Parameters that control the loss (METHODS.md §3):
+        beta (`float`, defaults to `0.1`): β, scale of the anchor term (β/K)·Σ_i log-ratio(y_i). Reproduction.
+        alpha (`float`, defaults to `0.1`): α, scale of the negative's log-ratio. Reproduction.
+        num_anchors (`int`, defaults to `11`): K, self-generated anchors per prompt; every row must hold exactly K.
+            Reproduction. Each step forwards B·(K+1) sequences, so memory grows with K.
+
+    Parameters that control the online anchors:
+        anchor_warmup_steps (`int`, defaults to `200`): optimizer steps trained on the stored (reference-sampled)
+            anchors before online sampling starts. Reproduction.
+        anchor_refresh_steps (`int`, defaults to `1`): after the warm-up, every this many steps the prompts of the
+            batch get K anchors sampled from the current policy. 1 = every step (fully online); 0 = never (offline
+            D²O). Not given in METHODS.md; 1 is the fully online reading of the method.
+        anchor_temperature (`float`, defaults to `0.8`): sampling temperature. Reproduction.
+        anchor_top_p (`float`, defaults to `0.9`): nucleus sampling threshold. Reproduction.
+        anchor_max_new_tokens (`int`, defaults to `128`): longest sampled anchor, in tokens.
+        anchor_instruction (`str` or `None`, defaults to `None`): prepended to the prompt for sampling only (a
+            harmlessness / "answer correctly" instruction); anchors are trained without it.
+        anchor_generation_batch_size (`int`, defaults to `8`): prompts per `generate` call when refreshing.
+
+    The inherited `loss_type`, `ld_alpha`, `use_weighting` and `f_divergence_type` belong to DPO's loss and must keep
+    their defaults; `truncation_mode` must be `keep_start`.
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "β: scale of the anchor term (β/K)·Σ log-ratio."})
+    alpha: float = field(default=0.1, metadata={"help": "α: scale of the human negative's log-ratio."})
+    num_anchors: int = field(default=11, metadata={"help": "K: self-generated anchors per prompt."})
+    anchor_warmup_steps: int = field(default=200, metadata={"help": "Steps before anchors are sampled online."})
+    anchor_refresh_steps: int = field(
+        default=1, metadata={"help": "After the warm-up, refresh the batch's anchors every N steps (0: never)."}
+    )
+    anchor_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of refreshed anchors."})
+    anchor_top_p: float = field(default=0.9, metadata={"help": "Top-p of refreshed anchors."})
+    anchor_max_new_tokens: int = field(default=128, metadata={"help": "Longest refreshed anchor, in tokens."})
+    anchor_instruction: str | None = field(
+        default=None, metadata={"help": "Instruction prepended to the prompt for sampling only (not trained on)."}
+    )
+    anchor_generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("num_anchors", "anchor_max_new_tokens", "anchor_generation_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("alpha", "anchor_warmup_steps", "anchor_refresh_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        inherited = {"loss_type": (self.loss_type, ["sigmoid"]), "ld_alpha": (self.ld_alpha, None),
+                     "use_weighting": (self.use_weighting, False),
+                     "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
+                     "truncation_mode": (self.truncation_mode, "keep_start")}
+        changed = [f"{name}={value!r}" for name, (value, default) in inherited.items() if value != default]
+        if changed:
+            raise ValueError(f"D²O has its own loss: {', '.join(changed)} is not supported; keep DPOConfig's default")
+
+
+@dataclass
+class DataCollatorForAnchors:
+    """Pads rows {prompt_ids, anchor_ids: K lists, rejected_ids} into one right-padded batch of B·(K+1) sequences:
+    [K anchors of row 0, ..., K anchors of row B−1, B negatives], with TRL's `completion_mask` and keep-start
+    truncation to `max_length`. Passes on `row_index` and the precomputed `ref_chosen_logps` [B,K] (anchors) and
+    `ref_rejected_logps` [B] (negatives) when the rows have them."""
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        num_anchors = len(examples[0]["anchor_ids"])
+        if any(len(example["anchor_ids"]) != num_anchors for example in examples):
+            raise ValueError(f"every row of a batch needs the same number of anchors; got "
+                             f"{[len(example['anchor_ids']) for example in examples]}")
+        pairs = [(e["prompt_ids"], a) for e in examples for a in e["anchor_ids"]]
+        pairs += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+        keep = slice(None, self.max_length)
+        input_ids = [torch.tensor((p + c)[keep]) for p, c in pairs]
+        completion_mask = [torch.tensor(([0] * len(p) + [1] * len(c))[keep]) for p, c in pairs]
+        attention_mask = [torch.ones_like(ids) for ids in input_ids]
+        kwargs = dict(padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+        batch = {"input_ids": pad(input_ids, padding_value=self.pad_token_id, **kwargs),
+                 "attention_mask": pad(attention_mask, padding_value=0, **kwargs),
+                 "completion_mask": pad(completion_mask, padding_value=0, **kwargs)}
+        if "row_index" in examples[0]:
+            batch["row_index"] = torch.tensor([e["row_index"] for e in examples])
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples])
+        return batch
+
+
+def check_anchor_rows(dataset: Dataset, num_anchors: int, name: str = "train") -> None:
+    """Raise PreferenceDataError naming row and column unless every row has a prompt, a non-empty `rejected` and
+    exactly `num_anchors` anchors in the format of `rejected`."""
+    validate_preference_dataset(dataset, required=("prompt", "rejected"))
+    if "anchors" not in dataset.column_names:
+        raise PreferenceDataError(f"{name} dataset: no 'anchors' column (columns: {dataset.column_names}); build the "
+                                  "anchors first with data_builders.negatives (`prefalign build anchors`)")
+    values = dataset.select_columns(["rejected", "anchors"]).to_dict()
+    problems = []
+    for row, (rejected, anchors) in enumerate(zip(values["rejected"], values["anchors"])):
+        if not isinstance(anchors, list) or len(anchors) != num_anchors:
+            got = f"{len(anchors)} responses" if isinstance(anchors, list) else type(anchors).__name__
+            problems.append(f"row {row}, column 'anchors': expected a list of num_anchors={num_anchors} responses, "
+                            f"got {got}")
+        elif any(isinstance(anchor, str) != isinstance(rejected, str) for anchor in anchors):
+            problems.append(f"row {row}, column 'anchors': anchors must be in the format of 'rejected' "
+                            f"({'strings' if isinstance(rejected, str) else 'lists of messages'})")
+    if problems:
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise PreferenceDataError(f"{len(problems)} of {len(dataset)} rows of the {name} dataset have bad anchors:\n  "
+                                  + "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+                                  + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+def _tokenized(processing_class, prompt: str | list, completion: str | list, eos_token: str) -> list[int]:
+    """Token ids of prompt + completion as TRL's DPOTrainer builds them (chat template, or text + EOS)."""
+    if isinstance(prompt, list):
+        return _tokenize(processing_class, prompt + completion)["input_ids"]
+    completion = completion if completion.endswith(eos_token) else completion + eos_token
+    return _tokenize(processing_class, prompt + completion)["input_ids"]
+
+
+class D2OTrainer(DPOTrainer):
+    """DPOTrainer with the D²O loss: K self-generated anchors per prompt against one human negative (module
+    docstring: batch layout, reference, online refresh and multi-process behaviour)."""
+
+    _tag_names = ["trl", "d2o", "prefalign"]
+    _name = "D2O"
+
+    def __init__(self, model, ref_model=None, args: D2OConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
+        args = D2OConfig("D2O") if args is None else args
+        if not isinstance(args, D2OConfig):
+            raise TypeError(f"D2OTrainer needs a D2OConfig, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("D2OTrainer needs the processing_class (tokenizer) of the model")
+        datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
+        if any(isinstance(d, IterableDataset) for d in datasets):
+            raise TypeError("D2OTrainer needs map-style datasets (anchors are refreshed by row)")
+        if any(d is not None and {"image", "images"} & set(d.column_names) for d in datasets):
+            raise NotImplementedError("D2OTrainer supports text data only; image columns are not supported yet")
+        refresh = args.anchor_refresh_steps > 0
+        if args.precompute_ref_log_probs and refresh and ref_model is None and peft_config is None \
+                and not is_peft_model(model):
+            raise ValueError("precompute_ref_log_probs with online anchors (anchor_refresh_steps > 0) needs a "
+                             "reference for the refreshed anchors: pass a ref_model or a peft_config, or set "
+                             "anchor_refresh_steps=0")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if data_collator is None:
+            data_collator = DataCollatorForAnchors(tokenizer.convert_tokens_to_ids(pad_token), args.max_length,
+                                                   args.pad_to_multiple_of)
+        self._anchor_store: dict[int, dict[str, list]] = {}  # train row → refreshed anchor_ids (+ ref log-probs)
+        self._refresh_events = 0
+        self._refreshed_prompts = 0
+        self._generate_calls = 0
+        super().__init__(model, ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Check the anchors, then tokenise like TRL: `prompt_ids`, `rejected_ids`, `anchor_ids` (K lists) and a
+        `row_index`; rows whose prompt fills `max_length` are dropped and counted."""
+        if "anchor_ids" in dataset.column_names:  # already prepared (evaluate() prepares again)
+            return dataset
+        check_anchor_rows(dataset, args.num_anchors, dataset_name)
+        eos_token = self._tokenizer.eos_token
+
+        def tokenize(row):
+            prompt = row["prompt"]
+            prompt_ids = _tokenize(processing_class, prompt, **({"add_generation_prompt": True} if isinstance(
+                prompt, list) else {}))["input_ids"]
+            full = [_tokenized(processing_class, prompt, c, eos_token) for c in [row["rejected"], *row["anchors"]]]
+            prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full)  # as TRL: where they diverge
+            return {"prompt_ids": prompt_ids[:prompt_len], "rejected_ids": full[0][prompt_len:],
+                    "anchor_ids": [ids[prompt_len:] for ids in full[1:]]}
+
+        with global_then_local_main_first():
+            dataset = dataset.map(tokenize, num_proc=args.dataset_num_proc,
+                                  desc=f"Tokenizing prompts, negatives and anchors of the {dataset_name} dataset")
+            if args.max_length is not None:
+                before = len(dataset)
+                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length,
+                                         num_proc=args.dataset_num_proc)
+                if len(dataset) < before:
+                    logger.warning("dropped %d of %d %s rows whose prompt fills max_length=%d (nothing to train on)",
+                                   before - len(dataset), before, dataset_name, args.max_length)
+            dataset = dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "anchor_ids", "row_index"]
+
+    def _split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence values of a [B·(K+1)] batch → anchors [B,K], negatives [B]."""
+        num_anchors = self.args.num_anchors
+        batch_size = logps.shape[0] // (num_anchors + 1)
+        return logps[: batch_size * num_anchors].view(batch_size, num_anchors), logps[batch_size * num_anchors :]
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Summed reference log-probs (TRL's reference forward: ref model, adapter disabled, autocast) split into
+        anchors [B,K] and negatives [B]; TRL's precompute stores them as `ref_chosen_logps` / `ref_rejected_logps`."""
+        inputs = {k: v for k, v in inputs.items() if k != "row_index"}
+        return self._split(torch.cat(super().compute_ref_log_probs(model, inputs)))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.size(1) - 1
+        anchor_logps, negative_logps = self._split(outputs.log_probs[:, -seq_len:].sum(dim=1))  # summed, not mean
+
+        if self.precompute_ref_logps:
+            ref_anchor_logps, ref_negative_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_model = self.ref_model if self.ref_model is not None else self.model
+            ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(ref_model, inputs)
+
+        losses = d2o_loss(anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, beta=self.beta,
+                          alpha=self.args.alpha)
+        loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+
+        with torch.no_grad():
+            self._log_metrics(mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps,
+                              inputs["attention_mask"])
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_metrics(self, mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, attention_mask):
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        anchor_rewards = (self.beta / anchor_logps.shape[1]) * (anchor_logps - ref_anchor_logps).sum(-1)
+        negative_rewards = self.args.alpha * (negative_logps - ref_negative_logps)
+        gap = anchor_rewards - negative_rewards
+        per_prompt = {"rewards/anchors": anchor_rewards, "rewards/negative": negative_rewards, "rewards/gap": gap,
+                      "rewards/accuracies": (gap > 0).float(), "logps/anchors": anchor_logps.mean(-1),
+                      "logps/negative": negative_logps}
+        for name, value in per_prompt.items():
+            metrics[name].append(gather(value.detach().float()).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
+            refreshed = gather(torch.tensor([self._refreshed_prompts], device=attention_mask.device)).sum().item()
+            metrics["anchors/refreshes"] = [self._refresh_events]
+            metrics["anchors/refreshed_prompts"] = [refreshed]
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    # ---- online anchors -----------------------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Refresh the batch's anchors from the current policy when due, and train on the latest anchors."""
+        args = self.args
+        step = self.state.global_step
+        due = args.anchor_refresh_steps and step >= args.anchor_warmup_steps \
+            and (step - args.anchor_warmup_steps) % args.anchor_refresh_steps == 0
+        if "row_index" not in inputs:
+            if due:
+                raise ValueError("online anchors need the batch's `row_index` (set by D2OTrainer's dataset and "
+                                 "collator); a custom data_collator must pass it on, or set anchor_refresh_steps=0")
+            return super().training_step(model, inputs, num_items_in_batch)
+        rows = inputs["row_index"].tolist()
+        if due:
+            self._refresh_anchors(rows)
+        if any(row in self._anchor_store for row in rows):
+            inputs = self._collate_rows(rows)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _collate_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """A batch of these train rows, with refreshed anchors (and their reference log-probs) where there are."""
+        data = self.train_dataset[rows]
+        examples = []
+        for i, row in enumerate(rows):
+            stored = self._anchor_store.get(row, {})
+            example = {"prompt_ids": data["prompt_ids"][i], "rejected_ids": data["rejected_ids"][i],
+                       "anchor_ids": stored.get("anchor_ids", data["anchor_ids"][i]), "row_index": row}
+            if self.precompute_ref_logps:
+                example["ref_chosen_logps"] = stored.get("ref_chosen_logps", data["ref_chosen_logps"][i])
+                example["ref_rejected_logps"] = data["ref_rejected_logps"][i]
+            examples.append(example)
+        return self.data_collator(examples)
+
+    def _refresh_anchors(self, rows: list[int]) -> None:
+        """Sample K anchors per prompt of these rows from the current policy and store their token ids."""
+        args = self.args
+        data = self.train_dataset[rows]
+        self._generate_calls += 1
+        seed = hash((args.seed, self.accelerator.process_index, self._generate_calls)) % 2**63
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as policy:
+            texts = generate(policy, self.processing_class, data["prompt"], num_return_sequences=args.num_anchors,
+                             max_new_tokens=args.anchor_max_new_tokens, temperature=args.anchor_temperature,
+                             top_p=args.anchor_top_p, batch_size=args.anchor_generation_batch_size, seed=seed,
+                             instruction=args.anchor_instruction, progress=False)
+        kept, lengths = 0, []
+        for i, row in enumerate(rows):
+            prompt, prompt_ids, rejected = data["prompt"][i], data["prompt_ids"][i], data["rejected"][i]
+            current = self._anchor_store.get(row, {}).get("anchor_ids", data["anchor_ids"][i])
+            anchor_ids = []
+            for old, text in zip(current, texts[i]):
+                completion = text if isinstance(rejected, str) else [{"role": "assistant", "content": text}]
+                ids = _tokenized(self.processing_class, prompt, completion, self._tokenizer.eos_token)
+                if ids[: len(prompt_ids)] != prompt_ids:  # a token merged across the prompt's end: keep the old one
+                    kept += 1
+                    anchor_ids.append(old)
+                else:
+                    anchor_ids.append(ids[len(prompt_ids) :])
+                    lengths.append(len(anchor_ids[-1]))
+            self._anchor_store[row] = {"anchor_ids": anchor_ids}
+        if self.precompute_ref_logps:  # the stored reference log-probs belong to the old anchors
+            batch = self._prepare_inputs(self._collate_rows(rows))
+            ref_model = self.ref_model if self.ref_model is not None else self.model
+            ref_anchor_logps, _ = self.compute_ref_log_probs(ref_model, {k: v for k, v in batch.items()
+                                                                         if not k.startswith("ref_")})
+            for row, logps in zip(rows, ref_anchor_logps.tolist()):
+                self._anchor_store[row]["ref_chosen_logps"] = logps
+        self._refresh_events += 1
+        self._refreshed_prompts = len(self._anchor_store)
+        logger.info("step %d, rank %d: sampled %d anchors for %d prompt(s) from the current policy (mean %.1f tokens)",
+                    self.state.global_step, self.accelerator.process_index, args.num_anchors * len(rows), len(rows),
+                    sum(lengths) / max(len(lengths), 1))
+        if kept:
+            logger.warning("step %d: %d sampled anchor(s) did not tokenize after their prompt's tokens and were not "
+                           "replaced (the old anchor is kept)", self.state.global_step, kept)

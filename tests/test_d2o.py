@@ -1,0 +1,327 @@
+"""D²O (METHODS.md §3) against independent computations: the loss by hand in float64, TRL's own DPO for K = 1 and
+α = β, a float64 brute force from full logits through the trainer, PEFT and precomputed references, online anchor
+refresh, the recipe in 1 and 2 processes, and (slow) the embedded model learning to avoid held-out negatives."""
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, log_history
+from datasets import Dataset
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer
+
+import prefalign.trainers.d2o as d2o_module
+from prefalign.data import PreferenceDataError, load_preference_dataset
+from prefalign.losses import d2o_loss
+from prefalign.models import load_model, load_processing_class
+from prefalign.trainers.d2o import D2OConfig, D2OTrainer
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+              per_device_train_batch_size=2, logging_steps=1, seed=0, train_sampling_strategy="sequential")
+
+
+def _logsigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# ---- the loss -------------------------------------------------------------------------------------------------
+
+
+def test_loss_by_hand_k1_and_k3_with_unequal_lengths():
+    """Per-token log-probs of responses of different lengths, summed by hand, then METHODS.md §3 in plain floats."""
+    beta, alpha = 0.3, 0.2
+    # prompt 0: K = 3 anchors of 2, 4 and 1 tokens; negative of 3 tokens. prompt 1: other values.
+    policy_tokens = [[[-1.0, -2.0], [-0.5, -0.5, -1.5, -0.25], [-3.0]], [[-0.1, -0.2], [-2.0], [-1.0, -1.0, -1.0]]]
+    ref_tokens = [[[-1.5, -1.0], [-1.0, -0.5, -1.0, -1.0], [-2.0]], [[-0.3, -0.2], [-1.0], [-1.5, -1.0, -0.5]]]
+    policy_negative_tokens = [[-2.0, -1.0, -0.5], [-0.2, -0.1]]
+    ref_negative_tokens = [[-1.0, -1.0, -1.0], [-0.4, -0.4]]
+    expected = []
+    for b in range(2):
+        anchor_sum = sum(sum(p) - sum(r) for p, r in zip(policy_tokens[b], ref_tokens[b]))
+        logit = beta / 3 * anchor_sum - alpha * (sum(policy_negative_tokens[b]) - sum(ref_negative_tokens[b]))
+        expected.append(-_logsigmoid(logit))
+    as_sums = lambda nested: torch.tensor([[sum(x) for x in row] for row in nested], dtype=torch.float64)  # noqa: E731
+    negative_sums = lambda rows: torch.tensor([sum(r) for r in rows], dtype=torch.float64)  # noqa: E731
+    got = d2o_loss(as_sums(policy_tokens), as_sums(ref_tokens), negative_sums(policy_negative_tokens),
+                   negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the trap: β/K times the MEAN (dividing by K twice) gives another value
+    twice = d2o_loss(as_sums(policy_tokens) / 3, as_sums(ref_tokens) / 3, negative_sums(policy_negative_tokens),
+                     negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
+    assert (twice - got).abs().min() > 1e-3
+
+    # K = 1: −logsigmoid(β·lr_anchor − α·lr_negative) exactly
+    got = d2o_loss(torch.tensor([[-4.0]], dtype=torch.float64), torch.tensor([[-5.0]], dtype=torch.float64),
+                   torch.tensor([-2.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64), beta, alpha)
+    assert got.item() == pytest.approx(-_logsigmoid(beta * 1.0 - alpha * (-1.0)), abs=1e-14)
+
+
+def test_loss_gradcheck_and_shapes():
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
+              for shape in ((3, 4), (3, 4), (3,), (3,))]
+    assert torch.autograd.gradcheck(lambda *x: d2o_loss(*x, beta=0.7, alpha=0.4), inputs)
+    with pytest.raises(ValueError, match=r"\[B, K\]"):
+        d2o_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\[B\] = \(3,\)"):
+        d2o_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(2), torch.zeros(3))
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_processing_class("tiny-causal-lm")
+
+
+@pytest.fixture(scope="module")
+def source():
+    return load_preference_dataset("wordnet-definitions", split="train").select(range(4))
+
+
+def _with_anchors(source, k: int) -> Dataset:
+    """Rows {prompt, rejected, anchors}: the true definition, then short and long other texts (unequal lengths)."""
+    extra = [[{"role": "assistant", "content": "A thing."}],
+             [{"role": "assistant", "content": "Something said at length, over many more words than the others, and then more words again, to be sure."}]]
+    return Dataset.from_list([{"prompt": r["prompt"], "rejected": r["rejected"], "anchors": [r["chosen"], *extra][:k]}
+                              for r in source])
+
+
+def _perturbed(model, seed=1, scale=0.05):
+    """A copy of ``model`` with noise on every weight, so policy and reference differ."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _d2o(tmp_path, dataset, tokenizer, model=None, ref=None, **config):
+    model = model if model is not None else _perturbed(load_model("tiny-causal-lm"))
+    ref = ref if ref is not None else load_model("tiny-causal-lm")
+    args = D2OConfig(output_dir=str(tmp_path / "d2o"), **{"anchor_refresh_steps": 0, **COMMON, **config})
+    return D2OTrainer(model, ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+def _first_batch(trainer):
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_k1_alpha_equal_beta_is_trl_dpo_with_the_anchor_as_chosen(tmp_path, source, tokenizer):
+    """K = 1 and α = β: D²O's loss is DPO's sigmoid loss with the anchor as chosen, computed by TRL itself."""
+    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    d2o = _d2o(tmp_path, _with_anchors(source, 1), tokenizer, policy, ref, num_anchors=1, beta=0.3, alpha=0.3,
+               per_device_train_batch_size=4)
+    pairs = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                               for r in source])
+    dpo_args = DPOConfig(output_dir=str(tmp_path / "dpo"), beta=0.3, **{**COMMON, "per_device_train_batch_size": 4},)
+    dpo = DPOTrainer(policy, ref, args=dpo_args, train_dataset=pairs, processing_class=tokenizer)
+    batch = _first_batch(d2o)
+    dpo_batch = _first_batch(dpo)
+    assert torch.equal(batch["input_ids"], dpo_batch["input_ids"])  # K = 1: exactly DPO's [chosen; rejected]
+    assert torch.equal(batch["completion_mask"], dpo_batch["completion_mask"])
+    with torch.no_grad():
+        expected = dpo._compute_loss(dpo.model, dpo_batch, return_outputs=False)
+        got = d2o._compute_loss(d2o.model, batch, return_outputs=False)
+    assert abs(expected.item() - math.log(2)) > 1e-3  # policy and reference really differ
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def _brute_force_loss(policy, ref, batch, k, beta, alpha) -> torch.Tensor:
+    """METHODS.md §3 from full logits in float64, sequence by sequence, summing completion-token log-probs."""
+    def sequence_logps(model, row):
+        length = int(batch["attention_mask"][row].sum())
+        ids = batch["input_ids"][row, :length].unsqueeze(0)
+        logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+        token_logps = logits.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+        return (token_logps * batch["completion_mask"][row, 1:length]).sum()
+
+    n = batch["input_ids"].shape[0] // (k + 1)
+    losses = []
+    for b in range(n):
+        anchor = sum(sequence_logps(policy, b * k + i) - sequence_logps(ref, b * k + i).detach() for i in range(k))
+        negative = sequence_logps(policy, n * k + b) - sequence_logps(ref, n * k + b).detach()
+        losses.append(-torch.nn.functional.logsigmoid(beta / k * anchor - alpha * negative))
+    return torch.stack(losses).mean()
+
+
+def test_k3_loss_and_gradients_match_a_float64_brute_force_in_one_forward(tmp_path, source, tokenizer):
+    policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    trainer = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3, beta=0.7, alpha=0.4)
+    batch = _first_batch(trainer)
+    assert batch["input_ids"].shape[0] == 2 * 4  # B·(K+1) sequences
+    lengths = batch["completion_mask"].sum(-1)
+    assert len(set(lengths[:3].tolist())) == 3  # the anchors of a prompt really have unequal lengths
+
+    calls = {"policy": 0, "ref": 0}
+    hooks = [policy.register_forward_pre_hook(lambda *_: calls.__setitem__("policy", calls["policy"] + 1)),
+             ref.register_forward_pre_hook(lambda *_: calls.__setitem__("ref", calls["ref"] + 1))]
+    got = trainer.compute_loss(trainer.model, batch)
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"policy": 1, "ref": 1}  # one batched forward each for all K anchors and the negative
+    got.backward()
+    got_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    expected = _brute_force_loss(policy, ref, batch, 3, beta=0.7, alpha=0.4)
+    expected.backward()
+    assert abs(got.item() - expected.item()) < 1e-5
+    for got_grad, p in zip(got_grads, policy.parameters()):
+        torch.testing.assert_close(got_grad, p.grad.float(), rtol=1e-3, atol=1e-6)
+
+
+def test_precomputed_reference_gives_the_same_loss(tmp_path, source, tokenizer):
+    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    live = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3)
+    pre = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3, precompute_ref_log_probs=True)
+    assert len(pre.train_dataset[0]["ref_chosen_logps"]) == 3  # TRL's precompute column holds the K anchors
+    batch, pre_batch = _first_batch(live), _first_batch(pre)
+    assert pre_batch["ref_chosen_logps"].shape == (2, 3) and pre_batch["ref_rejected_logps"].shape == (2,)
+    with torch.no_grad():
+        torch.testing.assert_close(pre.compute_loss(pre.model, pre_batch), live.compute_loss(live.model, batch))
+
+
+def test_peft_reference_is_the_base_model_and_training_moves(tmp_path, source, tokenizer):
+    args = D2OConfig(output_dir=str(tmp_path / "peft"), max_steps=3, learning_rate=5e-3, num_anchors=2,
+                     anchor_refresh_steps=0, **COMMON)
+    trainer = D2OTrainer(load_model("tiny-causal-lm"), args=args, train_dataset=_with_anchors(source, 2),
+                         processing_class=tokenizer, peft_config=LoraConfig(r=8, target_modules="all-linear"))
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy = reference
+    assert logs[0]["rewards/gap"] == 0.0 and logs[-1]["rewards/gap"] > 0
+    assert logs[-1]["rewards/gap"] == pytest.approx(logs[-1]["rewards/anchors"] - logs[-1]["rewards/negative"])
+
+
+def test_online_refresh_samples_the_batch_prompts_from_the_policy(tmp_path, source, tokenizer, monkeypatch):
+    """From the warm-up on, each step's prompts get K anchors from generate(current policy); the batch trains on them,
+    and precomputed reference log-probs are recomputed for them (same losses as a live reference)."""
+    calls = []
+
+    def fake_generate(model, processing_class, prompts, num_return_sequences, **kwargs):
+        calls.append((model, list(prompts), num_return_sequences, kwargs["seed"]))
+        return [[f"Fresh anchor {len(calls)}.{i}.{j}" for j in range(num_return_sequences)]
+                for i in range(len(prompts))]
+
+    monkeypatch.setattr(d2o_module, "generate", fake_generate)
+    losses = {}
+    for precompute in (False, True):
+        calls.clear()
+        policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+        trainer = _d2o(tmp_path, _with_anchors(source, 2), tokenizer, policy, ref, num_anchors=2, max_steps=4,
+                       anchor_warmup_steps=2, anchor_refresh_steps=1, learning_rate=1e-3,
+                       precompute_ref_log_probs=precompute)
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        losses[precompute] = [e["loss"] for e in logs]
+        assert [c[0] for c in calls] == [policy, policy]  # sampled from the policy being trained, steps 3 and 4
+        assert [c[1] for c in calls] == [list(source["prompt"][:2]), list(source["prompt"][2:])]
+        assert [c[2] for c in calls] == [2, 2] and calls[0][3] != calls[1][3]
+        assert [e["anchors/refreshes"] for e in logs] == [0, 0, 1, 2]
+        assert [e["anchors/refreshed_prompts"] for e in logs] == [0, 0, 2, 4]
+        batch = trainer._collate_rows([0, 1])
+        texts = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"][:4],
+                                                                           batch["completion_mask"][:4])]
+        assert texts == [f"Fresh anchor 1.{i}.{j}<|im_end|>\n" for i in range(2) for j in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_bad_anchors_are_named_by_row_and_column(tmp_path, source, tokenizer):
+    rows = _with_anchors(source, 2).to_list()
+    rows[2]["anchors"] = rows[2]["anchors"][:1]
+    with pytest.raises(PreferenceDataError, match=r"1 of 4 rows.*\n  row 2, column 'anchors': expected a list of "
+                                                  r"num_anchors=2 responses, got 1 responses$"):
+        _d2o(tmp_path, Dataset.from_list(rows), tokenizer, num_anchors=2)
+    strings = [{**row, "prompt": "Q?", "rejected": "No."} for row in _with_anchors(source, 2).to_list()]
+    with pytest.raises(PreferenceDataError, match=r"row 0, column 'anchors': anchors must be in the format of "
+                                                  r"'rejected' \(strings\)"):
+        _d2o(tmp_path, Dataset.from_list(strings), tokenizer, num_anchors=2)
+    with pytest.raises(PreferenceDataError, match="no 'anchors' column"):
+        _d2o(tmp_path, source, tokenizer, num_anchors=2)
+
+
+def test_config_refuses_dpo_loss_options():
+    with pytest.raises(ValueError, match="loss_type"):
+        D2OConfig(output_dir="unused", bf16=False, loss_type=["ipo"])
+    with pytest.raises(ValueError, match="num_anchors must be ≥ 1"):
+        D2OConfig(output_dir="unused", bf16=False, num_anchors=0)
+
+
+# ---- the recipe -------------------------------------------------------------------------------------------------
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
+               "--max_train_samples", "8", "--train_sampling_strategy", "sequential", "--warmup_steps", "0",
+               "--learning_rate", "1e-2", "--anchor_max_new_tokens", "6", "--anchor_warmup_steps", "1",
+               "--anchor_refresh_steps", "1"]
+
+
+@pytest.mark.multiproc
+def test_recipe_in_two_processes(tmp_path):
+    """2 processes × 2 prompts: anchors built once (main process), the first step equals 1 process × 4 prompts, then
+    each rank samples online anchors for its own prompts."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "recipes/d2o.py", *RECIPE_ARGS, "--per_device_train_batch_size", "4",
+                    "--output_dir", str(single)], cwd=REPO, check=True)
+    (double / "anchors").mkdir(parents=True)  # same anchors: the sampling seeds are equal, but reuse is the point
+    for name in ("train.jsonl", "train.jsonl.settings"):
+        (double / "anchors" / name).write_bytes((single / "anchors" / name).read_bytes())
+    subprocess.run([ACCELERATE, "launch", "--config_file", "recipes/accelerate/ddp.yaml", "recipes/d2o.py",
+                    *RECIPE_ARGS, "--per_device_train_batch_size", "2", "--output_dir", str(double)],
+                   cwd=REPO, check=True)
+    one = [e for e in log_history(single) if "loss" in e]
+    two = [e for e in log_history(double) if "loss" in e]
+    assert (double / "anchors" / "train.jsonl").read_bytes() == (single / "anchors" / "train.jsonl").read_bytes()
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
+    assert two[0]["rewards/gap"] == pytest.approx(one[0]["rewards/gap"], abs=1e-5)
+    assert [e["anchors/refreshes"] for e in two] == [0, 1, 2]
+    assert [e["anchors/refreshed_prompts"] for e in two] == [0, 4, 8]  # 2 ranks × 2 prompts per refresh
+    assert (double / "adapter_model.safetensors").is_file()
+
+
+# ---- the embedded model -----------------------------------------------------------------------------------------
+
+
+def _negative_logps(model, tokenizer, rows) -> float:
+    """Mean summed log-prob of each row's `rejected` answer given its prompt."""
+    total = 0.0
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["rejected"], tokenize=False)
+        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+        total += logps[prompt_len - 1 :].sum().item()
+    return total / len(rows)
+
+
+@pytest.mark.slow
+def test_d2o_steps_lower_the_log_prob_of_held_out_negatives(tmp_path):
+    tokenizer = load_processing_class("smollm2-135m-instruct")
+    train = load_preference_dataset("wordnet-definitions", split="train").select(range(8))
+    held_out = load_preference_dataset("wordnet-definitions", split="test").select(range(8))
+    # anchors: two true-style short answers per prompt would leak the positive; sample them from the model instead
+    from data_builders.negatives import build_anchors
+
+    model = load_model("smollm2-135m-instruct")
+    dataset = build_anchors(train, tmp_path / "anchors.jsonl", model=model, processing_class=tokenizer,
+                            num_anchors=2, max_new_tokens=24, progress=False)
+    before = _negative_logps(model, tokenizer, held_out)
+    args = D2OConfig(output_dir=str(tmp_path / "smol"), max_steps=6, learning_rate=5e-4, num_anchors=2,
+                     max_length=256, anchor_refresh_steps=0, **{**COMMON, "per_device_train_batch_size": 4})
+    trainer = D2OTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    trainer.train()
+    trained = trainer.model.eval()
+    after = _negative_logps(trained, tokenizer, held_out)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs[-1]["rewards/gap"] > logs[0]["rewards/gap"]
+    assert after < before - 1.0  # nats per held-out negative, summed over its tokens
