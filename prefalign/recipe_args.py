@@ -57,8 +57,9 @@ def resume_checkpoint(value: str | None) -> str | bool | None:
 
 
 def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_length: int | None = None,
-                         with_eval: bool = True) -> tuple:
-    """Load, subsample and validate the train (and, if ``with_eval``, test) splits named by ``data_args``.
+                         with_eval: bool = True, required: tuple[str, ...] = ("prompt", "chosen", "rejected")) -> tuple:
+    """Load, subsample and validate the train (and, if ``with_eval``, test) splits named by ``data_args``; the
+    ``required`` columns must be present.
 
     Validation runs before any training: bad rows raise an error naming row and column, or are dropped and
     counted when ``data_args.drop_invalid`` is set.
@@ -74,5 +75,34 @@ def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_le
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
         loaded.append(validate_preference_dataset(dataset, processing_class, max_length=max_length,
-                                                  drop_invalid=data_args.drop_invalid))
+                                                  drop_invalid=data_args.drop_invalid, required=required))
     return tuple(loaded) if with_eval else (loaded[0], None)
+
+
+def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
+    """(model, ref_model, processing_class, peft_config) for a preference recipe.
+
+    With LoRA (``--use_peft``) the reference is the base model with the adapter disabled, so ``ref_model`` is None;
+    otherwise a frozen copy is loaded when ``need_reference`` (not when reference log-probs are precomputed).
+    """
+    from trl import get_peft_config
+
+    from prefalign.models import load_model, load_processing_class
+
+    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
+    processing_class = load_processing_class(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, **model_kwargs)
+    peft_config = get_peft_config(model_args)
+    needs_copy = peft_config is None and need_reference
+    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if needs_copy else None
+    return model, ref_model, processing_class, peft_config
+
+
+def train_and_save(trainer):
+    """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` and say what was saved."""
+    args = trainer.args
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint))
+    trainer.save_model(args.output_dir)
+    kind = "LoRA adapter" if hasattr(trainer.model, "peft_config") else "model"
+    trainer.accelerator.print(f"Saved the trained {kind} to {args.output_dir}")
+    return trainer

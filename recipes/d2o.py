@@ -19,22 +19,17 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Dataset
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from data_builders.negatives import build_anchors
-from prefalign.data import load_preference_dataset, validate_preference_dataset
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer
-
-
-def load_negatives(data_args: DataArguments, split: str, limit: int | None, processing_class, max_length) -> Dataset:
-    """One split of prompts with human negatives, subsampled and validated (bad rows named, or dropped and counted)."""
-    dataset = load_preference_dataset(data_args.dataset_name, split=split)
-    if limit is not None:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return validate_preference_dataset(dataset, processing_class, max_length=max_length,
-                                       drop_invalid=data_args.drop_invalid, required=("prompt", "rejected"))
 
 
 def with_anchors(dataset: Dataset, split: str, model, processing_class, args: D2OConfig) -> Dataset:
@@ -53,24 +48,19 @@ def with_anchors(dataset: Dataset, split: str, model, processing_class, args: D2
 def main(argv: list[str] | None = None) -> D2OTrainer:
     data_args, training_args, model_args = parse_recipe_args((DataArguments, D2OConfig, ModelConfig), "d2o", argv)
 
-    # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy.
-    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, **model_kwargs).to(PartialState().device)
-    peft_config = get_peft_config(model_args)
-    needs_ref = peft_config is None and not (training_args.precompute_ref_log_probs
-                                             and training_args.anchor_refresh_steps == 0)
-    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if needs_ref else None
+    # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy (not
+    # needed when reference log-probs are precomputed and anchors never refreshed).
+    model, ref_model, processing_class, peft_config = load_policy_and_reference(
+        model_args, need_reference=not (training_args.precompute_ref_log_probs
+                                        and training_args.anchor_refresh_steps == 0))
+    model = model.to(PartialState().device)
 
     # Data: negatives validated first, then anchors sampled from the untrained model (= the reference).
-    max_length = training_args.max_length
-    train_dataset = load_negatives(data_args, data_args.dataset_train_split, data_args.max_train_samples,
-                                   processing_class, max_length)
+    with_eval = training_args.eval_strategy != "no"
+    train_dataset, eval_dataset = load_recipe_datasets(data_args, processing_class, training_args.max_length,
+                                                       with_eval, required=("prompt", "rejected"))
     train_dataset = with_anchors(train_dataset, data_args.dataset_train_split, model, processing_class, training_args)
-    eval_dataset = None
-    if training_args.eval_strategy != "no":
-        eval_dataset = load_negatives(data_args, data_args.dataset_test_split, data_args.max_eval_samples,
-                                      processing_class, max_length)
+    if eval_dataset is not None:
         eval_dataset = with_anchors(eval_dataset, data_args.dataset_test_split, model, processing_class,
                                     training_args)
 
@@ -83,11 +73,7 @@ def main(argv: list[str] | None = None) -> D2OTrainer:
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
-from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
+from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from data_builders.delta import DEFAULT_LADDER, build_delta_pairs
 from prefalign.data import load_preference_dataset, validate_preference_dataset
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 
 
 @dataclass
@@ -64,11 +69,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         (DataArguments, DeltaArguments, DPOConfig, ModelConfig), "delta_dpo", argv)
 
     # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy.
-    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, **model_kwargs)
-    peft_config = get_peft_config(model_args)
-    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if peft_config is None else None
+    model, ref_model, processing_class, peft_config = load_policy_and_reference(model_args)
 
     # Data: pairs generated once by the ladder (the untrained policy is reused when it is a rung), then validated.
     with_eval = training_args.eval_strategy != "no"
@@ -92,11 +93,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from trl import ModelConfig, get_peft_config
 from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
-from prefalign.recipe_args import DataArguments, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import DataArguments, parse_recipe_args, train_and_save
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
 
 
@@ -69,16 +69,13 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
     counts = ", ".join(f"{n} {kind}" for kind, n in pair_kind_counts(train_dataset).items())
     trainer.accelerator.print(f"Training on {len(train_dataset)} cross-prompt pairs: {counts}")
 
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    train_and_save(trainer)
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.accelerator.print("Held-out: " + ", ".join(
             f"{k.removeprefix('eval_')} {metrics[k]:.3f}" for k in ("eval_auc", "eval_win_accuracy",
                                                                     "eval_tie_abs_diff", "eval_good_reward_std")))
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Saved the reward model to {training_args.output_dir}")
     return trainer
-
 
 if __name__ == "__main__":
     main()

@@ -10,10 +10,15 @@ untagged pairs (phrases come from a token diff). Image columns (`images`) and vi
 the model's processor. Defaults: recipes/configs/rrpo.yaml. Output: a LoRA adapter (or full model) in output_dir.
 """
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
 
 
@@ -21,11 +26,7 @@ def main(argv: list[str] | None = None) -> RRPOTrainer:
     data_args, training_args, model_args = parse_recipe_args((DataArguments, RRPOConfig, ModelConfig), "rrpo", argv)
 
     # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy.
-    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, **model_kwargs)
-    peft_config = get_peft_config(model_args)
-    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if peft_config is None else None
+    model, ref_model, processing_class, peft_config = load_policy_and_reference(model_args)
 
     # Data: validated before training; phrases are aligned with tokens inside the trainer (unaligned pairs reported).
     with_eval = training_args.eval_strategy != "no"
@@ -40,11 +41,7 @@ def main(argv: list[str] | None = None) -> RRPOTrainer:
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":
