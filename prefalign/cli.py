@@ -21,6 +21,7 @@ BUILDERS = {
     "cross-prompt": "data_builders.cross_prompt",
     "delta": "data_builders.delta",
     "phrases": "data_builders.phrases",
+    "verdicts": "data_builders.verdicts",
     "wordnet-definitions": "data_builders.wordnet_definitions",
 }
 

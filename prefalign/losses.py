@@ -160,3 +160,121 @@ def d2o_loss(
     anchor_term = (beta / num_anchors) * (policy_anchor_logps - ref_anchor_logps).sum(-1)
     negative_term = alpha * (policy_negative_logps - ref_negative_logps)
     return -F.logsigmoid(anchor_term - negative_term)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairwise-RL — METHODS.md §5
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pairwise_reward(logits_fwd: torch.Tensor, logits_bwd: torch.Tensor) -> torch.Tensor:
+    """Position-consistent pairwise reward of y against an anchor y*, in [0, 1]: verdict logits [B,2], [B,2] → [B].
+
+    Pairwise-RL (arXiv:2504.04950, METHODS.md §5): with P(#1 ≻ #2) = sigmoid(z_first − z_second) from the two verdict
+    logits (columns: first-better, second-better),
+        r(y) = ½ · [ P(y ≻ y* | order (y, y*)) + 1 − P(y* ≻ y | order (y*, y)) ]
+    where ``logits_fwd`` shows y first and ``logits_bwd`` shows the anchor y* first. A response against itself gives
+    exactly ½ when the RM is position-consistent (the same logits in both orders).
+    """
+    if logits_fwd.dim() != 2 or logits_fwd.shape[-1] != 2 or logits_bwd.shape != logits_fwd.shape:
+        raise ValueError(f"pairwise_reward: verdict logits must both be [B, 2], got {tuple(logits_fwd.shape)} and "
+                         f"{tuple(logits_bwd.shape)}")
+    dtype = _float_dtype(logits_fwd.dtype)
+    p_fwd = torch.sigmoid(logits_fwd[:, 0].to(dtype) - logits_fwd[:, 1].to(dtype))
+    p_bwd = torch.sigmoid(logits_bwd[:, 0].to(dtype) - logits_bwd[:, 1].to(dtype))
+    return 0.5 * (p_fwd + 1.0 - p_bwd)
+
+
+def round_robin_rewards(pair_rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Each completion's mean pairwise reward against the other K − 1 completions of its prompt: [G, K·(K−1)/2] → [G, K].
+
+    ``pair_rewards[g, p]`` is r(y_i vs y_j) (``pairwise_reward`` with y_i first in the forward order) for the p-th
+    pair i < j of ``itertools.combinations(range(K), 2)``; r(y_j vs y_i) = 1 − r(y_i vs y_j) for that position-
+    consistent score, so only these K·(K−1)/2 pairs are judged and the mean reward of every group is exactly ½.
+    """
+    k = num_generations
+    if k < 2 or pair_rewards.dim() != 2 or pair_rewards.shape[1] != k * (k - 1) // 2:
+        raise ValueError(f"round_robin_rewards: expected [G, {k * (k - 1) // 2}] pair rewards for K={k}, got "
+                         f"{tuple(pair_rewards.shape)}")
+    first, second = torch.triu_indices(k, k, offset=1, device=pair_rewards.device)  # combinations order
+    wins = pair_rewards.new_zeros(pair_rewards.shape[0], k, k)
+    wins[:, first, second] = pair_rewards
+    wins[:, second, first] = 1.0 - pair_rewards
+    return wins.sum(-1) / (k - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Margin-disentangled objectives (gradient entanglement) — METHODS.md §4
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pngd_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_grad_norms: torch.Tensor,
+    rejected_grad_norms: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """Pairwise normalised gradient descent per pair: summed log-probs [B] and gradient norms [B] → [B].
+
+    Gradient entanglement (arXiv:2410.13828, METHODS.md §4(a)). The VALUE is DPO's −logsigmoid(β·z) with
+    z = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)); the GRADIENT is −c·(g_w/‖g_w‖ − g_l/‖g_l‖)
+    with c = −m′ = β·sigmoid(−β·z), g = ∇ log π(y), ‖g‖ the given norms (treated as constants), so a descent step moves
+    along c·(g_w/‖g_w‖ − g_l/‖g_l‖). To first order Δ log π(y_w) = η·c·‖g_w‖·(1 − cos) ≥ 0 and
+    Δ log π(y_l) = −η·c·‖g_l‖·(1 − cos) ≤ 0. Norms are clamped at 1e-12.
+    """
+    z = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    value = -F.logsigmoid(beta * z)
+    c = (beta * torch.sigmoid(-beta * z)).detach()
+    direction = policy_chosen_logps / chosen_grad_norms.detach().clamp_min(1e-12) \
+        - policy_rejected_logps / rejected_grad_norms.detach().clamp_min(1e-12)
+    surrogate = -c * direction
+    return value.detach() + surrogate - surrogate.detach()
+
+
+def masked_margin_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO loss over a token mask per pair: per-token log-probs and mask weights [B,T+] / [B,T−] → [B].
+
+    Sparsity-regularised token masking (arXiv:2410.13828, METHODS.md §4(b)): r(y) = Σ_t m_t·lr_t with
+    lr_t = log π_θ − log π_ref, and L = −logsigmoid(β·(r(y_w) − r(y_l))). A mask of 1 on every response token is DPO;
+    a sparse mask (the tokens where the two responses differ) leaves out the shared tokens that entangle the two
+    gradients. The λ‖m‖₁ penalty of a learned mask is constant for a fixed mask and is therefore not part of this loss.
+    """
+    for name, logps, ref, mask in (("chosen", policy_chosen_logps, ref_chosen_logps, chosen_mask),
+                                   ("rejected", policy_rejected_logps, ref_rejected_logps, rejected_mask)):
+        if not logps.shape == ref.shape == mask.shape:
+            raise ValueError(f"masked_margin_loss: {name} shapes differ: policy {tuple(logps.shape)}, "
+                             f"ref {tuple(ref.shape)}, mask {tuple(mask.shape)}")
+    chosen_reward = (chosen_mask * (policy_chosen_logps - ref_chosen_logps)).sum(-1)
+    rejected_reward = (rejected_mask * (policy_rejected_logps - ref_rejected_logps)).sum(-1)
+    return -F.logsigmoid(beta * (chosen_reward - rejected_reward))
+
+
+def anchored_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    chosen_anchor: float = 0.0,
+    rejected_anchor: float = 0.0,
+) -> torch.Tensor:
+    """Separate anchored terms per pair: summed log-probs [B] → [B].
+
+    METHODS.md §4(c) (arXiv:2410.13828): L = −logsigmoid(β·Σlr(y_w) − γ_w) − logsigmoid(−β·Σlr(y_l) − γ_l), so that
+    "chosen up" and "rejected down" are each specified on their own rather than only through their gap. With
+    γ_w = γ_l = 0 (the defaults) this is TRL 1.16's `loss_type="bco_pair"`.
+    """
+    chosen_term = F.logsigmoid(beta * (policy_chosen_logps - ref_chosen_logps) - chosen_anchor)
+    rejected_term = F.logsigmoid(-beta * (policy_rejected_logps - ref_rejected_logps) - rejected_anchor)
+    return -chosen_term - rejected_term

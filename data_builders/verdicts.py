@@ -1,0 +1,85 @@
+"""Verdict examples for a pairwise generative reward model (Pairwise-RL, METHODS.md §5), from any preference data.
+
+    prefalign build verdicts --dataset wordnet-definitions --output verdicts.jsonl
+    python -m data_builders.verdicts --dataset pairs.jsonl --split train --output verdicts/train.jsonl
+
+Every pair (prompt, chosen, rejected) gives TWO rows, next to each other: chosen shown first with the verdict "1",
+then rejected shown first with the verdict "2" (labels swapped), so the RM learns to be order-consistent. Each row is
+a conversational prompt-completion example for SFT: `prompt` = the judge conversation, `completion` = the assistant's
+verdict; `verdict`, `pair_index` (the source row), `chosen_first`, `question`, `response_1`, `response_2` are kept for
+evaluation. Rows are validated first (missing columns, empty completions, chosen == rejected name row and column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from datasets import Dataset
+
+from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.judges.judge import message_text
+from prefalign.trainers.pairwise_rm import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
+
+logger = logging.getLogger("data_builders.verdicts")
+
+
+def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, drop_invalid: bool = False) -> Dataset:
+    """Two verdict rows per preference pair (chosen first → "1", rejected first → "2"), in the pairs' order."""
+    dataset = validate_preference_dataset(dataset, drop_invalid=drop_invalid)
+
+    def both_orders(batch: dict, indices: list[int]) -> dict:
+        out: dict[str, list] = {k: [] for k in ("prompt", "completion", "verdict", "pair_index", "chosen_first",
+                                                "question", "response_1", "response_2")}
+        for index, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
+            question, chosen, rejected = message_text(prompt), message_text(chosen), message_text(rejected)
+            for first, second, verdict in ((chosen, rejected, VERDICT_LABELS[0]), (rejected, chosen, VERDICT_LABELS[1])):
+                out["prompt"].append(verdict_prompt(question, first, second, template))
+                out["completion"].append([{"role": "assistant", "content": verdict}])
+                out["verdict"].append(verdict)
+                out["pair_index"].append(index)
+                out["chosen_first"].append(verdict == VERDICT_LABELS[0])
+                out["question"].append(question)
+                out["response_1"].append(first)
+                out["response_2"].append(second)
+        return out
+
+    built = dataset.map(both_orders, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                        desc="Building verdict examples")
+    logger.info("built %d verdict examples (both orders) from %d preference pairs", len(built), len(dataset))
+    return built
+
+
+def main(argv: Sequence[str] | None = None) -> Dataset:
+    """`prefalign build verdicts`: write the verdict examples of a preference data set to a jsonl or parquet file."""
+    parser = argparse.ArgumentParser(prog="prefalign build verdicts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="wordnet-definitions",
+                        help="preference pairs: embedded name, jsonl/parquet file, folder or hub id "
+                             "(default: wordnet-definitions)")
+    parser.add_argument("--split", default="train", help="split to read (default: train)")
+    parser.add_argument("--max-samples", type=int, default=None, help="only the first N pairs")
+    parser.add_argument("--output", required=True, help="output file, .jsonl or .parquet")
+    parser.add_argument("--drop-invalid", action="store_true", help="drop (and count) invalid pairs instead of stopping")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    dataset = load_preference_dataset(args.dataset, split=args.split)
+    if args.max_samples is not None:
+        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    built = build_verdict_examples(dataset, drop_invalid=args.drop_invalid)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".parquet":
+        built.to_parquet(str(output))
+    elif output.suffix == ".jsonl":
+        built.to_json(str(output), lines=True, force_ascii=False)
+    else:
+        parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
+    print(f"wrote {len(built)} verdict examples from {len(dataset)} pairs to {output}")
+    return built
+
+
+if __name__ == "__main__":
+    main()

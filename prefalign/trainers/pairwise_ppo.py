@@ -1,0 +1,201 @@
+"""Pairwise PPO (Pairwise-RL, METHODS.md §5, arXiv:2504.04950): GRPOTrainer with the pairwise RM's probability of
+beating an anchor as the reward.
+
+TRL 1.16 has no PPO trainer; GRPOTrainer has the rest of what the method needs: sampling, the clipped surrogate
+(`epsilon`), the per-token KL to the reference (`beta`, the k3 estimator in the loss rather than in the reward) and
+their logging (`kl`, `clip_ratio/*`). How this subclass hooks in, smallest first:
+
+- The reward is a TRL reward function (`rewards/pairwise_rm/*` in the logs): for each sampled completion y the
+  position-consistent r(y) = ½·[P(y ≻ y*) + 1 − P(y* ≻ y)] against its prompt's anchor y* (2 RM contexts per
+  completion), or, with `advantage="round_robin"`, the mean of r(y_i vs y_j) over the other completions of the same
+  prompt (K·(K−1)/2 pairs per prompt, 2 contexts each: K − 1 per completion). Also logged: `pairwise/win_rate`, the
+  fraction of completions with r > ½ against the anchor (not in round-robin mode, which has no anchor).
+- `_calculate_rewards` keeps the gathered rewards; `_generate_and_score_completions` replaces TRL's group-normalised
+  advantages by r − ½ for `anchor` (the anchor is the baseline) and `round_robin` (there the group mean is exactly ½,
+  so r − ½ is also the group-centred reward). `group` leaves GRPO's (r − mean)/std advantage (`scale_rewards`) as is.
+
+Anchors: a data set column with a reference answer (`anchor_column`), or, by default, the greedy answer of the
+reference policy (the model as given, before training) to every prompt, generated once before training (shared out
+across processes) and kept in the data set's `reference_anchor` column for every epoch.
+
+Left out: the paper's learned value baseline with GAE. A critic would need its own model, optimizer and distributed
+wrapping next to TRL's loop, and the paper's critic conditioning is not public (METHODS.md §5). With a sequence-level
+reward and no critic, GAE with γ = λ = 1 gives every token the sequence advantage, which is what GRPO's loss uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from prefalign.generation import generate
+from prefalign.judges.judge import message_text
+from prefalign.losses import round_robin_rewards
+from prefalign.trainers.pairwise_rm import PairwiseRewardModel
+
+logger = logging.getLogger("prefalign.trainers.pairwise_ppo")
+
+ADVANTAGES = ("anchor", "group", "round_robin")
+GENERATED_ANCHOR_COLUMN = "reference_anchor"
+
+
+@dataclass
+class PairwisePPOConfig(GRPOConfig):
+    r"""Configuration for [`PairwisePPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
+
+    Parameters that control the reward and the advantage (METHODS.md §5; the paper's exact centring and anchor
+    choice are not public, so both are options):
+        advantage (`str`, defaults to `"anchor"`): `"anchor"`: r − ½, the anchor as baseline (r = ½ ties it);
+            `"group"`: GRPO's group normalisation of r (honours `scale_rewards`); `"round_robin"`: no anchor, each
+            completion's mean win probability against the other completions of its prompt, minus ½.
+        anchor_column (`str` or `None`, defaults to `None`): data set column holding each prompt's reference answer
+            (string or assistant messages, e.g. `"chosen"`). `None`: greedy answers of the reference policy.
+        anchor_max_new_tokens (`int` or `None`, defaults to `None`): longest generated anchor; `None` uses
+            `max_completion_length`, so anchors and samples have the same budget.
+        anchor_generation_batch_size (`int`, defaults to `8`): prompts per `generate` call for the anchors.
+        reward_batch_size (`int`, defaults to `8`): RM contexts per forward when scoring completions.
+
+    Changed defaults:
+        beta (`float`, defaults to `0.05`): per-token KL coefficient to the reference (GRPO's default 0 would drop
+            the KL penalty of the method).
+    """
+
+    advantage: str = field(default="anchor", metadata={"help": "anchor (r − ½), group (GRPO) or round_robin."})
+    anchor_column: str | None = field(
+        default=None, metadata={"help": "Column with the reference answer; None: greedy answers of the reference."})
+    anchor_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Longest generated anchor; None: max_completion_length."})
+    anchor_generation_batch_size: int = field(default=8, metadata={"help": "Prompts per anchor generate call."})
+    reward_batch_size: int = field(default=8, metadata={"help": "Pairwise RM contexts per forward."})
+    beta: float = field(default=0.05, metadata={"help": "Per-token KL coefficient to the reference policy."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"PairwisePPOConfig: advantage={self.advantage!r}; expected one of {ADVANTAGES}")
+
+
+class PairwisePPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose reward is a pairwise generative RM's position-consistent win probability (METHODS.md §5)."""
+
+    def __init__(self, model: Any, reward_model: PairwiseRewardModel, args: PairwisePPOConfig,
+                 train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
+                 processing_class: Any = None, peft_config: Any = None, callbacks: list | None = None,
+                 optimizers: tuple = (None, None)):
+        if not isinstance(args, PairwisePPOConfig):
+            raise TypeError(f"PairwisePPOTrainer needs a PairwisePPOConfig, got {type(args).__name__}")
+        self.reward_model = reward_model
+        reward_model.batch_size = args.reward_batch_size
+        self._anchor_column = None
+        if args.advantage != "round_robin":
+            if args.anchor_column is None:
+                self._anchor_column = GENERATED_ANCHOR_COLUMN
+                train_dataset = self._with_reference_anchors(model, processing_class, train_dataset, args, "train")
+                if isinstance(eval_dataset, Dataset):
+                    eval_dataset = self._with_reference_anchors(model, processing_class, eval_dataset, args, "eval")
+            else:
+                self._anchor_column = args.anchor_column
+                for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                    if isinstance(dataset, Dataset):
+                        _check_anchors(dataset, args.anchor_column, name)
+
+        def pairwise_rm(prompts: list, completions: list, log_metric=None, **columns: Any) -> list[float]:
+            return self._pairwise_rewards(prompts, completions, columns, log_metric)
+
+        super().__init__(model, reward_funcs=[pairwise_rm], args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         callbacks=callbacks, optimizers=optimizers)
+        reward_model.model.to(self.accelerator.device)
+        self._gathered_rewards: torch.Tensor | None = None
+
+    @staticmethod
+    def _with_reference_anchors(model: Any, processing_class: Any, dataset: Dataset, args: PairwisePPOConfig,
+                                split: str) -> Dataset:
+        """``dataset`` with the reference policy's greedy answer to each prompt in ``reference_anchor``."""
+        if processing_class is None and not isinstance(model, str):
+            raise ValueError("PairwisePPOTrainer: pass processing_class to generate the reference anchors")
+        state = PartialState()
+        prompts = dataset["prompt"]
+        with state.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+            answers = generate(model, processing_class, [prompts[i] for i in mine], do_sample=False,
+                               max_new_tokens=args.anchor_max_new_tokens or args.max_completion_length,
+                               batch_size=args.anchor_generation_batch_size, progress=state.is_local_main_process,
+                               desc=f"Greedy reference anchors ({split})")
+        indexed = dict(gather_object([(i, texts[0]) for i, texts in zip(mine, answers)]))
+        anchors = [indexed[i] for i in range(len(prompts))]
+        empty = sum(not a for a in anchors)
+        if empty:
+            logger.warning("%d of %d greedy reference anchors (%s) are empty; they are kept", empty, len(anchors), split)
+        logger.info("generated %d greedy reference anchors for the %s prompts", len(anchors), split)
+        if GENERATED_ANCHOR_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(GENERATED_ANCHOR_COLUMN)
+        return dataset.add_column(GENERATED_ANCHOR_COLUMN, anchors)
+
+    def _pairwise_rewards(self, prompts: list, completions: list, columns: dict, log_metric) -> list[float]:
+        """The reward function TRL calls with this process's completions (prompts repeated K times)."""
+        if self.args.advantage == "round_robin":
+            return self._round_robin_rewards(prompts, completions).tolist()
+        if self._anchor_column not in columns:
+            raise KeyError(f"PairwisePPOTrainer: anchor column {self._anchor_column!r} did not reach the reward; "
+                           f"columns: {sorted(columns)}")
+        rewards = self.reward_model.reward(prompts, completions, columns[self._anchor_column])
+        if log_metric is not None:
+            log_metric("pairwise/win_rate", float((rewards > 0.5).float().mean()))
+        return rewards.tolist()
+
+    def _round_robin_rewards(self, prompts: list, completions: list) -> torch.Tensor:
+        """Round-robin rewards of this process's completions; groups may span processes, so pairs are shared out."""
+        k = self.num_generations if self.model.training else self.num_generations_eval
+        all_prompts, all_completions = gather_object(list(prompts)), gather_object(list(completions))
+        if len(all_completions) % k:
+            raise ValueError(f"round_robin: {len(all_completions)} completions are not whole groups of {k}")
+        pairs = [(g * k + i, g * k + j) for g in range(len(all_completions) // k)
+                 for i, j in itertools.combinations(range(k), 2)]
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = list(range(rank, len(pairs), world))
+        scores = self.reward_model.reward([all_prompts[pairs[p][0]] for p in mine],
+                                          [all_completions[pairs[p][0]] for p in mine],
+                                          [all_completions[pairs[p][1]] for p in mine]) if mine else torch.empty(0)
+        pair_rewards = torch.empty(len(pairs))
+        for p, score in gather_object(list(zip(mine, scores.tolist()))):
+            pair_rewards[p] = score
+        rewards = round_robin_rewards(pair_rewards.view(-1, k * (k - 1) // 2), k).flatten()
+        return rewards[rank * len(prompts) : (rank + 1) * len(prompts)]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's rewards (gathered over processes), kept for the advantage."""
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._gathered_rewards = rewards_per_func[:, 0]
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's rollout; then, for `anchor` and `round_robin`, the advantage r − ½ (METHODS.md §5)."""
+        output = super()._generate_and_score_completions(inputs)
+        if self.args.advantage == "group":
+            return output
+        advantages = torch.nan_to_num(self._gathered_rewards - 0.5, nan=0.0)
+        n = output["advantages"].shape[0]
+        rank = self.accelerator.process_index
+        output["advantages"] = advantages[rank * n : (rank + 1) * n].to(output["advantages"].dtype)
+        for _ in range(len(advantages)):  # the completions table shows the advantages actually used
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(advantages.tolist())
+        return output
+
+
+def _check_anchors(dataset: Dataset, column: str, name: str) -> None:
+    """Raise, naming rows, unless every row has a non-empty anchor in ``column``."""
+    if column not in dataset.column_names:
+        raise ValueError(f"{name}: anchor column {column!r} not found (present: {dataset.column_names}); set "
+                         "anchor_column to the reference-answer column, or to None for greedy reference anchors")
+    empty = [row for row, value in enumerate(dataset[column]) if not message_text(value).strip()]
+    if empty:
+        raise ValueError(f"{name}: {len(empty)} row(s) with an empty anchor in column {column!r}: rows {empty[:10]}")

@@ -1,0 +1,276 @@
+"""Pairwise generative reward model (Pairwise-RL, METHODS.md §5, arXiv:2504.04950).
+
+A causal LM is shown (question, response #1, response #2) in one user turn and answers with a verdict token, "1"
+(the first is better) or "2". P(#1 ≻ #2) = sigmoid(z_1 − z_2) from the two verdict tokens' logits at the first
+position of the assistant's reply.
+
+- ``PairwiseRMTrainer(SFTTrainer)`` trains it. SFTTrainer is the TRL trainer that fits: a verdict example is a
+  prompt-completion pair (the judge prompt, the verdict), and SFT's completion-only loss is next-token cross-entropy on
+  the completion; the one change needed is to keep the loss on the verdict token alone (the chat template also puts
+  end-of-turn tokens in the completion), done on the labels after SFT tokenises. RewardTrainer trains a scalar head
+  (the Bradley–Terry model the method replaces) and DPOTrainer a policy, so neither fits. Examples come from any
+  chosen/rejected data set through ``data_builders.verdicts.build_verdict_examples``: every pair in both orders.
+- Evaluation adds accuracy, pair accuracy of the position-consistent score, position consistency and calibration of
+  P(#1 ≻ #2) (expected calibration error, Brier score) to SFT's loss.
+- ``PairwiseRewardModel`` wraps a trained (or any instruct) model: ``prob_first_better(q, a, b)`` and the position-
+  consistent ``reward(q, y, anchor)``, batched; it is the reward of ``prefalign.trainers.pairwise_ppo``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from trl import SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
+
+from prefalign.generation import prompt_token_ids
+from prefalign.judges.judge import message_text
+from prefalign.losses import pairwise_reward
+
+logger = logging.getLogger("prefalign.trainers.pairwise_rm")
+
+VERDICT_LABELS = ("1", "2")
+PAIRWISE_PROMPT = (
+    "Compare the two responses to the question below and decide which one is better: more correct, more helpful "
+    "and more relevant. Do not let the order or the length of the responses influence you.\n\n"
+    "[Question]\n{question}\n\n[Response #1]\n{first}\n\n[Response #2]\n{second}\n\n"
+    "Which response is better? Answer with the number only: 1 or 2."
+)
+VERDICT_COLUMNS = ("prompt", "completion", "verdict", "pair_index")
+
+
+def verdict_prompt(question: Any, first: Any, second: Any, template: str = PAIRWISE_PROMPT) -> list[dict[str, str]]:
+    """The judge conversation (one user message) for (question, response #1, response #2); strings or messages."""
+    text = template.format(question=message_text(question), first=message_text(first), second=message_text(second))
+    return [{"role": "user", "content": text}]
+
+
+def verdict_token_ids(processing_class: Any, labels: Sequence[str] = VERDICT_LABELS) -> list[int]:
+    """Token id that starts each verdict label right after the chat template's assistant prefix (what SFT trains)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the pairwise RM reads its verdict at the start of the assistant's reply: its tokenizer "
+                         "needs a chat template")
+    probe = [{"role": "user", "content": "Which is better? Answer 1 or 2."}]
+    prompt_ids = prompt_token_ids(processing_class, [probe])[0]
+    ids = []
+    for label in labels:
+        text = processing_class.apply_chat_template(probe + [{"role": "assistant", "content": label}], tokenize=False)
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        start = common_prefix_length(prompt_ids, full)
+        if start != len(prompt_ids) or start == len(full):
+            raise ValueError(f"the verdict {label!r} does not start a new token after the assistant prefix; choose "
+                             "other verdict labels")
+        ids.append(full[start])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the verdict labels {labels} start with the same token; choose distinguishable labels")
+    return ids
+
+
+class PairwiseRewardModel:
+    """A causal LM as a pairwise judge: verdict logits, P(#1 ≻ #2) and the position-consistent reward (METHODS.md §5).
+
+    ``model``: a loaded causal LM (``PreTrainedModel`` or ``PeftModel``), trained by ``PairwiseRMTrainer`` or any
+    instruct model. ``template``: the judge prompt with ``{question}``, ``{first}``, ``{second}`` (must be the one the
+    RM was trained with). ``batch_size``: contexts per forward (default 8). Contexts are not truncated.
+    """
+
+    def __init__(self, model: Any, processing_class: Any, template: str = PAIRWISE_PROMPT, batch_size: int = 8,
+                 progress: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"PairwiseRewardModel: batch_size must be ≥ 1, got {batch_size}")
+        self.model, self.processing_class, self.template = model, processing_class, template
+        self.batch_size, self.progress = batch_size, progress
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.verdict_ids = verdict_token_ids(processing_class)
+
+    def prompt_verdict_logits(self, prompts: Sequence[list[dict[str, str]]]) -> torch.Tensor:
+        """Verdict logits (first-better, second-better) of already rendered judge conversations: [N, 2] float32."""
+        ids = prompt_token_ids(self.processing_class, prompts)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding per batch
+        logits = torch.empty(len(ids), 2)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for start in tqdm(range(0, len(order), self.batch_size), desc="Pairwise RM", unit="batch",
+                                  disable=not self.progress):
+                    batch = order[start : start + self.batch_size]
+                    width = max(len(ids[i]) for i in batch)
+                    input_ids = torch.tensor([[self.pad_id] * (width - len(ids[i])) + ids[i] for i in batch])
+                    mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
+                    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                    device = self.model.device
+                    out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                     position_ids=positions.to(device), logits_to_keep=1, use_cache=False)
+                    logits[batch] = out.logits[:, -1, self.verdict_ids].float().cpu()
+        finally:
+            self.model.train(was_training)
+        return logits
+
+    def verdict_logits(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> torch.Tensor:
+        """Verdict logits (first-better, second-better) for each (question, response #1, response #2): [N, 2]."""
+        for name, values in (("questions", questions), ("firsts", firsts), ("seconds", seconds)):
+            if isinstance(values, str):
+                raise TypeError(f"PairwiseRewardModel: {name} must be a sequence of items, got one string")
+        if not len(questions) == len(firsts) == len(seconds):
+            raise ValueError(f"PairwiseRewardModel: {len(questions)} questions, {len(firsts)} first and "
+                             f"{len(seconds)} second responses")
+        return self.prompt_verdict_logits([verdict_prompt(q, a, b, self.template)
+                                           for q, a, b in zip(questions, firsts, seconds)])
+
+    def prob_first_better(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> torch.Tensor:
+        """P(#1 ≻ #2) = sigmoid(z_1 − z_2) for each (question, response #1, response #2): [N]."""
+        logits = self.verdict_logits(questions, firsts, seconds)
+        return torch.sigmoid(logits[:, 0] - logits[:, 1])
+
+    def reward(self, questions: Sequence[Any], responses: Sequence[Any], anchors: Sequence[Any]) -> torch.Tensor:
+        """Position-consistent r(y) = ½·[P(y ≻ y*) + 1 − P(y* ≻ y)] of each response against its anchor: [N] in [0, 1].
+
+        Both orders of every pair go through the RM in the same batches: 2 contexts per response.
+        """
+        n = len(responses)
+        logits = self.verdict_logits([*questions, *questions], [*responses, *anchors], [*anchors, *responses])
+        return pairwise_reward(logits[:n], logits[n:])
+
+
+def verdict_metrics(prob_first: Sequence[float], first_is_better: Sequence[bool], pair_index: Sequence[int],
+                    num_bins: int = 10) -> dict[str, float]:
+    """Accuracy, position consistency and calibration of P(#1 ≻ #2) over verdict examples.
+
+    ``accuracy``: rows whose verdict (P > ½ → "1") is right. For pairs seen in both orders (two rows with the same
+    ``pair_index``, one per order): ``position_consistency``, the fraction whose two verdicts name the same response;
+    ``pair_accuracy``, the fraction whose position-consistent score of the better response against the other is > ½.
+    Calibration of P(#1 ≻ #2) against the outcome: ``ece`` (expected calibration error over ``num_bins`` equal-width
+    bins) and ``brier`` (mean squared error).
+    """
+    p = torch.as_tensor(prob_first, dtype=torch.float64)
+    y = torch.as_tensor(first_is_better, dtype=torch.float64)
+    if p.numel() == 0 or p.shape != y.shape or len(pair_index) != p.numel():
+        raise ValueError(f"verdict_metrics: {p.numel()} probabilities, {y.numel()} labels, {len(pair_index)} pair ids")
+    bins = (p * num_bins).long().clamp(max=num_bins - 1)
+    ece = sum((bins == b).sum() / p.numel() * (p[bins == b].mean() - y[bins == b].mean()).abs()
+              for b in range(num_bins) if (bins == b).any())
+    rows = defaultdict(list)
+    for row, index in enumerate(pair_index):
+        rows[int(index)].append(row)
+    both = [r for r in rows.values() if len(r) == 2 and y[r[0]] != y[r[1]]]
+    # In a pair's two orders the better response is #1 once (row a) and #2 once (row b).
+    consistent = [float((p[a] > 0.5) != (p[b] > 0.5)) for a, b in both]
+    better_first = [(a, b) if y[a] == 1 else (b, a) for a, b in both]
+    pair_correct = [float(0.5 * (p[a] + 1 - p[b]) > 0.5) for a, b in better_first]
+    return {
+        "accuracy": float(((p > 0.5).double() == y).double().mean()),
+        "pair_accuracy": sum(pair_correct) / len(both) if both else float("nan"),
+        "position_consistency": sum(consistent) / len(both) if both else float("nan"),
+        "ece": float(ece),
+        "brier": float(((p - y) ** 2).mean()),
+    }
+
+
+@dataclass
+class PairwiseRMConfig(SFTConfig):
+    r"""Configuration for [`PairwiseRMTrainer`]: every [`~trl.SFTConfig`] field, plus the one below.
+
+    Parameters that control the evaluation:
+        calibration_bins (`int`, defaults to `10`): equal-width bins of P(#1 ≻ #2) for the expected calibration error.
+
+    The data must be verdict examples (``data_builders.verdicts.build_verdict_examples``); `packing` must stay off
+    (the loss is kept on each example's first completion token).
+    """
+
+    calibration_bins: int = field(default=10, metadata={"help": "Bins of P(#1 ≻ #2) for the calibration error."})
+
+
+class PairwiseRMTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the cross-entropy of the verdict token alone, with pairwise-judge eval metrics."""
+
+    def __init__(self, model: Any, args: PairwiseRMConfig | None = None, train_dataset: Dataset | None = None,
+                 eval_dataset: Dataset | None = None, processing_class: Any = None, peft_config: Any = None,
+                 callbacks: list | None = None, optimizers: tuple = (None, None)):
+        if args is not None and args.packing:
+            raise ValueError("PairwiseRMTrainer: packing is not supported (the loss is on each example's verdict)")
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            if isinstance(dataset, Dataset):
+                _check_verdict_columns(dataset, name)
+        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
+                         optimizers=optimizers)
+        self.verdict_ids = verdict_token_ids(self.processing_class)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """SFT's tokenisation, then labels kept on the first completion token only (the verdict), checked."""
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        verdict_ids = set(verdict_token_ids(processing_class))
+
+        def verdict_only(example: dict, index: int) -> dict:
+            labels = example["labels"]
+            first = next((i for i, label in enumerate(labels) if label != -100), None)
+            if first is None or labels[first] not in verdict_ids:
+                found = "no completion token" if first is None else f"token {labels[first]}"
+                raise ValueError(f"{dataset_name} dataset, row {index}, column 'completion': the completion must "
+                                 f"start with a verdict token {sorted(verdict_ids)}, found {found}; build the rows "
+                                 "with data_builders.verdicts.build_verdict_examples")
+            return {"labels": [-100] * first + [labels[first]] + [-100] * (len(labels) - first - 1)}
+
+        return dataset.map(verdict_only, with_indices=True, desc=f"Keeping the verdict token of {dataset_name}")
+
+    def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """SFT's evaluation (loss on the verdict token) plus ``verdict_metrics`` on the same rows."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not isinstance(dataset, Dataset):
+            return metrics
+        extra = {f"{metric_key_prefix}_{k}": v for k, v in self.verdict_metrics(dataset).items()}
+        self.log(extra)
+        metrics.update(extra)
+        return metrics
+
+    def verdict_metrics(self, dataset: Dataset) -> dict[str, float]:
+        """``verdict_metrics`` of the model being trained on verdict rows; rows are shared out across processes."""
+        _check_verdict_columns(dataset, "eval_dataset")
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = -(-len(dataset) // world)  # equal shares (the last padded with repeats): same forwards everywhere
+        mine = [min(i, len(dataset) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        rm = PairwiseRewardModel(self.accelerator.unwrap_model(self.model), self.processing_class,
+                                 batch_size=self.args.per_device_eval_batch_size)
+        probs = torch.sigmoid(rm.prompt_verdict_logits(dataset.select(mine)["prompt"]) @ torch.tensor([1.0, -1.0]))
+        gathered = self.accelerator.gather(probs.to(self.accelerator.device)).cpu()[: len(dataset)]
+        return verdict_metrics(gathered.tolist(), [v == VERDICT_LABELS[0] for v in dataset["verdict"]],
+                               dataset["pair_index"], self.args.calibration_bins)
+
+
+def _check_verdict_columns(dataset: Dataset, name: str) -> None:
+    """Raise unless ``dataset`` holds verdict examples."""
+    missing = [c for c in VERDICT_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {missing} (present: {dataset.column_names}); turn preference "
+                         "pairs into verdict examples with data_builders.verdicts.build_verdict_examples")
+
+
+def load_pairwise_reward_model(name_or_path: str, batch_size: int = 8, **model_kwargs: Any) -> PairwiseRewardModel:
+    """A ``PairwiseRewardModel`` from a short name, hub id, full-model folder or LoRA adapter folder (merged)."""
+    from prefalign.models import load_model, load_processing_class
+
+    adapter_config = Path(name_or_path) / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_model(base, **model_kwargs), name_or_path).merge_and_unload()
+        has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
+        processing_class = load_processing_class(name_or_path if has_tokenizer else base)
+    else:
+        model, processing_class = load_model(name_or_path, **model_kwargs), load_processing_class(name_or_path)
+    return PairwiseRewardModel(model, processing_class, batch_size=batch_size)

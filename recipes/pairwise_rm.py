@@ -1,0 +1,59 @@
+"""Pairwise generative reward model: a causal LM that answers "1" or "2" for (question, response #1, response #2)
+(Pairwise-RL, METHODS.md §5, arXiv:2504.04950).
+
+    accelerate launch recipes/pairwise_rm.py                                   # embedded model + WordNet pairs, LoRA
+    accelerate launch recipes/pairwise_rm.py --max_steps 200 --learning_rate 5e-5
+    accelerate launch recipes/pairwise_rm.py --dataset_name my_pairs.jsonl --model_name_or_path <hub id>
+    prefalign train pairwise_rm ...                                            # the same script
+
+Data: any preference data set (chosen/rejected, standard or conversational); every pair becomes two verdict examples,
+chosen first → "1" and rejected first → "2" (`data_builders.verdicts`). The loss is the cross-entropy of the verdict
+token alone. Held-out metrics: accuracy, pair accuracy, position consistency and calibration (ECE, Brier) of
+P(#1 ≻ #2). Output: a LoRA adapter (or full model) in output_dir; use it as the reward of recipes/pairwise_ppo.py
+with `--reward_model_name_or_path <output_dir>`. Defaults: recipes/configs/pairwise_rm.yaml.
+"""
+
+from trl import ModelConfig, get_peft_config
+
+from data_builders.verdicts import build_verdict_examples
+from prefalign.models import load_model, load_processing_class
+from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.trainers.pairwise_rm import PairwiseRMConfig, PairwiseRMTrainer
+
+SUMMARY = ("eval_accuracy", "eval_pair_accuracy", "eval_position_consistency", "eval_ece", "eval_brier")
+
+
+def main(argv: list[str] | None = None) -> PairwiseRMTrainer:
+    data_args, training_args, model_args = parse_recipe_args(
+        (DataArguments, PairwiseRMConfig, ModelConfig), "pairwise_rm", argv)
+
+    # The RM is a plain causal LM (its verdict is a token), trained with LoRA or fully.
+    processing_class = load_processing_class(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32",
+                       attn_implementation=model_args.attn_implementation)
+    peft_config = get_peft_config(model_args)
+
+    # Data: validated preference pairs, each turned into a verdict example in both orders.
+    with_eval = training_args.do_eval or training_args.eval_strategy != "no"
+    train_pairs, eval_pairs = load_recipe_datasets(data_args, processing_class, None, with_eval)
+    train_dataset = build_verdict_examples(train_pairs)
+    eval_dataset = build_verdict_examples(eval_pairs) if eval_pairs is not None else None
+
+    trainer = PairwiseRMTrainer(model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                processing_class=processing_class, peft_config=peft_config)
+    trainer.accelerator.print(f"Training on {len(train_dataset)} verdict examples from {len(train_pairs)} pairs")
+    if eval_dataset is not None:
+        before = trainer.evaluate()
+        trainer.accelerator.print("Held-out before: " + ", ".join(f"{k[5:]} {before[k]:.3f}" for k in SUMMARY))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    if eval_dataset is not None:
+        after = trainer.evaluate()
+        trainer.accelerator.print("Held-out after:  " + ", ".join(f"{k[5:]} {after[k]:.3f}" for k in SUMMARY))
+    trainer.save_model(training_args.output_dir)
+    kind = "LoRA adapter" if peft_config is not None else "model"
+    trainer.accelerator.print(f"Saved the pairwise RM ({kind}) to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

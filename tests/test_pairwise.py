@@ -1,0 +1,284 @@
+"""Pairwise-RL (METHODS.md §5): the pairwise reward by hand, the verdict builder, the RM trainer's verdict-only loss,
+its eval metrics by hand, each pairwise-PPO advantage by hand through the trainer, and recipe runs."""
+
+import copy
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, log_history
+from datasets import Dataset
+
+from data_builders.verdicts import build_verdict_examples
+from prefalign.data import PreferenceDataError, load_preference_dataset
+from prefalign.losses import pairwise_reward, round_robin_rewards
+from prefalign.models import load_model, load_processing_class
+from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
+from prefalign.trainers.pairwise_rm import (
+    PairwiseRewardModel,
+    PairwiseRMConfig,
+    PairwiseRMTrainer,
+    verdict_metrics,
+    verdict_prompt,
+)
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+              logging_steps=1, seed=0)
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_processing_class("tiny-causal-lm")
+
+
+@pytest.fixture(scope="module")
+def rm(tokenizer):
+    """A tiny random RM with noisy weights, so that verdict probabilities spread well away from ½."""
+    model = load_model("tiny-causal-lm")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=generator))
+    return PairwiseRewardModel(model, tokenizer, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_preference_dataset("wordnet-definitions", split="train").select(range(6))
+
+
+# ------------------------------------------------------------------------------------------------ the reward (§5)
+
+
+def test_pairwise_reward_by_hand():
+    fwd = torch.tensor([[2.0, 0.5], [0.0, 0.0], [-1.0, 3.0]])
+    bwd = torch.tensor([[-1.0, 1.0], [0.3, 0.3], [4.0, -2.0]])
+    expected = [0.5 * (sigmoid(1.5) + 1 - sigmoid(-2.0)), 0.5, 0.5 * (sigmoid(-4.0) + 1 - sigmoid(6.0))]
+    assert pairwise_reward(fwd, bwd).tolist() == pytest.approx(expected, abs=1e-6)
+    # A position-consistent RM (same logits in both orders) scores a response against itself ½.
+    same = torch.randn(5, 2)
+    assert pairwise_reward(same, same).tolist() == pytest.approx([0.5] * 5, abs=1e-7)
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        pairwise_reward(torch.zeros(3, 3), torch.zeros(3, 3))
+
+
+def test_round_robin_rewards_by_hand():
+    # K = 3, pairs (0,1), (0,2), (1,2): y0 = (0.9 + 0.2)/2, y1 = (0.1 + 0.6)/2, y2 = (0.8 + 0.4)/2.
+    rewards = round_robin_rewards(torch.tensor([[0.9, 0.2, 0.6]]), 3)
+    assert rewards.tolist()[0] == pytest.approx([0.55, 0.35, 0.6])
+    assert rewards.mean().item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="K=4"):
+        round_robin_rewards(torch.zeros(1, 3), 4)
+
+
+def test_rm_reward_from_verdict_logits_by_hand(rm, tokenizer, pairs):
+    q, y, a = pairs["prompt"][:3], pairs["chosen"][:3], pairs["rejected"][:3]
+    # The verdict logits are the model's next-token logits of "1" and "2" after the unpadded judge conversation.
+    one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
+    text = tokenizer.apply_chat_template(verdict_prompt(q[1], y[1], a[1]), add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        direct = rm.model(input_ids=ids).logits[0, -1, [one, two]]
+    fwd, bwd = rm.verdict_logits(q, y, a), rm.verdict_logits(q, a, y)
+    assert fwd[1].tolist() == pytest.approx(direct.tolist(), abs=1e-4)
+    # r = ½·[P(y ≻ a | y first) + 1 − P(a ≻ y | a first)], from the two orders' logits.
+    expected = [0.5 * (sigmoid(f[0] - f[1]) + 1 - sigmoid(b[0] - b[1])) for f, b in zip(fwd.tolist(), bwd.tolist())]
+    rewards = rm.reward(q, y, a)
+    assert rewards.tolist() == pytest.approx(expected, abs=1e-5)
+    assert max(abs(r - 0.5) for r in expected) > 0.01  # the check is not vacuous
+    # Batched == one at a time (left padding and positions do not leak into the verdict).
+    assert rewards.tolist() == pytest.approx([rm.reward([q[i]], [y[i]], [a[i]]).item() for i in range(3)], abs=1e-5)
+    # Against itself: exactly ½; swapping response and anchor gives 1 − r.
+    assert rm.reward(q, y, y).tolist() == pytest.approx([0.5] * 3, abs=1e-6)
+    assert (rm.reward(q, a, y) + rewards).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
+    with pytest.raises(TypeError, match="one string"):
+        rm.prob_first_better("q", ["a"], ["b"])
+
+
+# ------------------------------------------------------------------------------------------------ the RM
+
+
+def test_verdict_builder_both_orders_labels_swapped_nothing_lost(pairs):
+    built = build_verdict_examples(pairs)
+    assert len(built) == 2 * len(pairs)
+    for i, source in enumerate(pairs):
+        fwd, bwd = built[2 * i], built[2 * i + 1]
+        chosen, rejected = source["chosen"][0]["content"], source["rejected"][0]["content"]
+        assert (fwd["pair_index"], bwd["pair_index"]) == (i, i)
+        assert (fwd["response_1"], fwd["response_2"], fwd["verdict"]) == (chosen, rejected, "1")
+        assert (bwd["response_1"], bwd["response_2"], bwd["verdict"]) == (rejected, chosen, "2")
+        assert fwd["completion"] == [{"role": "assistant", "content": "1"}]
+        assert bwd["completion"] == [{"role": "assistant", "content": "2"}]
+        text = fwd["prompt"][0]["content"]
+        assert source["prompt"][0]["content"] in text and text.index(chosen) < text.index(rejected)
+        assert bwd["prompt"][0]["content"].index(rejected) < bwd["prompt"][0]["content"].index(chosen)
+    broken = pairs.to_list()
+    broken[2]["rejected"] = broken[2]["chosen"]
+    with pytest.raises(PreferenceDataError, match="row 2"):
+        build_verdict_examples(Dataset.from_list(broken))
+
+
+def test_rm_trainer_loss_is_verdict_cross_entropy(tmp_path, pairs, tokenizer):
+    verdicts = build_verdict_examples(pairs)
+    model = load_model("tiny-causal-lm")
+    args = PairwiseRMConfig(output_dir=str(tmp_path), per_device_eval_batch_size=len(verdicts), max_steps=1,
+                            shuffle_dataset=False, **COMMON)
+    trainer = PairwiseRMTrainer(model, args=args, train_dataset=verdicts, eval_dataset=verdicts,
+                                processing_class=tokenizer)
+    one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
+    expected_losses = []
+    for row, source in zip(trainer.train_dataset, verdicts):
+        kept = [(i, label) for i, label in enumerate(row["labels"]) if label != -100]
+        assert kept == [(kept[0][0], one if source["verdict"] == "1" else two)]  # one label: the verdict token
+        with torch.no_grad():  # cross-entropy of the verdict token, from a plain forward
+            logits = model(input_ids=torch.tensor([row["input_ids"][: kept[0][0]]])).logits[0, -1]
+        expected_losses.append(-torch.log_softmax(logits.double(), -1)[kept[0][1]].item())
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(sum(expected_losses) / len(expected_losses), rel=1e-4)
+    for key in ("eval_accuracy", "eval_pair_accuracy", "eval_position_consistency", "eval_ece", "eval_brier"):
+        assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_verdict_metrics_by_hand():
+    # Rows: pair 0 (chosen first, then second), pair 1 likewise.
+    metrics = verdict_metrics([0.8, 0.3, 0.6, 0.7], [True, False, True, False], [0, 0, 1, 1], num_bins=10)
+    assert metrics["accuracy"] == pytest.approx(0.75)  # only row 3 (0.7 for a wrong #1) is wrong
+    assert metrics["position_consistency"] == pytest.approx(0.5)  # pair 1 says "#1" in both orders
+    assert metrics["pair_accuracy"] == pytest.approx(0.5)  # ½(0.8 + 1 − 0.3) = 0.75 > ½; ½(0.6 + 1 − 0.7) = 0.45
+    assert metrics["brier"] == pytest.approx((0.2**2 + 0.3**2 + 0.4**2 + 0.7**2) / 4)
+    assert metrics["ece"] == pytest.approx((0.2 + 0.3 + 0.4 + 0.7) / 4)  # one row per bin
+
+
+# ------------------------------------------------------------------------------------------------ pairwise PPO
+
+
+def _ppo_batch(tmp_path, rm, tokenizer, pairs, advantage, k=4):
+    """A trainer and one rollout of 2 prompts × K completions, with the rewards and advantages it produced."""
+    args = PairwisePPOConfig(output_dir=str(tmp_path), advantage=advantage, anchor_column="chosen",
+                             num_generations=k, per_device_train_batch_size=2 * k, max_completion_length=6,
+                             max_steps=1, **COMMON)
+    trainer = PairwisePPOTrainer(load_model("tiny-causal-lm"), rm, args=args, train_dataset=pairs,
+                                 processing_class=tokenizer)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    contexts = []
+    original = rm.prompt_verdict_logits
+    rm.prompt_verdict_logits = lambda prompts: contexts.append(len(prompts)) or original(prompts)
+    try:
+        output = trainer._generate_and_score_completions(batch)
+    finally:
+        rm.prompt_verdict_logits = original
+    prompts, completions = list(trainer._logs["prompt"]), list(trainer._logs["completion"])
+    anchors = {p[0]["content"]: c for p, c in zip(pairs["prompt"], pairs["chosen"])}
+    return trainer, batch, output, prompts, completions, [anchors[p[0]["content"]] for p in prompts], sum(contexts)
+
+
+def _by_hand(rm, q, y, a) -> float:
+    """r(y) against a from two separate P(#1 ≻ #2) readings, one per order."""
+    return 0.5 * (rm.prob_first_better([q], [y], [a]).item() + 1 - rm.prob_first_better([q], [a], [y]).item())
+
+
+@pytest.mark.parametrize("advantage", ["anchor", "group"])
+def test_anchor_and_group_advantages_by_hand(tmp_path, rm, tokenizer, pairs, advantage):
+    trainer, _, output, prompts, completions, anchors, contexts = _ppo_batch(tmp_path, rm, tokenizer, pairs, advantage)
+    rewards = torch.tensor([_by_hand(rm, q, y, a) for q, y, a in zip(prompts, completions, anchors)])
+    assert contexts == 2 * len(completions)  # 2 RM contexts per completion
+    assert trainer._gathered_rewards.tolist() == pytest.approx(rewards.tolist(), abs=1e-5)
+    if advantage == "anchor":
+        expected = rewards - 0.5
+    else:  # GRPO: (r − group mean) / (group std, Bessel-corrected, + 1e-4)
+        groups = rewards.view(-1, 4)
+        expected = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).flatten()
+    assert output["advantages"].tolist() == pytest.approx(expected.tolist(), abs=1e-3 if advantage == "group" else 1e-5)
+    assert rewards.std() > 1e-3  # rewards differ, so the options differ
+    assert list(trainer._logs["advantages"]) == pytest.approx(output["advantages"].tolist())
+
+
+def test_round_robin_advantages_by_hand(tmp_path, rm, tokenizer, pairs):
+    k = 4
+    trainer, _, output, prompts, completions, _, contexts = _ppo_batch(tmp_path, rm, tokenizer, pairs, "round_robin", k)
+    expected = []
+    for g in range(len(completions) // k):
+        group = range(g * k, (g + 1) * k)
+        for i in group:
+            expected.append(sum(_by_hand(rm, prompts[i], completions[i], completions[j]) for j in group if j != i)
+                            / (k - 1) - 0.5)
+    assert contexts == 2 * (len(completions) // k) * k * (k - 1) // 2  # K·(K−1)/2 pairs per prompt, 2 orders each
+    assert output["advantages"].tolist() == pytest.approx(expected, abs=1e-5)
+    assert max(abs(e) for e in expected) > 1e-3
+    # r − ½ is also the group-centred reward: every group's mean reward is exactly ½.
+    assert trainer._gathered_rewards.view(-1, k).mean(1).tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_greedy_reference_anchors(tmp_path, rm, tokenizer, pairs):
+    from prefalign.generation import generate
+
+    args = PairwisePPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
+                             max_completion_length=5, max_steps=1, **COMMON)
+    model = copy.deepcopy(rm.model)  # noisy weights: the tiny model itself ends at once, giving empty answers
+    expected = [t[0] for t in generate(copy.deepcopy(model), tokenizer, pairs["prompt"], do_sample=False,
+                                       max_new_tokens=5, batch_size=1, progress=False)]
+    trainer = PairwisePPOTrainer(model, rm, args=args, train_dataset=pairs, processing_class=tokenizer)
+    assert trainer.train_dataset["reference_anchor"] == expected and any(expected)
+    with pytest.raises(ValueError, match="'answer' not found"):
+        PairwisePPOTrainer(model, rm, args=PairwisePPOConfig(output_dir=str(tmp_path), anchor_column="answer",
+                                                             num_generations=2, per_device_train_batch_size=4,
+                                                             **COMMON),
+                           train_dataset=pairs, processing_class=tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.slow
+def test_pairwise_ppo_steps_on_embedded_model(tmp_path):
+    recipe = runpy.run_path(str(REPO / "recipes" / "pairwise_ppo.py"))["main"]
+    trainer = recipe(["--max_steps", "2", "--max_train_samples", "2", "--num_generations", "2",
+                      "--per_device_train_batch_size", "2", "--max_completion_length", "12",
+                      "--output_dir", str(tmp_path), "--save_strategy", "no"])
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["reward"]) and 0.0 <= entry["reward"] <= 1.0
+        assert math.isfinite(entry["kl"]) and entry["kl"] >= 0.0
+        assert 0.0 <= entry["pairwise/win_rate"] <= 1.0 and "clip_ratio/region_mean" in entry
+    assert logs[1]["kl"] > 0.0  # the policy moved away from the reference after one step
+
+
+@pytest.mark.slow
+def test_pairwise_rm_recipe_on_embedded_model(tmp_path):
+    recipe = runpy.run_path(str(REPO / "recipes" / "pairwise_rm.py"))["main"]
+    trainer = recipe(["--max_steps", "1", "--max_train_samples", "2", "--max_eval_samples", "2",
+                      "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path), "--save_strategy", "no"])
+    evals = [e for e in trainer.state.log_history if "eval_position_consistency" in e]
+    assert len(evals) == 1  # after training (train() starts a new log history, after the "before" evaluation)
+    assert 0.0 <= evals[0]["eval_accuracy"] <= 1.0 and math.isfinite(evals[0]["eval_ece"])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.multiproc
+def test_pairwise_ppo_recipe_two_processes(tmp_path):
+    """2 CPU processes: greedy anchors shared out across ranks (anchor), then round-robin groups that span ranks."""
+    common = ["--model_name_or_path", "tiny-causal-lm", "--reward_model_name_or_path", "tiny-causal-lm",
+              "--max_steps", "2", "--max_train_samples", "8", "--max_completion_length", "8", "--save_steps", "2"]
+    for advantage, per_device in (("anchor", "4"), ("round_robin", "2")):  # 2 × 2 completions = one group of 4
+        out = tmp_path / advantage
+        subprocess.run([ACCELERATE, "launch", "--config_file", "recipes/accelerate/ddp.yaml", "recipes/pairwise_ppo.py",
+                        *common, "--advantage", advantage, "--per_device_train_batch_size", per_device,
+                        "--output_dir", str(out)], cwd=REPO, check=True)
+        logs = [e for e in log_history(out) if "loss" in e]
+        assert len(logs) == 2 and all(math.isfinite(e["reward"]) and math.isfinite(e["kl"]) for e in logs)
+        if advantage == "round_robin":
+            assert [e["reward"] for e in logs] == pytest.approx([0.5, 0.5], abs=1e-6)  # group mean of round robin
+        else:
+            assert all(0.0 <= e["pairwise/win_rate"] <= 1.0 for e in logs)
+        assert (out / "adapter_model.safetensors").is_file()
