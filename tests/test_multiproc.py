@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, log_history
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
