@@ -48,6 +48,7 @@ from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.phrases import parse_phrase_tags  # noqa: E402
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer  # noqa: E402
+from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer  # noqa: E402
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -104,6 +105,9 @@ def make_trainer(method: str, model_name: str, dataset: Dataset, processing_clas
         extra = {} if opts.kl_chunk_size is None else {"kl_chunk_size": opts.kl_chunk_size}
         args = RRPOConfig(**common, log_rejected_kl=not opts.no_rejected_kl, **extra)
         return RRPOTrainer(model, args=args, train_dataset=dataset, **kwargs)
+    elif method in ("pngd", "token_mask", "anchored"):  # margin-disentangled DPO (targets 2.2×, 1.1×, 1.1×)
+        args = DisentangledDPOConfig(**common, disentangle=method)
+        return DisentangledDPOTrainer(model, args=args, train_dataset=untagged(dataset), **kwargs)
     elif method.startswith("d2o-k"):  # --methods dpo,d2o-k1,d2o-k4,d2o-k8
         k = int(method.removeprefix("d2o-k"))
         args = D2OConfig(**common, num_anchors=k, anchor_refresh_steps=0)
