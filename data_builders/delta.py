@@ -319,9 +319,7 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dataset = load_preference_dataset(args.dataset, split=args.split)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     judge = None
     if args.judge_model:
         from prefalign.judges import TrustJudge

@@ -177,9 +177,7 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dataset = load_preference_dataset(args.dataset, split=args.split)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     built = build_anchors(dataset, args.output, model=args.model, num_anchors=args.num_anchors,
                           instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,

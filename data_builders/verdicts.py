@@ -65,9 +65,7 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--drop-invalid", action="store_true", help="drop (and count) invalid pairs instead of stopping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dataset = load_preference_dataset(args.dataset, split=args.split)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     built = build_verdict_examples(dataset, drop_invalid=args.drop_invalid)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -58,8 +58,10 @@ def _select_split(data: Dataset | DatasetDict, split: str, source: str) -> Datas
     return splits[split]
 
 
-def load_preference_dataset(name_or_path: str, split: str | None = None) -> Dataset | DatasetDict:
-    """Load a dataset from an embedded name, a file, a folder or a hub id; one split if `split` is given."""
+def load_preference_dataset(name_or_path: str, split: str | None = None,
+                            max_samples: int | None = None) -> Dataset | DatasetDict:
+    """Load a dataset from an embedded name, a file, a folder or a hub id; one split if `split` is given, of which
+    only the first `max_samples` rows are kept when that is set."""
     path = EMBEDDED_DATASETS.get(name_or_path, Path(name_or_path))
     if path.suffix in SPLIT_FILE_SUFFIXES and not path.exists():
         raise FileNotFoundError(f"no such dataset file: {path}")
@@ -68,8 +70,14 @@ def load_preference_dataset(name_or_path: str, split: str | None = None) -> Data
     elif path.is_dir():
         data = _load_folder(path)
     else:
-        return datasets.load_dataset(name_or_path, split=split)
-    return data if split is None else _select_split(data, split, name_or_path)
+        data = datasets.load_dataset(name_or_path, split=split)  # a hub id: `datasets` selects the split
+    if split is not None and (path.is_file() or path.is_dir()):
+        data = _select_split(data, split, name_or_path)
+    if max_samples is not None:
+        if split is None:
+            raise ValueError("max_samples needs a split")
+        data = data.select(range(min(max_samples, len(data))))
+    return data
 
 
 def _message_text(content: str | list) -> str:

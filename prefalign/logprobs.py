@@ -1,4 +1,4 @@
-"""Shared tensor plumbing for the trainers: per-token log-probs, chunked full-vocabulary KL, sequence log-probs.
+"""Shared tensor plumbing for the trainers: the full-vocabulary token-wise KL computed from hidden states in chunks.
 
 Everything here works on tensors and callables; the objectives themselves live in ``prefalign.losses``.
 """
@@ -9,20 +9,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from prefalign.losses import token_kl
-
-
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """log π(index) per token: logits [B,T,V], index [B,T] in [0, V) → [B,T] in at least float32.
-
-    One batch row at a time, so only a [T,V] float32 temporary exists besides the logits.
-    """
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    rows = []
-    for row_logits, row_index in zip(logits, index):
-        row_logits = row_logits.to(dtype)
-        selected = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)
-        rows.append(selected - row_logits.logsumexp(-1))
-    return torch.stack(rows)
 
 
 def chunked_token_kl(
@@ -119,14 +105,3 @@ def frozen_head_token_kl(
                                             None if bias is None else bias.detach(), ref_weight.detach(),
                                             None if ref_bias is None else ref_bias.detach(), chunk_size)
     return per_position.new_zeros(mask.shape[0]).index_add(0, rows, per_position)
-
-
-def sequence_logps(per_token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Sum (or, with ``average=True``, the length-normalised mean) of log-probs over masked tokens: [B,T] → [B].
-
-    A row with no masked token gives 0.
-    """
-    total = torch.where(mask.bool(), per_token_logps, 0.0).sum(-1)
-    if not average:
-        return total
-    return total / mask.bool().sum(-1).clamp(min=1)

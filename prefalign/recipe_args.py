@@ -71,9 +71,7 @@ def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_le
         splits.append((data_args.dataset_test_split, data_args.max_eval_samples))
     loaded = []
     for split, limit in splits:
-        dataset = load_preference_dataset(data_args.dataset_name, split=split)
-        if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
+        dataset = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
         loaded.append(validate_preference_dataset(dataset, processing_class, max_length=max_length,
                                                   drop_invalid=data_args.drop_invalid, required=required))
     return tuple(loaded) if with_eval else (loaded[0], None)

@@ -51,8 +51,7 @@ class DeltaArguments:
 def delta_pairs(data_args: DataArguments, delta_args: DeltaArguments, split: str, limit: int | None,
                 loaded_models: dict, processing_class, args: DPOConfig):
     """One split of delta pairs built from the prompts of ``data_args.dataset_name``, cached under output_dir."""
-    prompts = load_preference_dataset(data_args.dataset_name, split=split)
-    prompts = prompts.select(range(min(limit, len(prompts)))) if limit is not None else prompts
+    prompts = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
     with PartialState().main_process_first():  # the main process generates; the others find the finished shards
         pairs = build_delta_pairs(prompts, Path(args.output_dir) / "delta-pairs", delta_args.ladder,
                                   prompt_column=delta_args.prompt_column, min_rung_gap=delta_args.min_rung_gap,

@@ -36,8 +36,7 @@ class CrossPromptArguments:
 
 def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_text: bool, seed: int):
     """Load one split and turn it into cross-prompt win/tie pairs (unless it already is)."""
-    data = load_preference_dataset(data_args.dataset_name, split=split)
-    data = data.select(range(min(limit, len(data)))) if limit is not None else data
+    data = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
     if "is_tie" in data.column_names:
         return data
     if "completion" not in data.column_names:

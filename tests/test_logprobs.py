@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl, selective_log_softmax, sequence_logps
+from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import token_kl
 
 F64 = torch.float64
@@ -99,23 +99,6 @@ def test_chunked_token_kl_without_grad_and_bad_chunk_size():
         torch.testing.assert_close(kl, token_kl(head(hidden), head(hidden + 1), mask))
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_token_kl(hidden, hidden, head, head, mask, chunk_size=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
-def test_selective_log_softmax_matches_log_softmax_gather(dtype):
-    g = torch.Generator().manual_seed(5)
-    logits = (torch.randn(3, 4, 10, generator=g) * 5).to(dtype)
-    index = torch.randint(0, 10, (3, 4), generator=g)
-    expected = logits.to(torch.promote_types(dtype, torch.float32)).log_softmax(-1)
-    expected = expected.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(selective_log_softmax(logits, index), expected)
-
-
-def test_sequence_logps_sum_and_mean():
-    logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, -9.0, -9.0], [-1.0, -1.0, -1.0, -1.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
-    torch.testing.assert_close(sequence_logps(logps, mask), torch.tensor([-6.0, -1.0, 0.0]))
-    torch.testing.assert_close(sequence_logps(logps, mask, average=True), torch.tensor([-2.0, -0.5, 0.0]))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1000])
