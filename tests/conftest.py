@@ -6,6 +6,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import copy  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -21,6 +22,16 @@ def log_history(output_dir: Path) -> list[dict]:
     """The trainer's log history from the newest checkpoint in ``output_dir``."""
     checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+def perturbed_copy(model, seed: int = 1, scale: float = 0.05):
+    """A copy of ``model`` with Gaussian noise on every weight, so that a policy and its reference differ."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 α = β, a float64 brute force from full logits through the trainer, PEFT and precomputed references, online anchor
 refresh, the recipe in 1 and 2 processes, and (slow) the embedded model learning to avoid held-out negatives."""
 
-import copy
 import math
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, log_history
+from conftest import REPO, log_history, perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
@@ -93,18 +92,9 @@ def _with_anchors(source, k: int) -> Dataset:
                               for r in source])
 
 
-def _perturbed(model, seed=1, scale=0.05):
-    """A copy of ``model`` with noise on every weight, so policy and reference differ."""
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
 
 def _d2o(tmp_path, dataset, tokenizer, model=None, ref=None, **config):
-    model = model if model is not None else _perturbed(load_model("tiny-causal-lm"))
+    model = model if model is not None else perturbed_copy(load_model("tiny-causal-lm"))
     ref = ref if ref is not None else load_model("tiny-causal-lm")
     args = D2OConfig(output_dir=str(tmp_path / "d2o"), **{"anchor_refresh_steps": 0, **COMMON, **config})
     return D2OTrainer(model, ref, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -116,7 +106,7 @@ def _first_batch(trainer):
 
 def test_k1_alpha_equal_beta_is_trl_dpo_with_the_anchor_as_chosen(tmp_path, source, tokenizer):
     """K = 1 and α = β: D²O's loss is DPO's sigmoid loss with the anchor as chosen, computed by TRL itself."""
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     d2o = _d2o(tmp_path, _with_anchors(source, 1), tokenizer, policy, ref, num_anchors=1, beta=0.3, alpha=0.3,
                per_device_train_batch_size=4)
     pairs = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
@@ -153,7 +143,7 @@ def _brute_force_loss(policy, ref, batch, k, beta, alpha) -> torch.Tensor:
 
 
 def test_k3_loss_and_gradients_match_a_float64_brute_force_in_one_forward(tmp_path, source, tokenizer):
-    policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
     trainer = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3, beta=0.7, alpha=0.4)
     batch = _first_batch(trainer)
     assert batch["input_ids"].shape[0] == 2 * 4  # B·(K+1) sequences
@@ -178,7 +168,7 @@ def test_k3_loss_and_gradients_match_a_float64_brute_force_in_one_forward(tmp_pa
 
 
 def test_precomputed_reference_gives_the_same_loss(tmp_path, source, tokenizer):
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     live = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3)
     pre = _d2o(tmp_path, _with_anchors(source, 3), tokenizer, policy, ref, num_anchors=3, precompute_ref_log_probs=True)
     assert len(pre.train_dataset[0]["ref_chosen_logps"]) == 3  # TRL's precompute column holds the K anchors
@@ -214,7 +204,7 @@ def test_online_refresh_samples_the_batch_prompts_from_the_policy(tmp_path, sour
     losses = {}
     for precompute in (False, True):
         calls.clear()
-        policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+        policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
         trainer = _d2o(tmp_path, _with_anchors(source, 2), tokenizer, policy, ref, num_anchors=2, max_steps=4,
                        anchor_warmup_steps=2, anchor_refresh_steps=1, learning_rate=1e-3,
                        precompute_ref_log_probs=precompute)

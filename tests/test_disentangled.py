@@ -1,7 +1,6 @@
 """DisentangledDPOTrainer (METHODS.md §4) against independent computations: TRL's own DPO and bco_pair losses, a
 float64 brute force of the pngd direction, gradient accumulation, the recipe (1 and 2 processes)."""
 
-import copy
 import math
 import runpy
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, log_history
+from conftest import REPO, log_history, perturbed_copy
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -35,17 +34,9 @@ def pairs():
     return strip_phrase_tags(load_preference_dataset("wordnet-phrases", split="train").select(range(8)))
 
 
-def _perturbed(model, seed=1, scale=0.05):
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
 
 def _trainer(tmp_path, dataset, tokenizer, policy=None, ref=None, **config):
-    policy = policy if policy is not None else _perturbed(load_model("tiny-causal-lm"))
+    policy = policy if policy is not None else perturbed_copy(load_model("tiny-causal-lm"))
     ref = ref if ref is not None else load_model("tiny-causal-lm")
     args = DisentangledDPOConfig(output_dir=str(tmp_path / "dis"), **{**COMMON, **config})
     return DisentangledDPOTrainer(policy, ref, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -74,7 +65,7 @@ def test_tags_are_stripped_before_tokenisation(tmp_path, tokenizer):
     ("pngd", dict(loss_type=["sigmoid"])),         # the value is DPO's
 ])
 def test_loss_values_equal_trl(tmp_path, pairs, tokenizer, disentangle, trl_config):
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     trainer = _trainer(tmp_path, pairs, tokenizer, policy, ref, disentangle=disentangle, shared_token_weight=1.0,
                        beta=0.7)
     batch = _batch(trainer)
@@ -94,7 +85,7 @@ def _token_logps(model, batch) -> torch.Tensor:
 def test_token_mask_marks_the_differing_words_and_uses_only_them(tmp_path, tokenizer):
     rows = [{"prompt": "Q: what colour is the sky? A:", "chosen": " The sky is blue today.",
              "rejected": " The sky is bright green today."}] * 4
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     trainer = _trainer(tmp_path, Dataset.from_list(rows), tokenizer, policy, ref, disentangle="token_mask", beta=0.5)
     batch = _batch(trainer)
     from prefalign.trainers.disentangled import differing_token_mask
@@ -112,7 +103,7 @@ def test_token_mask_marks_the_differing_words_and_uses_only_them(tmp_path, token
 
 
 def test_anchored_loss_with_anchors_by_hand(tmp_path, pairs, tokenizer):
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     trainer = _trainer(tmp_path, pairs, tokenizer, policy, ref, disentangle="anchored", beta=0.3,
                        chosen_anchor=0.5, rejected_anchor=-0.2)
     batch = _batch(trainer)
@@ -123,7 +114,7 @@ def test_anchored_loss_with_anchors_by_hand(tmp_path, pairs, tokenizer):
 
 def test_pngd_gradient_is_the_normalised_difference(tmp_path, pairs, tokenizer):
     """∇(trainer loss) = −(1/B)·Σ_i c_i·(g_w/‖g_w‖ − g_l/‖g_l‖), each g from full logits in float64 per sequence."""
-    policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
     trainer = _trainer(tmp_path, pairs, tokenizer, policy, ref, disentangle="pngd", beta=0.5)
     batch = _batch(trainer)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -148,7 +139,7 @@ def test_pngd_gradient_is_the_normalised_difference(tmp_path, pairs, tokenizer):
 
 
 def _one_step_weights(tmp_path, dataset, tokenizer, name, **config) -> dict[str, torch.Tensor]:
-    policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
     args = DisentangledDPOConfig(output_dir=str(tmp_path / name), max_steps=1, optim="sgd", learning_rate=10.0,
                                  train_sampling_strategy="sequential", **{**COMMON, **config})
     trainer = DisentangledDPOTrainer(policy, ref, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -157,7 +148,7 @@ def _one_step_weights(tmp_path, dataset, tokenizer, name, **config) -> dict[str,
 
 
 def test_pngd_gradient_accumulation_equals_a_double_batch(tmp_path, pairs, tokenizer):
-    start = {k: v.detach().clone() for k, v in _perturbed(load_model("tiny-causal-lm"), scale=0.2).named_parameters()}
+    start = {k: v.detach().clone() for k, v in perturbed_copy(load_model("tiny-causal-lm"), scale=0.2).named_parameters()}
     whole = _one_step_weights(tmp_path, pairs, tokenizer, "whole", per_device_train_batch_size=4)
     accumulated = _one_step_weights(tmp_path, pairs, tokenizer, "ga", per_device_train_batch_size=2,
                                     gradient_accumulation_steps=2)

@@ -1,12 +1,12 @@
 """RRPOTrainer against independent computations: TRL's own DPO, a float64 brute-force KL, PEFT references, VLMs."""
 
 import contextlib
-import copy
 import logging
 import math
 
 import pytest
 import torch
+from conftest import perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
@@ -30,18 +30,9 @@ def pairs():
     return load_preference_dataset("wordnet-phrases", split="train").select(range(8))
 
 
-def _perturbed(model, seed=1, scale=0.05):
-    """A copy of ``model`` with noise on every weight, so policy and reference differ."""
-    model = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
 
 def _rrpo(tmp_path, dataset, tokenizer, model=None, ref=None, **config):
-    model = model if model is not None else _perturbed(load_model("tiny-causal-lm"))
+    model = model if model is not None else perturbed_copy(load_model("tiny-causal-lm"))
     ref = ref if ref is not None else load_model("tiny-causal-lm")
     args = RRPOConfig(output_dir=str(tmp_path / "rrpo"), **{**COMMON, **config})
     return RRPOTrainer(model, ref, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -53,7 +44,7 @@ def _first_batch(trainer):
 
 def test_alpha_zero_all_tokens_as_phrase_equals_trl_dpo(tmp_path, pairs, tokenizer):
     """α = 0 and every response token in one phrase: RRPO's loss is DPO's sigmoid loss, computed by TRL itself."""
-    policy, ref = _perturbed(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm")), load_model("tiny-causal-lm")
     rrpo = _rrpo(tmp_path, pairs, tokenizer, policy, ref, alpha=0.0, beta=0.3)
     dpo = DPOTrainer(policy, ref, args=DPOConfig(output_dir=str(tmp_path / "dpo"), beta=0.3, **COMMON),
                      train_dataset=pairs, processing_class=tokenizer)
@@ -94,7 +85,7 @@ def test_loss_and_gradients_match_a_float64_brute_force(tmp_path, pairs, tokeniz
     """Phrase margin + token-wise KL through the trainer equal the full-logits formula, values and gradients:
     a trained LM head (full fine-tuning: checkpointed chunks) and a frozen one (LoRA: gradient formed in the pass)."""
     if setup == "full":
-        policy, ref = _perturbed(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+        policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
         args = RRPOConfig(output_dir=str(tmp_path), alpha=0.5, beta=0.7, kl_chunk_size=5, **COMMON)
         trainer = RRPOTrainer(policy, ref, args=args, train_dataset=pairs, processing_class=tokenizer)
     else:
