@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +24,15 @@ def log_history(output_dir: Path) -> list[dict]:
     """The trainer's log history from the newest checkpoint in ``output_dir``."""
     checkpoints = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+def accelerate_launch(config: str) -> list[str]:
+    """`accelerate launch --config_file recipes/accelerate/<config>` on a free port, so launches never collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"recipes/accelerate/{config}",
+            "--main_process_port", str(port)]
 
 
 def perturbed_copy(model, seed: int = 1, scale: float = 0.05):

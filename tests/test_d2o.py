@@ -5,11 +5,10 @@ refresh, the recipe in 1 and 2 processes, and (slow) the embedded model learning
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, log_history, perturbed_copy
+from conftest import REPO, accelerate_launch, log_history, perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
@@ -246,7 +245,6 @@ def test_config_refuses_dpo_loss_options():
 
 # ---- the recipe -------------------------------------------------------------------------------------------------
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
                "--max_train_samples", "8", "--train_sampling_strategy", "sequential", "--warmup_steps", "0",
                "--learning_rate", "1e-2", "--anchor_max_new_tokens", "6", "--anchor_warmup_steps", "1",
@@ -263,7 +261,7 @@ def test_recipe_in_two_processes(tmp_path):
     (double / "anchors").mkdir(parents=True)  # same anchors: the sampling seeds are equal, but reuse is the point
     for name in ("train.jsonl", "train.jsonl.settings"):
         (double / "anchors" / name).write_bytes((single / "anchors" / name).read_bytes())
-    subprocess.run([ACCELERATE, "launch", "--config_file", "recipes/accelerate/ddp.yaml", "recipes/d2o.py",
+    subprocess.run([*accelerate_launch("ddp.yaml"), "recipes/d2o.py",
                     *RECIPE_ARGS, "--per_device_train_batch_size", "2", "--output_dir", str(double)],
                    cwd=REPO, check=True)
     one = [e for e in log_history(single) if "loss" in e]

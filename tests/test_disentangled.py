@@ -5,12 +5,11 @@ import math
 import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, log_history, perturbed_copy
+from conftest import REPO, accelerate_launch, log_history, perturbed_copy
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
@@ -196,8 +195,7 @@ def test_pngd_two_processes_match_one(tmp_path):
     """Per-pair normalisation happens before the all-reduce: 2 processes × 2 pairs train as 1 process × 4 pairs."""
     outputs = {}
     for name, launcher, batch in (("one", [sys.executable], "4"),
-                                  ("two", [str(Path(sys.executable).parent / "accelerate"), "launch",
-                                           "--config_file", "recipes/accelerate/ddp.yaml"], "2")):
+                                  ("two", accelerate_launch("ddp.yaml"), "2")):
         outputs[name] = tmp_path / name
         subprocess.run([*launcher, "recipes/dpo_disentangled.py", *RECIPE_ARGS, "--disentangle", "pngd",
                         "--entanglement_steps", "0", "--per_device_train_batch_size", batch,

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, log_history
+from conftest import REPO, accelerate_launch, log_history
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 COMMON = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
           "--max_train_samples", "48", "--train_sampling_strategy", "sequential", "--warmup_steps", "0",
           "--learning_rate", "1e-2"]
@@ -43,7 +42,7 @@ def single_process(tmp_path_factory):
 @pytest.mark.parametrize("config", ["ddp.yaml", "zero3.yaml"])
 def test_two_processes_match_one(config, recipe, single_process, tmp_path):
     out = tmp_path / "out"
-    subprocess.run([ACCELERATE, "launch", "--config_file", f"recipes/accelerate/{config}", f"recipes/{recipe}.py",
+    subprocess.run([*accelerate_launch(config), f"recipes/{recipe}.py",
                     *RECIPES[recipe], "--per_device_train_batch_size", "2", "--output_dir", str(out)],
                    cwd=REPO, check=True)
     expected = single_process(recipe)

@@ -5,12 +5,10 @@ import copy
 import math
 import runpy
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, log_history
+from conftest import REPO, accelerate_launch, log_history
 from datasets import Dataset
 
 from data_builders.verdicts import build_verdict_examples
@@ -28,7 +26,6 @@ from prefalign.trainers.pairwise_rm import (
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               logging_steps=1, seed=0)
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
 def sigmoid(x: float) -> float:
@@ -272,7 +269,7 @@ def test_pairwise_ppo_recipe_two_processes(tmp_path):
               "--max_steps", "2", "--max_train_samples", "8", "--max_completion_length", "8", "--save_steps", "2"]
     for advantage, per_device in (("anchor", "4"), ("round_robin", "2")):  # 2 × 2 completions = one group of 4
         out = tmp_path / advantage
-        subprocess.run([ACCELERATE, "launch", "--config_file", "recipes/accelerate/ddp.yaml", "recipes/pairwise_ppo.py",
+        subprocess.run([*accelerate_launch("ddp.yaml"), "recipes/pairwise_ppo.py",
                         *common, "--advantage", advantage, "--per_device_train_batch_size", per_device,
                         "--output_dir", str(out)], cwd=REPO, check=True)
         logs = [e for e in log_history(out) if "loss" in e]
