@@ -47,7 +47,7 @@ def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | Non
     return TrlParser(dataclass_types).parse_args_and_config(argv)
 
 
-def resume_checkpoint(value: str | None) -> str | bool | None:
+def _resume_checkpoint(value: str | None) -> str | bool | None:
     """``--resume_from_checkpoint true`` resumes from the newest checkpoint in ``output_dir``; a path resumes there."""
     if value is not None and value.lower() in ("true", "last", "latest"):
         return True
@@ -99,7 +99,7 @@ def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
 def train_and_save(trainer):
     """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` and say what was saved."""
     args = trainer.args
-    trainer.train(resume_from_checkpoint=resume_checkpoint(args.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(args.resume_from_checkpoint))
     trainer.save_model(args.output_dir)
     kind = "LoRA adapter" if hasattr(trainer.model, "peft_config") else "model"
     trainer.accelerator.print(f"Saved the trained {kind} to {args.output_dir}")

@@ -14,11 +14,16 @@ Defaults: recipes/configs/dpo_disentangled.yaml. Output: a LoRA adapter (or full
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from prefalign.diagnostics import GradientEntanglementCallback
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer
 
 
@@ -35,12 +40,8 @@ def main(argv: list[str] | None = None) -> DisentangledDPOTrainer:
         (DataArguments, DiagnosticArguments, DisentangledDPOConfig, ModelConfig), "dpo_disentangled", argv)
 
     # Model and reference: with LoRA the reference is the base model (adapter disabled), else a frozen copy.
-    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, **model_kwargs)
-    peft_config = get_peft_config(model_args)
-    needs_ref = peft_config is None and not training_args.precompute_ref_log_probs
-    ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if needs_ref else None
+    model, ref_model, processing_class, peft_config = load_policy_and_reference(
+        model_args, need_reference=not training_args.precompute_ref_log_probs)
 
     # Data: validated before training. The test split is the probe (and the eval set when evaluating).
     with_eval = training_args.eval_strategy != "no"
@@ -60,11 +61,7 @@ def main(argv: list[str] | None = None) -> DisentangledDPOTrainer:
     if probe_needed:
         GradientEntanglementCallback(eval_dataset, every_n_steps=diagnostic_args.entanglement_steps,
                                      max_pairs=diagnostic_args.entanglement_pairs).attach(trainer)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

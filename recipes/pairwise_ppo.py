@@ -17,10 +17,15 @@ model by default, or the output of recipes/pairwise_rm.py (LoRA adapters are mer
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
 from prefalign.trainers.pairwise_rm import load_pairwise_reward_model
 
@@ -40,9 +45,7 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
 
     # Policy (LoRA by default: the reference is the base model with the adapter disabled) and the pairwise RM.
     dtype = model_args.dtype or "float32"
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
-    peft_config = get_peft_config(model_args)
+    model, _, processing_class, peft_config = load_policy_and_reference(model_args, need_reference=False)
     reward_model = load_pairwise_reward_model(rm_args.reward_model_name_or_path, dtype=dtype)
 
     # Prompts: only `prompt` (and the anchor column, when one is named) are used; rows are validated first.
@@ -53,11 +56,7 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
                                  eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config)
     trainer.accelerator.print(f"Pairwise PPO on {len(trainer.train_dataset)} prompts, advantage "
                               f"{training_args.advantage}, {training_args.num_generations} samples per prompt")
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the trained {kind} to {training_args.output_dir}")
-    return trainer
+    return train_and_save(trainer)
 
 
 if __name__ == "__main__":

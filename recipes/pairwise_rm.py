@@ -13,11 +13,16 @@ P(#1 ≻ #2). Output: a LoRA adapter (or full model) in output_dir; use it as th
 with `--reward_model_name_or_path <output_dir>`. Defaults: recipes/configs/pairwise_rm.yaml.
 """
 
-from trl import ModelConfig, get_peft_config
+from trl import ModelConfig
 
 from data_builders.verdicts import build_verdict_examples
-from prefalign.models import load_model, load_processing_class
-from prefalign.recipe_args import DataArguments, load_recipe_datasets, parse_recipe_args, resume_checkpoint
+from prefalign.recipe_args import (
+    DataArguments,
+    load_policy_and_reference,
+    load_recipe_datasets,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.trainers.pairwise_rm import PairwiseRMConfig, PairwiseRMTrainer
 
 SUMMARY = ("eval_accuracy", "eval_pair_accuracy", "eval_position_consistency", "eval_ece", "eval_brier")
@@ -28,10 +33,7 @@ def main(argv: list[str] | None = None) -> PairwiseRMTrainer:
         (DataArguments, PairwiseRMConfig, ModelConfig), "pairwise_rm", argv)
 
     # The RM is a plain causal LM (its verdict is a token), trained with LoRA or fully.
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32",
-                       attn_implementation=model_args.attn_implementation)
-    peft_config = get_peft_config(model_args)
+    model, _, processing_class, peft_config = load_policy_and_reference(model_args, need_reference=False)
 
     # Data: validated preference pairs, each turned into a verdict example in both orders.
     with_eval = training_args.do_eval or training_args.eval_strategy != "no"
@@ -45,13 +47,10 @@ def main(argv: list[str] | None = None) -> PairwiseRMTrainer:
     if eval_dataset is not None:
         before = trainer.evaluate()
         trainer.accelerator.print("Held-out before: " + ", ".join(f"{k[5:]} {before[k]:.3f}" for k in SUMMARY))
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args.resume_from_checkpoint))
+    train_and_save(trainer)
     if eval_dataset is not None:
         after = trainer.evaluate()
         trainer.accelerator.print("Held-out after:  " + ", ".join(f"{k[5:]} {after[k]:.3f}" for k in SUMMARY))
-    trainer.save_model(training_args.output_dir)
-    kind = "LoRA adapter" if peft_config is not None else "model"
-    trainer.accelerator.print(f"Saved the pairwise RM ({kind}) to {training_args.output_dir}")
     return trainer
 
 
