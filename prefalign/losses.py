@@ -278,3 +278,46 @@ def anchored_loss(
     chosen_term = F.logsigmoid(beta * (policy_chosen_logps - ref_chosen_logps) - chosen_anchor)
     rejected_term = F.logsigmoid(-beta * (policy_rejected_logps - ref_rejected_logps) - rejected_anchor)
     return -chosen_term - rejected_term
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mann–Whitney (AUC) loss for scorers with single-item labels — docs/methods/noisy_pairs.md
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def good_bad_pairs(labels: torch.Tensor, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every (good, bad) pair within a group: labels [N] (1 good, 0 bad), group ids [N] or None (one group).
+
+    Returns the indices of the good and of the bad item of each pair ([M] each, good-major order) and the number of
+    groups that form no pair (no good or no bad item), for the caller to log.
+    """
+    if labels.dim() != 1 or (group_ids is not None and group_ids.shape != labels.shape):
+        raise ValueError(f"good_bad_pairs: expected [N] labels and group ids, got {tuple(labels.shape)} and "
+                         f"{None if group_ids is None else tuple(group_ids.shape)}")
+    good, bad = labels == 1, labels == 0
+    if not (good | bad).all():
+        raise ValueError("good_bad_pairs: labels must be 1 (good) or 0 (bad)")
+    groups = torch.zeros_like(labels, dtype=torch.long) if group_ids is None else group_ids
+    pairs = good[:, None] & bad[None, :] & (groups[:, None] == groups[None, :])
+    good_index, bad_index = pairs.nonzero(as_tuple=True)
+    unique_groups = torch.unique(groups)
+    with_pairs = torch.unique(groups[good_index]) if good_index.numel() else unique_groups[:0]
+    return good_index, bad_index, int(unique_groups.numel() - with_pairs.numel())
+
+
+def mann_whitney_loss(rewards: torch.Tensor, labels: torch.Tensor,
+                      group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mann–Whitney (AUC) loss, the MEAN over good–bad pairs: rewards [N], labels [N] (1 good, 0 bad) → scalar.
+
+    "Optimizing What Matters: AUC-Driven Learning for Robust Neural Retrieval":
+        L_MW = (1/|G×B|) · Σ_{g∈G, b∈B} −logsigmoid(r_g − r_b)
+    over all good–bad pairs of the same group (``group_ids`` [N], e.g. the prompt; the whole batch when None). Its
+    minimiser maximises the Mann–Whitney U statistic, i.e. the AUC. A group with no good or no bad item contributes
+    nothing (``good_bad_pairs`` counts such groups); with no pair at all the loss is 0, still attached to the graph.
+    """
+    if rewards.shape != labels.shape:
+        raise ValueError(f"mann_whitney_loss: rewards {tuple(rewards.shape)} and labels {tuple(labels.shape)} differ")
+    good_index, bad_index, _ = good_bad_pairs(labels, group_ids)
+    if good_index.numel() == 0:
+        return rewards.sum() * 0.0
+    return -F.logsigmoid(rewards[good_index] - rewards[bad_index]).mean()
