@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prefalign.losses import token_kl
+from prefalign.losses import kl_terms, token_kl
 
 
 def chunked_token_kl(
@@ -57,18 +57,19 @@ class _FrozenHeadTokenKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, ref_hidden, weight, bias, ref_weight, ref_bias, chunk_size):
+    def forward(ctx, hidden, ref_hidden, weight, bias, ref_weight, ref_bias, chunk_size, grad_enabled):
+        # ``forward`` always runs with grad disabled and ``needs_input_grad`` ignores the caller's grad mode, so the
+        # caller passes ``grad_enabled`` (torch.is_grad_enabled() at the call): no gradient is formed under no_grad.
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         kl = hidden.new_empty(hidden.shape[0], dtype=dtype)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] and grad_enabled else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logp = torch.nn.functional.linear(hidden[start:end], weight, bias).to(dtype).log_softmax(-1)
             ref_logp = torch.nn.functional.linear(ref_hidden[start:end], ref_weight, ref_bias).to(dtype).log_softmax(-1)
-            ref_p = ref_logp.exp()
-            kl[start:end] = (ref_p * (ref_logp - logp)).sum(-1)
+            kl[start:end] = kl_terms(logp, ref_logp).sum(-1)
             if grad_hidden is not None:
-                grad_hidden[start:end] = ((logp.exp() - ref_p).to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[start:end] = ((logp.exp() - ref_logp.exp()).to(weight.dtype) @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return kl
 
@@ -76,7 +77,7 @@ class _FrozenHeadTokenKL(torch.autograd.Function):
     def backward(ctx, grad_kl):
         (grad_hidden,) = ctx.saved_tensors
         grad = None if grad_hidden is None else grad_kl.unsqueeze(-1).to(grad_hidden.dtype) * grad_hidden
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def frozen_head_token_kl(
@@ -103,5 +104,6 @@ def frozen_head_token_kl(
     rows = mask.nonzero()[:, 0]
     per_position = _FrozenHeadTokenKL.apply(policy_hidden[mask], ref_hidden[mask].detach(), weight.detach(),
                                             None if bias is None else bias.detach(), ref_weight.detach(),
-                                            None if ref_bias is None else ref_bias.detach(), chunk_size)
+                                            None if ref_bias is None else ref_bias.detach(), chunk_size,
+                                            torch.is_grad_enabled())
     return per_position.new_zeros(mask.shape[0]).index_add(0, rows, per_position)

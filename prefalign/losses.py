@@ -22,12 +22,18 @@ def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.
     """Σ over masked positions of KL(π_ref ‖ π_θ) over the full vocabulary: logits [B,T,V], mask [B,T] → [B].
 
     Computed with log_softmax in at least float32. Pass detached ``ref_logits``; nothing is detached here.
+    Entries the reference gives probability 0 (a −inf logit) contribute exactly 0 (``kl_terms``).
     """
     dtype = _float_dtype(torch.promote_types(policy_logits.dtype, ref_logits.dtype))
-    policy_logp = policy_logits.to(dtype).log_softmax(-1)
-    ref_logp = ref_logits.to(dtype).log_softmax(-1)
-    kl = (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)  # [B, T]
+    kl = kl_terms(policy_logits.to(dtype).log_softmax(-1), ref_logits.to(dtype).log_softmax(-1)).sum(-1)  # [B, T]
     return torch.where(mask.bool(), kl, 0.0).sum(-1)
+
+
+def kl_terms(policy_logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """p_ref·(log p_ref − log p_θ) per vocabulary entry, elementwise; exactly 0 where p_ref = 0 (0·log 0 = 0),
+    whatever log p_θ is there (also −inf), so a −inf reference logit never makes the KL NaN."""
+    ref_p = ref_logp.exp()
+    return torch.where(ref_p > 0, ref_p * (ref_logp - policy_logp), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

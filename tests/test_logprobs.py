@@ -128,3 +128,99 @@ def test_frozen_head_token_kl_refuses_a_trainable_head():
     with pytest.raises(ValueError, match="trainable"):
         frozen_head_token_kl(hidden, hidden, torch.randn(4, 3, requires_grad=True), torch.randn(4, 3),
                              torch.ones(1, 2, dtype=torch.bool))
+
+
+def _kl_by_hand(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> list[float]:
+    """Σ_v p_ref·(log p_ref − log p_θ) per row of [N,V] logits in float64 loops, terms with p_ref = 0 left out."""
+    out = []
+    for pol, ref in zip(policy_logits.tolist(), ref_logits.tolist()):
+        z_pol = math.log(sum(math.exp(x) for x in pol if x != -math.inf))
+        z_ref = math.log(sum(math.exp(x) for x in ref if x != -math.inf))
+        out.append(sum(math.exp(r - z_ref) * ((r - z_ref) - (p - z_pol)) for p, r in zip(pol, ref) if r != -math.inf))
+    return out
+
+
+def test_token_kl_with_minus_inf_reference_logits_matches_hand_computation():
+    """Vocabulary entries the reference gives probability 0 (a −inf logit, e.g. a masked token) contribute exactly 0,
+    also where the policy's logit is −inf there too; the gradient w.r.t. the policy logits is p_θ − p_ref."""
+    inf = math.inf
+    ref = torch.tensor([[[0.5, -inf, 1.0, -0.3], [2.0, 0.0, -inf, -inf]]], dtype=F64)
+    pol = torch.tensor([[[0.1, 0.7, -0.2, 0.4], [1.0, -1.0, -inf, 0.3]]], dtype=F64, requires_grad=True)
+    kl = token_kl(pol, ref, torch.ones(1, 2))
+    expected = sum(_kl_by_hand(pol[0].detach(), ref[0]))
+    torch.testing.assert_close(kl, torch.tensor([expected], dtype=F64), rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(kl.sum(), pol)
+    p_pol = [[math.exp(x) for x in row] for row in pol[0].detach().log_softmax(-1).tolist()]
+    p_ref = [[math.exp(x) for x in row] for row in ref[0].log_softmax(-1).tolist()]
+    hand = torch.tensor([[[a - b for a, b in zip(rp, rr)] for rp, rr in zip(p_pol, p_ref)]], dtype=F64)
+    torch.testing.assert_close(grad, hand, rtol=0, atol=1e-12)
+
+
+def test_frozen_head_and_chunked_kl_with_minus_inf_reference_logits():
+    """A −inf in the reference head's bias (a token the reference can never produce) leaves the KL finite and equal
+    to the float64 hand computation, in the frozen-head and in the chunked path."""
+    torch.manual_seed(5)
+    B, T, H, V = 2, 3, 4, 6
+    hidden = torch.randn(B, T, H, dtype=F64, requires_grad=True)
+    ref_hidden = torch.randn(B, T, H, dtype=F64)
+    weight, ref_weight = torch.randn(V, H, dtype=F64), torch.randn(V, H, dtype=F64)
+    ref_bias = torch.tensor([0.0, -math.inf, 0.3, -math.inf, 0.0, 0.1], dtype=F64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    policy_logits, ref_logits = (hidden @ weight.T).detach(), ref_hidden @ ref_weight.T + ref_bias
+    expected = torch.tensor([sum(_kl_by_hand(policy_logits[b], ref_logits[b])) for b in range(B)], dtype=F64)
+
+    frozen = frozen_head_token_kl(hidden, ref_hidden, weight, ref_weight, mask, ref_bias=ref_bias, chunk_size=2)
+    torch.testing.assert_close(frozen, expected, rtol=0, atol=1e-12)
+    policy_head = torch.nn.Linear(H, V, bias=False, dtype=F64)
+    policy_head.weight.data.copy_(weight)
+    chunked = chunked_token_kl(hidden, ref_hidden, policy_head, lambda h: h @ ref_weight.T + ref_bias, mask,
+                               chunk_size=2)
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(frozen.sum(), hidden)
+    (chunked_grad,) = torch.autograd.grad(chunked.sum(), hidden)
+    torch.testing.assert_close(grad, chunked_grad, rtol=0, atol=1e-12)
+
+
+class _MatmulShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every matrix product (mm / addmm) run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_frozen_head_token_kl_forms_no_hidden_gradient_under_no_grad():
+    """With grad enabled each chunk forms its [rows, H] hidden-state gradient (one mm per chunk); under no_grad none
+    is formed (only the two [rows, V] head projections per chunk run) and the value is the same."""
+    torch.manual_seed(6)
+    B, T, H, V, chunk = 2, 5, 3, 7, 4
+    hidden = torch.randn(B, T, H, requires_grad=True)
+    ref_hidden, weight, ref_weight = torch.randn(B, T, H), torch.randn(V, H), torch.randn(V, H)
+    mask = torch.ones(B, T, dtype=torch.bool)  # 10 rows: 3 chunks of ≤ 4
+    with _MatmulShapes() as with_grad:
+        value = frozen_head_token_kl(hidden, ref_hidden, weight, ref_weight, mask, chunk_size=chunk)
+    assert sorted(s for s in with_grad.shapes if s[-1] == H) == [(2, H), (4, H), (4, H)]
+    with torch.no_grad(), _MatmulShapes() as without_grad:
+        no_grad_value = frozen_head_token_kl(hidden, ref_hidden, weight, ref_weight, mask, chunk_size=chunk)
+    assert [s for s in without_grad.shapes if s[-1] == H] == []
+    assert sorted(without_grad.shapes) == sorted([(4, V), (4, V), (4, V), (4, V), (2, V), (2, V)])
+    assert no_grad_value.grad_fn is None
+    torch.testing.assert_close(no_grad_value, value.detach(), rtol=0, atol=0)
+
+
+def test_frozen_head_function_called_directly_forms_no_gradient_under_no_grad():
+    """The autograd Function itself, given a hidden tensor that requires grad, forms no gradient when the caller
+    passes grad mode off (``needs_input_grad`` alone would say True under no_grad)."""
+    from prefalign.logprobs import _FrozenHeadTokenKL
+
+    hidden = torch.randn(6, 3, requires_grad=True)
+    weight = torch.randn(7, 3)
+    with torch.no_grad(), _MatmulShapes() as spy:
+        _FrozenHeadTokenKL.apply(hidden, hidden.detach() + 1, weight, None, weight, None, 4, torch.is_grad_enabled())
+    assert [s for s in spy.shapes if s[-1] == 3] == []
