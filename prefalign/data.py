@@ -6,6 +6,7 @@ lists of `{"role", "content"}` messages (conversational format). The prompt colu
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow
+import pyarrow.parquet
 from datasets import Dataset, DatasetDict
 
 logger = logging.getLogger("prefalign.data")
@@ -28,12 +31,77 @@ class PreferenceDataError(ValueError):
     """A preference dataset is malformed; the message names the rows and columns at fault."""
 
 
+def _parse_json_line(path: Path, number: int, raw: bytes) -> Any:
+    """Parse line `number` (1-based) of a JSON Lines file; raise naming `file:line:column` and the parser's reason."""
+    try:
+        line = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as error:
+        raise PreferenceDataError(f"{path}:{number}:{error.start + 1}: not UTF-8 text ({error.reason})") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise PreferenceDataError(f"{path}:{number}:{error.colno}: invalid JSON: {error.msg}") from None
+
+
+def check_json_lines(path: str | Path) -> int:
+    """Check that every non-blank line of a JSON Lines file is one JSON object; return the number of rows.
+
+    Raises PreferenceDataError naming `file:line:column` and the parser's reason, or the file when it has no rows.
+    """
+    path = Path(path)
+    rows = 0
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            value = _parse_json_line(path, number, raw)
+            if not isinstance(value, dict):
+                raise PreferenceDataError(f"{path}:{number}: expected a JSON object, got a {type(value).__name__}")
+            rows += 1
+    if rows == 0:
+        raise PreferenceDataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def _check_json_document(path: Path) -> None:
+    """Check a .json file: one JSON document, or JSON Lines (as `datasets` also reads); raise naming line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        check_json_lines(path)  # names the first line that is not UTF-8
+        return
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # more than one document: JSON Lines
+            check_json_lines(path)
+            return
+        raise PreferenceDataError(f"{path}:{error.lineno}:{error.colno}: invalid JSON: {error.msg}") from None
+    if not document:
+        raise PreferenceDataError(f"{path}: no rows (the document is empty)")
+
+
+def _check_parquet(path: Path) -> None:
+    """Check that a parquet file can be read and has rows; raise naming the file."""
+    try:
+        rows = pyarrow.parquet.read_metadata(path).num_rows
+    except (OSError, pyarrow.ArrowException) as error:
+        raise PreferenceDataError(f"{path}: cannot read parquet: {error}") from None
+    if rows == 0:
+        raise PreferenceDataError(f"{path}: no rows")
+
+
 def _load_file(path: Path) -> Dataset:
-    """Load one .jsonl/.json/.parquet file as a Dataset."""
+    """Load one .jsonl/.json/.parquet file as a Dataset, after checking it so that errors name the file and line."""
     builder = SPLIT_FILE_SUFFIXES.get(path.suffix)
     if builder is None:
         raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use .jsonl, .json or .parquet")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+    {".jsonl": check_json_lines, ".json": _check_json_document, ".parquet": _check_parquet}[path.suffix](path)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # anything the checks above cannot see
+        reason = error.__cause__ or error
+        raise PreferenceDataError(f"{path}: cannot load as {builder}: {type(reason).__name__}: {reason}") from error
 
 
 def _load_folder(path: Path) -> Dataset | DatasetDict:
@@ -61,7 +129,11 @@ def _select_split(data: Dataset | DatasetDict, split: str, source: str) -> Datas
 def load_preference_dataset(name_or_path: str, split: str | None = None,
                             max_samples: int | None = None) -> Dataset | DatasetDict:
     """Load a dataset from an embedded name, a file, a folder or a hub id; one split if `split` is given, of which
-    only the first `max_samples` rows are kept when that is set."""
+    only the first `max_samples` rows are kept when that is set.
+
+    Local files are checked first: a malformed line raises PreferenceDataError naming `file:line:column` and the
+    parser's reason; an empty file, or an empty split asked for, raises naming the file and split.
+    """
     path = EMBEDDED_DATASETS.get(name_or_path, Path(name_or_path))
     if path.suffix in SPLIT_FILE_SUFFIXES and not path.exists():
         raise FileNotFoundError(f"no such dataset file: {path}")
@@ -77,6 +149,9 @@ def load_preference_dataset(name_or_path: str, split: str | None = None,
         if split is None:
             raise ValueError("max_samples needs a split")
         data = data.select(range(min(max_samples, len(data))))
+    if split is not None and len(data) == 0:
+        limit = f" (max_samples={max_samples})" if max_samples is not None else ""
+        raise PreferenceDataError(f"{name_or_path}, split {split!r}: no rows{limit}")
     return data
 
 
@@ -181,16 +256,24 @@ def validate_preference_dataset(
     max_prompt_length: int | None = None,
     drop_invalid: bool = False,
     required: Sequence[str] = ("prompt", "chosen", "rejected"),
+    source: str | None = None,
 ) -> Dataset:
-    """Check every row before training; raise PreferenceDataError naming row and column, or drop and log the bad rows."""
+    """Check every row before training; raise PreferenceDataError naming row and column, or drop and log the bad rows.
+
+    `source` (e.g. "pairs.jsonl, split 'train'") starts every message. An empty dataset, or one that `drop_invalid`
+    would empty, is an error.
+    """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"expected a datasets.Dataset (pick a split first), got {type(dataset).__name__}")
+    prefix = f"{source}: " if source else ""
     missing = [column for column in required if column not in dataset.column_names]
     if missing:
         raise PreferenceDataError(
-            f"missing column(s) {missing}; columns present: {dataset.column_names}. TRL's preference formats need "
-            "'chosen' and 'rejected', and 'prompt' unless the prompt is implicit."
+            f"{prefix}missing column(s) {missing}; columns present: {dataset.column_names}. TRL's preference formats "
+            "need 'chosen' and 'rejected', and 'prompt' unless the prompt is implicit."
         )
+    if len(dataset) == 0:
+        raise PreferenceDataError(f"{prefix or 'the dataset has '}no rows")
     columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]
     problems, dataset_format = _row_problems(dataset, columns)
     if processing_class is not None and "prompt" in columns and (max_length or max_prompt_length):
@@ -210,12 +293,17 @@ def validate_preference_dataset(
             f"  row {row}, column {column!r}: {detail}" for row, column, _, detail in problems[:MAX_LISTED_PROBLEMS]
         )
         more = len(problems) - MAX_LISTED_PROBLEMS
+        if len(bad_rows) < len(dataset):
+            advice = "\nPass drop_invalid=True (recipes: --drop_invalid true) to drop and count these rows."
+        else:
+            prefix += "every row is invalid, nothing left to train on: "
+            advice = ""
         raise PreferenceDataError(
-            f"{len(problems)} problem(s) in {len(bad_rows)} of {len(dataset)} rows ({kind_counts}):\n{listed}"
+            f"{prefix}{len(problems)} problem(s) in {len(bad_rows)} of {len(dataset)} rows ({kind_counts}):\n{listed}"
             + (f"\n  ... and {more} more" if more > 0 else "")
-            + ("\nPass drop_invalid=True (recipes: --drop_invalid true) to drop and count these rows." if len(bad_rows) < len(dataset) else "")
+            + advice
         )
-    logger.warning("dropped %d of %d rows: %s", len(bad_rows), len(dataset), kind_counts)
+    logger.warning("%sdropped %d of %d rows: %s", prefix, len(bad_rows), len(dataset), kind_counts)
     bad = set(bad_rows)
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
 

@@ -301,3 +301,104 @@ def test_long_prompts_with_a_processor_count_with_its_tokenizer(word_tokenizer):
     with pytest.raises(PreferenceDataError) as error:
         validate_preference_dataset(dataset, Processor(), max_length=7)
     assert problem_lines(error.value) == [(1, "prompt")]
+
+
+# --- bad files and empty splits: each error names the file and line (or split) before training ---
+
+GOOD_LINE = json.dumps({"prompt": "What is red?", "chosen": "A colour.", "rejected": "A fruit."})
+
+
+@pytest.mark.parametrize(
+    "bad_line, column, reason",
+    [
+        ('{"prompt": "p", "chosen": }', 27, "Expecting value"),  # the value after "chosen": is missing
+        ('{"prompt": "p", "chosen": "c" "rejected": "r"}', 31, "Expecting ',' delimiter"),
+        (GOOD_LINE + " " + GOOD_LINE, len(GOOD_LINE) + 2, "Extra data"),  # two rows on one line
+    ],
+    ids=["missing-value", "missing-comma", "two-objects"],
+)
+def test_malformed_jsonl_line_names_file_line_column_and_reason(tmp_path, bad_line, column, reason):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{GOOD_LINE}\n\n{GOOD_LINE}\n{bad_line}\n{GOOD_LINE}\n")  # the bad line is line 4
+    with pytest.raises(PreferenceDataError) as error:
+        load_preference_dataset(str(path))
+    assert str(error.value) == f"{path}:4:{column}: invalid JSON: {reason}"
+
+
+def test_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(f"{GOOD_LINE}\n[1, 2]\n")
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}:2: expected a JSON object, got a list")):
+        load_preference_dataset(str(path))
+
+
+def test_jsonl_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(GOOD_LINE.encode() + b'\n{"prompt": "caf\xe9"}\n')  # Latin-1 é is byte 16 of line 2
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}:2:16: not UTF-8 text")):
+        load_preference_dataset(str(path))
+
+
+def test_malformed_json_document_names_file_line_and_column(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text('[\n  {"prompt": "p", "chosen": "c", "rejected": "r"},\n  {"prompt": "p",, }\n]\n')
+    with pytest.raises(PreferenceDataError) as error:
+        load_preference_dataset(str(path))
+    assert str(error.value) == f"{path}:3:18: invalid JSON: Expecting property name enclosed in double quotes"
+    # A .json file holding JSON Lines is read as such, and its bad line is named.
+    path.write_text(f"{GOOD_LINE}\n{GOOD_LINE}\n{{oops\n")
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}:3:2: invalid JSON")):
+        load_preference_dataset(str(path))
+    path.write_text(f"{GOOD_LINE}\n{GOOD_LINE}\n")
+    assert len(load_preference_dataset(str(path))) == 2
+
+
+def test_malformed_line_in_a_folder_of_split_files_names_that_file(tmp_path):
+    write_jsonl(standard_rows(), tmp_path / "train.jsonl")
+    (tmp_path / "test.jsonl").write_text(f"{GOOD_LINE}\n{GOOD_LINE[:-1]}\n")  # line 2 lacks its closing brace
+    with pytest.raises(PreferenceDataError) as error:
+        load_preference_dataset(str(tmp_path), split="train")
+    assert str(error.value).startswith(f"{tmp_path / 'test.jsonl'}:2:{len(GOOD_LINE)}: invalid JSON")
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    Dataset.from_list(standard_rows()).to_parquet(str(tmp_path / "train.parquet"))
+    (tmp_path / "test.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{tmp_path / 'test.parquet'}: cannot read parquet")):
+        load_preference_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty", "blank-lines"])
+def test_empty_jsonl_file_is_an_error_naming_it(tmp_path, content):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content)
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}: no rows")):
+        load_preference_dataset(str(path))
+
+
+def test_empty_split_is_an_error_naming_the_source_and_split(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).to_parquet(str(path))
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}: no rows")):
+        load_preference_dataset(str(path))
+    write_jsonl(standard_rows(), tmp_path / "rows.jsonl")
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{tmp_path / 'rows.jsonl'}, split 'train': no rows "
+                                                            "(max_samples=0)")):
+        load_preference_dataset(str(tmp_path / "rows.jsonl"), split="train", max_samples=0)
+
+
+def test_validation_refuses_an_empty_dataset_naming_it():
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(PreferenceDataError, match="^the dataset has no rows"):
+        validate_preference_dataset(empty)
+    with pytest.raises(PreferenceDataError, match="^" + re.escape("pairs.jsonl, split 'test': no rows")):
+        validate_preference_dataset(empty, source="pairs.jsonl, split 'test'")
+
+
+def test_drop_invalid_that_empties_the_split_names_the_source():
+    rows = [{"prompt": "p", "chosen": "", "rejected": "r"}, {"prompt": "q", "chosen": "x", "rejected": "x"}]
+    with pytest.raises(PreferenceDataError) as error:
+        validate_preference_dataset(Dataset.from_list(rows), drop_invalid=True, source="pairs.jsonl, split 'train'")
+    message = str(error.value)
+    assert message.startswith("pairs.jsonl, split 'train': every row is invalid, nothing left to train on: ")
+    assert problem_lines(error.value) == [(0, "chosen"), (1, "chosen")]
