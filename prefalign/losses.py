@@ -327,3 +327,12 @@ def mann_whitney_loss(rewards: torch.Tensor, labels: torch.Tensor,
     if good_index.numel() == 0:
         return rewards.sum() * 0.0
     return -F.logsigmoid(rewards[good_index] - rewards[bad_index]).mean()
+
+
+def dpo_pair_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """DPO's sigmoid loss per pair, −logsigmoid(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]):
+    summed sequence log-probs [B] → [B] (Rafailov et al., arXiv:2305.18290; TRL's `loss_type="sigmoid"` averages it).
+    The per-pair loss that noisy-pair mining records (docs/methods/noisy_pairs.md)."""
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin)

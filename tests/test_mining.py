@@ -137,3 +137,12 @@ def test_mann_whitney_gradient_orders_items_like_auc():
 def test_good_bad_pairs_refuses_other_labels():
     with pytest.raises(ValueError):
         good_bad_pairs(torch.tensor([1, 2, 0]))
+
+
+def test_dpo_pair_losses_by_hand():
+    from prefalign.losses import dpo_pair_losses
+
+    losses = dpo_pair_losses(torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]), torch.tensor([-2.5, -1.0]),
+                             torch.tensor([-2.5, -2.0]), beta=0.5)
+    # margins: (−3+2.5) − (−2+2.5) = −1 → softplus(0.5); (−1+1) − (−4+2) = 2 → softplus(−1)
+    assert losses.tolist() == pytest.approx([softplus(0.5), softplus(-1.0)])
