@@ -96,6 +96,19 @@ def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
     return model, ref_model, processing_class, peft_config
 
 
+def end_process_group() -> None:
+    """Wait for every process, then end the process group (a no-op in one process).
+
+    Called once at the end of a recipe run as a script: a rank that reaches interpreter exit with the group alive can
+    abort ("terminate called without an active exception") while another rank still talks to it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train_and_save(trainer):
     """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` and say what was saved."""
     args = trainer.args

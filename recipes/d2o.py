@@ -24,6 +24,7 @@ from trl import ModelConfig
 from data_builders.negatives import build_anchors
 from prefalign.recipe_args import (
     DataArguments,
+    end_process_group,
     load_policy_and_reference,
     load_recipe_datasets,
     parse_recipe_args,
@@ -78,3 +79,4 @@ def main(argv: list[str] | None = None) -> D2OTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

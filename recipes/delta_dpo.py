@@ -26,6 +26,7 @@ from data_builders.delta import DEFAULT_LADDER, build_delta_pairs
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.recipe_args import (
     DataArguments,
+    end_process_group,
     load_policy_and_reference,
     load_recipe_datasets,
     parse_recipe_args,
@@ -97,3 +98,4 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

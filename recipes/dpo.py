@@ -13,6 +13,7 @@ from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from prefalign.recipe_args import (
     DataArguments,
+    end_process_group,
     load_policy_and_reference,
     load_recipe_datasets,
     parse_recipe_args,
@@ -46,3 +47,4 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -19,6 +19,7 @@ from trl import ModelConfig
 from prefalign.diagnostics import GradientEntanglementCallback
 from prefalign.recipe_args import (
     DataArguments,
+    end_process_group,
     load_policy_and_reference,
     load_recipe_datasets,
     parse_recipe_args,
@@ -66,3 +67,4 @@ def main(argv: list[str] | None = None) -> DisentangledDPOTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

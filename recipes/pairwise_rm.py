@@ -18,6 +18,7 @@ from trl import ModelConfig
 from data_builders.verdicts import build_verdict_examples
 from prefalign.recipe_args import (
     DataArguments,
+    end_process_group,
     load_policy_and_reference,
     load_recipe_datasets,
     parse_recipe_args,
@@ -56,3 +57,4 @@ def main(argv: list[str] | None = None) -> PairwiseRMTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -20,7 +20,7 @@ from trl import ModelConfig, get_peft_config
 from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
-from prefalign.recipe_args import DataArguments, parse_recipe_args, train_and_save
+from prefalign.recipe_args import DataArguments, end_process_group, parse_recipe_args, train_and_save
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
 
 
@@ -78,3 +78,4 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
 
 if __name__ == "__main__":
     main()
+    end_process_group()
