@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,13 @@ def _parse_json_line(path: Path, number: int, raw: bytes) -> Any:
         raise PreferenceDataError(f"{path}:{number}:{error.colno}: invalid JSON: {error.msg}") from None
 
 
-def check_json_lines(path: str | Path) -> int:
-    """Check that every non-blank line of a JSON Lines file is one JSON object; return the number of rows.
+def iter_json_lines(path: str | Path) -> Iterator[dict]:
+    """Yield the JSON object on each non-blank line of a JSON Lines file.
 
-    Raises PreferenceDataError naming `file:line:column` and the parser's reason, or the file when it has no rows.
+    Raises PreferenceDataError naming `file:line:column` and the parser's reason at the first line that is not UTF-8
+    text, not JSON, or not a JSON object.
     """
     path = Path(path)
-    rows = 0
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
@@ -57,7 +57,12 @@ def check_json_lines(path: str | Path) -> int:
             value = _parse_json_line(path, number, raw)
             if not isinstance(value, dict):
                 raise PreferenceDataError(f"{path}:{number}: expected a JSON object, got a {type(value).__name__}")
-            rows += 1
+            yield value
+
+
+def check_json_lines(path: str | Path) -> int:
+    """Check every line of a JSON Lines file (see `iter_json_lines`); return the number of rows, raise if none."""
+    rows = sum(1 for _ in iter_json_lines(path))
     if rows == 0:
         raise PreferenceDataError(f"{path}: no rows (the file is empty)")
     return rows

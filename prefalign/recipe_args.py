@@ -73,7 +73,8 @@ def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_le
     for split, limit in splits:
         dataset = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
         loaded.append(validate_preference_dataset(dataset, processing_class, max_length=max_length,
-                                                  drop_invalid=data_args.drop_invalid, required=required))
+                                                  drop_invalid=data_args.drop_invalid, required=required,
+                                                  source=f"{data_args.dataset_name}, split {split!r}"))
     return tuple(loaded) if with_eval else (loaded[0], None)
 
 

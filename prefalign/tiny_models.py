@@ -7,7 +7,6 @@ plumbing and maths are meaningful, never the text they generate.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from prefalign.data import iter_json_lines
 from prefalign.models import PilQwen2VLProcessor
 
 HIDDEN = 64
@@ -42,8 +42,7 @@ def _training_texts() -> list[str]:
     folder = Path(__file__).parent / "embedded" / "wordnet-definitions"
     texts = []
     for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for row in iter_json_lines(path):
             texts += [m["content"] for key in ("prompt", "chosen", "rejected") for m in row[key]]
     return texts or ["What does the word mean? A definition of a word."]
 

@@ -2,6 +2,7 @@
 transformers/peft load, resuming, and the `prefalign` CLI running the same code."""
 
 import json
+import re
 import runpy
 
 import pytest
@@ -84,6 +85,18 @@ def test_bad_data_stops_before_training_naming_row_and_column(tiny_dpo_args, tmp
     with pytest.raises(PreferenceDataError, match=r"row 3, column 'chosen': chosen identical to rejected"):
         dpo_recipe["main"]([*tiny_dpo_args, "--dataset_name", str(path)])
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_bad_data_errors_name_the_file_and_split_before_training(tiny_dpo_args, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "Define 'cat'.", "chosen": "A small feline.", "rejected": ""}] * 2  # every row invalid
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}, split 'train': every row is invalid")):
+        dpo_recipe["main"]([*tiny_dpo_args, "--dataset_name", str(path), "--drop_invalid", "true"])
+    path.write_text(json.dumps(rows[0]) + "\n" + '{"prompt": "Define \'dog\'.", "chosen": "A canine."\n')
+    with pytest.raises(PreferenceDataError, match=re.escape(f"{path}:2:")):
+        dpo_recipe["main"]([*tiny_dpo_args, "--dataset_name", str(path)])
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_train_runs_the_recipe(tiny_dpo_args, tmp_path, monkeypatch):
