@@ -1,29 +1,42 @@
-"""Batched text generation shared by data builders and online trainers: transformers by default, vLLM when present.
+"""Batched text generation shared by data builders and online trainers: transformers by default, vLLM on request.
 
     texts = generate(model, tokenizer, prompts, num_return_sequences=4, max_new_tokens=64, temperature=0.8, top_p=0.9)
     texts[i][j]   # the j-th response to prompts[i]
+    texts, finished = generate(..., return_finished=True)   # finished[i][j]: ended by an end token, not the limit
 
 Prompts are strings (tokenised as they are, like TRL's standard format) or lists of ``{"role", "content"}`` messages
 (rendered with the chat template and a generation prompt, like TRL's conversational format). Batches are built from
 prompts sorted by token length (left padding, little padding waste, the longest batch first so memory errors come
-early) and the answers are returned in input order. Sampling is deterministic for a seed: the same prompts, seed and
-batch size give the same texts, and the caller's random state is left untouched.
+early) and the answers are returned in input order. Sampling is deterministic for a seed: each batch is seeded from
+(seed, batch number), so the same prompts, seed and batch size give the same texts however the batches are shared
+between processes (``split_across_processes``), and the caller's random state is left untouched.
+
+An answer that reaches ``max_new_tokens`` without an end token is cut off: it is counted in a log line, and
+``return_finished=True`` returns the flags so that builders and trainers can drop it (they do by default) instead of
+training it as a complete answer. A model given by name is loaded on the process's device (``process_device``); a
+loaded model is used where it is, with a warning when that is the CPU while an accelerator is there (see
+docs/builders.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("prefalign.generation")
 
 Prompt = str | list[dict[str, Any]]
+BACKENDS = ("transformers", "vllm")
+_VLLM_ENGINES: dict[str, Any] = {}
 
 
 def with_instruction(prompt: Prompt, instruction: str | None) -> Prompt:
@@ -53,6 +66,36 @@ def prompt_token_ids(processing_class: Any, prompts: Sequence[Prompt]) -> list[l
     return ids
 
 
+def process_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` under a launcher with GPUs, ``cuda`` / ``mps`` / ``cpu`` alone
+    (accelerate's ``PartialState().device``)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_for_generation(name_or_path: str, **kwargs) -> tuple[Any, Any]:
+    """A causal LM by short name, hub id or path, placed on ``process_device()``, with its processing class."""
+    from prefalign.models import load_model, load_processing_class
+
+    return load_model(name_or_path, **kwargs).to(process_device()), load_processing_class(name_or_path)
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """The seed of one generation batch: a hash of (seed, batch number), so batches never share a stream."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def _end_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end an answer: the generation config's ``eos_token_id`` (one or a list) and the
+    tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list | tuple) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def generate(
     model: Any,
     processing_class: Any,
@@ -68,15 +111,22 @@ def generate(
     instruction: str | None = None,
     progress: bool = True,
     desc: str = "Generating",
-) -> list[list[str]]:
-    """``num_return_sequences`` responses (stripped text, special tokens removed) to each prompt, in input order.
+    backend: str = "transformers",
+    return_finished: bool = False,
+    split_across_processes: bool = False,
+) -> list[list[str]] | tuple[list[list[str]], list[list[bool]]]:
+    """``num_return_sequences`` responses (stripped text, special tokens removed) to each prompt, in input order;
+    with ``return_finished``, also a flag per response: True when it ended with an end token before the limit.
 
-    ``model``: a loaded causal LM (a ``PreTrainedModel`` or ``PeftModel``), or a short name / hub id / path, which
-    vLLM serves when it is installed and transformers loads otherwise. ``processing_class``: its tokenizer or
-    processor (loaded from the name when None). ``batch_size``: prompts per ``generate`` call, each expanded to
+    ``model``: a loaded causal LM (a ``PreTrainedModel`` or ``PeftModel``, used on its own device), or a short
+    name / hub id / path, loaded on ``process_device()``. ``processing_class``: its tokenizer or processor (loaded
+    from the name when None). ``batch_size``: prompts per ``generate`` call, each expanded to
     ``num_return_sequences`` sequences. ``top_k=0`` means no top-k filtering (transformers would otherwise apply its
     default of 50). ``instruction``: prepended to every prompt for generation only (see ``with_instruction``).
-    ``do_sample=False`` is greedy decoding and allows one sequence per prompt only.
+    ``do_sample=False`` is greedy decoding and allows one sequence per prompt only. ``backend``: "transformers"
+    (default) or "vllm" (a model name only; one engine per model, kept for later calls until
+    ``close_vllm_engines``). ``split_across_processes``: a collective call, every process passes the same prompts,
+    generates its share of the batches on its own device, and all get every answer (identical to one process).
     """
     if num_return_sequences < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"generate: num_return_sequences ({num_return_sequences}), batch_size ({batch_size}) and "
@@ -84,33 +134,52 @@ def generate(
     if not do_sample and num_return_sequences > 1:
         raise ValueError("generate: greedy decoding (do_sample=False) gives one response per prompt; "
                          f"got num_return_sequences={num_return_sequences}")
-    if isinstance(model, str):
-        from prefalign.models import load_model, load_processing_class, resolve_model_path
+    if backend not in BACKENDS:
+        raise ValueError(f"generate: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "vllm":
+        check_vllm_available()
+        if not isinstance(model, str):
+            raise ValueError("generate: backend='vllm' needs a model name or path, not a loaded model (vLLM loads "
+                             "its own copy); pass the name, or use backend='transformers'")
+        if split_across_processes and _num_processes() > 1:
+            raise ValueError("generate: backend='vllm' with split_across_processes in a multi-process run is not "
+                             "supported; build the data in one process first (e.g. `prefalign build ...`)")
+        from prefalign.models import load_processing_class, resolve_model_path
 
         processing_class = processing_class or load_processing_class(model)
-        if importlib.util.find_spec("vllm") is not None:
-            ids = prompt_token_ids(processing_class, [with_instruction(p, instruction) for p in prompts])
-            return _generate_vllm(resolve_model_path(model), ids, num_return_sequences, max_new_tokens, do_sample,
-                                  temperature, top_p, top_k, seed)
-        model = load_model(model)
+        ids = prompt_token_ids(processing_class, [with_instruction(p, instruction) for p in prompts])
+        texts, finished = _generate_vllm(resolve_model_path(model), ids, num_return_sequences, max_new_tokens,
+                                         do_sample, temperature, top_p, top_k, seed)
+        _log_truncated(finished, max_new_tokens, desc)
+        return (texts, finished) if return_finished else texts
+    if isinstance(model, str):
+        model, loaded_processing_class = load_for_generation(model)
+        processing_class = processing_class or loaded_processing_class
     if processing_class is None:
         raise ValueError("generate: pass the processing_class along with a loaded model")
+    if model.device.type == "cpu" and process_device().type != "cpu":
+        logger.warning("generate: the model is on the CPU while this process has %s; generation runs on the CPU "
+                       "(move the model with .to(process_device()) first)", process_device())
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     ids = prompt_token_ids(processing_class, [with_instruction(p, instruction) for p in prompts])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable: ties keep input order
+    batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+    rank, world = (_process_index(), _num_processes()) if split_across_processes else (0, 1)
+    mine = [b for b in range(len(batches)) if b % world == rank]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end_ids = torch.tensor(sorted(_end_token_ids(model, tokenizer)), dtype=torch.long)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
-    results: list[list[str]] = [[] for _ in prompts]
+    answers: list[tuple[int, list[str], list[bool]]] = []
     was_training = model.training
     model.eval()
     devices = [model.device] if model.device.type == "cuda" else []
-    bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress)
+    bar = tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="prompt", disable=not progress)
     new_tokens_total, start = 0, time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            for first in range(0, len(order), batch_size):
-                batch = order[first : first + batch_size]
+            for b in mine:
+                torch.manual_seed(_batch_seed(seed, b))
+                batch = batches[b]
                 width = max(len(ids[i]) for i in batch)
                 input_ids = torch.tensor([[pad_id] * (width - len(ids[i])) + ids[i] for i in batch])
                 attention_mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
@@ -120,41 +189,124 @@ def generate(
                     pad_token_id=pad_id, **sampling,
                 )
                 new = output[:, width:].cpu()
-                new_tokens_total += _count_new_tokens(new, tokenizer.eos_token_id, pad_id)
+                ended = torch.isin(new, end_ids).any(dim=1).tolist()
+                new_tokens_total += _count_new_tokens(new, end_ids)
                 texts = tokenizer.batch_decode(new, skip_special_tokens=True)
                 for row, index in enumerate(batch):
-                    chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
-                    results[index] = [text.strip() for text in chunk]
+                    chunk = slice(row * num_return_sequences, (row + 1) * num_return_sequences)
+                    answers.append((index, [text.strip() for text in texts[chunk]], ended[chunk]))
                 bar.update(len(batch))
                 bar.set_postfix(tokens_per_s=f"{new_tokens_total / max(time.perf_counter() - start, 1e-9):.1f}")
     finally:
         bar.close()
         model.train(was_training)
-    return results
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        answers = gather_object(answers)
+    results: list[list[str]] = [[] for _ in prompts]
+    finished: list[list[bool]] = [[] for _ in prompts]
+    for index, texts, ended in answers:
+        results[index], finished[index] = texts, ended
+    _log_truncated(finished, max_new_tokens, desc)
+    return (results, finished) if return_finished else results
 
 
-def _count_new_tokens(new: torch.Tensor, eos_id: int | None, pad_id: int) -> int:
-    """Generated tokens up to and including each sequence's first EOS (the rest is padding)."""
+def _process_index() -> int:
+    """This process's rank (0 without a launcher)."""
+    from accelerate import PartialState
+
+    return PartialState().process_index
+
+
+def _num_processes() -> int:
+    """The number of processes of this run (1 without a launcher)."""
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def _log_truncated(finished: list[list[bool]], max_new_tokens: int, desc: str) -> None:
+    """Log how many answers were cut off at ``max_new_tokens`` (no end token)."""
+    cut = sum(not flag for flags in finished for flag in flags)
+    if cut:
+        logger.info("%s: %d of %d answer(s) reached max_new_tokens=%d without an end token (cut off)", desc, cut,
+                    sum(len(flags) for flags in finished), max_new_tokens)
+
+
+def drop_truncated(finished: Sequence[Sequence[bool]], keep_truncated: bool = False) -> list[bool]:
+    """Which prompts to keep: those whose every answer finished (all, with ``keep_truncated``)."""
+    return [keep_truncated or all(flags) for flags in finished]
+
+
+def _count_new_tokens(new: torch.Tensor, end_ids: torch.Tensor) -> int:
+    """Generated tokens up to and including each sequence's first end token (the rest is padding)."""
     ended = torch.zeros(new.shape[0], dtype=torch.bool)
     count = 0
     for column in new.T:
         count += int((~ended).sum())
-        ended |= (column == eos_id) if eos_id is not None else (column == pad_id)
+        ended |= torch.isin(column, end_ids)
     return count
 
 
-def _generate_vllm(model_path: str, ids: list[list[int]], n: int, max_new_tokens: int, do_sample: bool,
-                   temperature: float, top_p: float, top_k: int, seed: int) -> list[list[str]]:
-    """vLLM branch, used only when vLLM is importable and ``generate`` got a model name or path.
+def check_vllm_available() -> None:
+    """Raise a clear ImportError when vLLM, asked for with ``backend='vllm'``, is not installed."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("backend='vllm' needs the vllm package, which is not installed (pip install vllm, on a "
+                          "machine with a supported GPU); or use backend='transformers'")
 
-    UNTESTED in this repository: vLLM is not installed on the project's machines (no GPU). Written against vLLM's
-    documented offline API (``LLM.generate`` with token-id prompts and ``SamplingParams``); check it before relying
-    on it. vLLM batches and orders requests itself; its outputs come back in request order.
+
+def vllm_engine(model_path: str, seed: int = 0) -> Any:
+    """The vLLM engine of ``model_path``: made on first use, then reused by every later call."""
+    if model_path not in _VLLM_ENGINES:
+        from vllm import LLM
+
+        logger.info("starting a vLLM engine for %s", model_path)
+        _VLLM_ENGINES[model_path] = LLM(model=model_path, seed=seed)
+    return _VLLM_ENGINES[model_path]
+
+
+def close_vllm_engines() -> int:
+    """Release every vLLM engine made by ``generate`` (GPU memory included); returns how many were closed."""
+    closed = len(_VLLM_ENGINES)
+    if not closed:
+        return 0
+    _VLLM_ENGINES.clear()
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+    except ImportError:
+        pass
+    else:
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return closed
+
+
+@contextlib.contextmanager
+def vllm_engines() -> Iterator[None]:
+    """A block whose vLLM engines are released at its end (``close_vllm_engines``), even on an error."""
+    try:
+        yield
+    finally:
+        close_vllm_engines()
+
+
+def _generate_vllm(model_path: str, ids: list[list[int]], n: int, max_new_tokens: int, do_sample: bool,
+                   temperature: float, top_p: float, top_k: int, seed: int) -> tuple[list[list[str]], list[list[bool]]]:
+    """vLLM branch (``backend="vllm"``): the texts and finish flags (``finish_reason == "stop"``) per prompt.
+
+    Tested here against a stand-in ``vllm`` module only (vLLM is not installed on the project's CPU machines);
+    written against vLLM's documented offline API (``LLM.generate`` with token-id prompts and ``SamplingParams``,
+    ``CompletionOutput.finish_reason``). vLLM batches and orders requests itself; outputs come in request order.
     """
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     params = SamplingParams(n=n, max_tokens=max_new_tokens, seed=seed, temperature=temperature if do_sample else 0.0,
                             top_p=top_p if do_sample else 1.0, top_k=top_k if do_sample and top_k > 0 else -1)
-    llm = LLM(model=model_path, seed=seed)
-    outputs = llm.generate([{"prompt_token_ids": prompt} for prompt in ids], params)
-    return [[completion.text.strip() for completion in output.outputs] for output in outputs]
+    outputs = vllm_engine(model_path, seed).generate([{"prompt_token_ids": prompt} for prompt in ids], params)
+    texts = [[completion.text.strip() for completion in output.outputs] for output in outputs]
+    finished = [[completion.finish_reason == "stop" for completion in output.outputs] for output in outputs]
+    return texts, finished
