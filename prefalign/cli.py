@@ -18,6 +18,7 @@ from prefalign.recipe_args import RECIPES_DIR
 
 BUILDERS = {
     "anchors": "data_builders.negatives",
+    "audit": "data_builders.audit",
     "cross-prompt": "data_builders.cross_prompt",
     "delta": "data_builders.delta",
     "phrases": "data_builders.phrases",
