@@ -13,6 +13,7 @@ from PIL import Image
 from prefalign.judges import (
     ConsistencyReport,
     JudgeReward,
+    JudgeTemplate,
     TrustJudge,
     Verdict,
     baseline_verdict,
@@ -203,6 +204,69 @@ def test_batched_kv_path_equals_one_forward_per_answer(tiny, scale):
         torch.testing.assert_close(torch.tensor([dist[s] for s in range(scale[0], scale[1] + 1)], dtype=torch.float64), naive,
                                    rtol=1e-5, atol=1e-7)
 
+
+def _hand_context(tokenizer, text: str, marker: str) -> list[int]:
+    """The judge conversation rendered with the tokenizer's own chat template, then '<marker> [[' (no judge code)."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return tokenizer(rendered + f"{marker} [[", add_special_tokens=False)["input_ids"]
+
+
+def _hand_answer(tokenizer, label: str) -> list[int]:
+    """Token ids of 'LABEL]]' built character by character (the tiny tokenizer splits digits and brackets)."""
+    return [tokenizer.convert_tokens_to_ids(c) for c in label + "]]"]
+
+
+def _hand_raw_probs(model, context: list[int], answers: dict) -> dict:
+    """Raw p(answer) = product of the teacher-forced token probabilities, float64 softmax of ONE full forward each."""
+    return {label: math.exp(_naive_logprob(model, context, ids)) for label, ids in answers.items()}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    """The tiny LM with the rows of the digits and ']' (tied embeddings) moved along its mean final hidden state at a
+    judge prompt, so that the scale gets a raw mass of ~1e-2 (not ~1e-9): the modes then differ far beyond ε."""
+    model, tokenizer = load_model("tiny-causal-lm").eval(), load_processing_class("tiny-causal-lm")
+    text = JudgeTemplate().pointwise.format(question="Hi", response="Hello", low=1, high=12,
+                                            instruction=JudgeTemplate().pointwise_direct)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor([_hand_context(tokenizer, text, "Rating:")]),
+                       output_hidden_states=True).hidden_states[-1][0].mean(0)
+        model.lm_head.weight[[tokenizer.convert_tokens_to_ids(c) for c in "0123456789]"]] += 2 * hidden / hidden.norm()
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("name", ["expected", "geval", "geval_top3", "softmax_weighted", "discrete"])
+def test_every_mode_reads_the_raw_probabilities_of_a_real_forward(scorer, name):
+    """Scale 1..12 (1..9: digit + ']' + ']', 10..12: four tokens), raw p(s) from plain forwards, every mode by hand.
+
+    expected: Σ s·p(s)/Σ p; geval: Σ s·p(s) (not renormalised), top-3: the 3 largest p(s) only; softmax_weighted:
+    w ∝ exp(l/0.2), l = log((p+ε)/(1−p+ε)) from the RAW p; discrete: argmax p.
+    """
+    model, tokenizer = scorer
+    scale = range(1, 13)
+    texts = [JudgeTemplate().pointwise.format(question=q, response=r, low=1, high=12,
+                                              instruction=JudgeTemplate().pointwise_direct)
+             for q, r in zip(PROMPTS, RESPONSES)]
+    answers = {s: _hand_answer(tokenizer, str(s)) for s in scale}
+    assert [len(answers[s]) for s in (9, 10)] == [3, 4]
+    hand = []
+    for text in texts:
+        p = _hand_raw_probs(model, _hand_context(tokenizer, text, "Rating:"), answers)
+        total = math.fsum(p.values())
+        assert 1e-4 < total < 0.5  # far from 1 (renormalising changes geval) and far above ε = 1e-8
+        top3 = sorted(p, key=p.get, reverse=True)[:3]
+        odds = {s: ((v + 1e-8) / (1 - v + 1e-8)) ** 5 for s, v in p.items()}  # exp(l / 0.2)
+        hand.append({
+            "expected": math.fsum(s * v for s, v in p.items()) / total,
+            "geval": math.fsum(s * v for s, v in p.items()),
+            "geval_top3": math.fsum(s * p[s] for s in top3),
+            "softmax_weighted": math.fsum(s * w for s, w in odds.items()) / math.fsum(odds.values()),
+            "discrete": float(max(p, key=p.get)),
+        })
+    judge = TrustJudge(model, tokenizer, scale=(1, 12), mode=name.removesuffix("_top3"), batch_size=2,
+                       geval_top_k=3 if name == "geval_top3" else None)
+    assert judge.score(PROMPTS, RESPONSES) == pytest.approx([h[name] for h in hand], rel=1e-5, abs=0)
 
 def test_reason_then_score_reads_the_score_after_a_greedy_rationale(tiny):
     """The rationale is the model's greedy continuation; the score distribution is read after it."""

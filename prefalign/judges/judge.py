@@ -154,8 +154,8 @@ class TrustJudge:
     Parameters that control the score:
         scale: (low, high) inclusive integer scale Θ; default (1, 100), the paper's fine-grained scale.
         mode: ``expected`` (default: renormalise p over Θ, take the expectation), ``geval`` (Σ s·p over the top
-            ``geval_top_k``, not renormalised), ``softmax_weighted`` (temperature ``softmax_temperature``, 0.2) or
-            ``discrete`` (top-1, the usual baseline).
+            ``geval_top_k``, default all, with the raw p(s), not renormalised), ``softmax_weighted`` (log-odds of
+            the raw p(s), temperature ``softmax_temperature``, 0.2) or ``discrete`` (top-1, the usual baseline).
         style: ``direct`` (default: the score follows the prompt) or ``reason_then_score`` (greedy rationale of at
             most ``max_reason_tokens`` tokens, default 128, then the score).
 
@@ -219,24 +219,34 @@ class TrustJudge:
 
     # ---------------------------------------------------------------- public API
 
-    def score_distribution(self, prompts: Sequence[Any], responses: Sequence[Any],
-                           images: Sequence[Sequence | None] | None = None) -> list[dict[int, float]]:
-        """P(s) for every allowed score s of each (prompt, response), renormalised over the scale (§6)."""
+    def score_probabilities(self, prompts: Sequence[Any], responses: Sequence[Any],
+                            images: Sequence[Sequence | None] | None = None) -> list[dict[int, float]]:
+        """Raw p(s) of every allowed score s of each (prompt, response): the judge's probability of the answer
+        ``s<close>`` (the product of its teacher-forced token probabilities), NOT renormalised over the scale."""
         t = self.template
         instruction = t.pointwise_reason if self.style == "reason_then_score" else t.pointwise_direct
         prompts, responses, images = self._checked(prompts, responses, images)
         texts = [t.pointwise.format(question=message_text(p), response=message_text(r), low=self.scale[0],
                                     high=self.scale[1], instruction=instruction) for p, r in zip(prompts, responses)]
-        readings = self._read(texts, images, t.score_marker, self.score_candidates, self.score_labels)
-        return [renormalised(reading.probs) for reading in readings]
+        return [reading.probs for reading in self._read(texts, images, t.score_marker, self.score_candidates,
+                                                        self.score_labels)]
+
+    def score_distribution(self, prompts: Sequence[Any], responses: Sequence[Any],
+                           images: Sequence[Sequence | None] | None = None) -> list[dict[int, float]]:
+        """P(s) = p(s) / Σ_{s′} p(s′) for every allowed score s of each (prompt, response), renormalised over the
+        scale (TrustJudge's distribution)."""
+        return [renormalised(probs) for probs in self.score_probabilities(prompts, responses, images)]
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any],
               images: Sequence[Sequence | None] | None = None) -> list[float]:
         """One score per (prompt, response) on the scale, by ``mode`` (default: the expected score)."""
-        return [self.score_from_distribution(d) for d in self.score_distribution(prompts, responses, images)]
+        return [self.score_from_distribution(p) for p in self.score_probabilities(prompts, responses, images)]
 
     def score_from_distribution(self, probs: dict[int, float]) -> float:
-        """Apply ``mode`` to a score distribution."""
+        """Apply ``mode`` to the RAW p(s) of ``score_probabilities``: ``expected`` renormalises them itself,
+        ``geval`` and ``softmax_weighted`` use them as they are (as the official code uses the API's raw
+        probabilities), ``discrete`` takes the most probable score. Given an already renormalised distribution,
+        ``geval`` would equal ``expected``."""
         if self.mode == "expected":
             return expected_score(probs)
         if self.mode == "geval":

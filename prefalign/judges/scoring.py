@@ -44,7 +44,11 @@ def expected_score(score_probs: Mapping[int, float]) -> float:
 
 
 def geval_score(score_probs: Mapping[int, float], top_k: int | None = None) -> float:
-    """G-Eval's Σ s·p(s) over the ``top_k`` most probable scores (all when None), NOT renormalised (official code)."""
+    """G-Eval's Σ s·p(s) over the ``top_k`` most probable scores (all when None), NOT renormalised (official code).
+
+    ``score_probs`` must be the judge's RAW probabilities p(s) (``TrustJudge.score_probabilities``): on a
+    renormalised distribution with ``top_k=None`` this is just ``expected_score``.
+    """
     probs = _checked(score_probs, "geval_score")
     if top_k is not None and top_k < 1:
         raise ValueError(f"geval_score: top_k must be ≥ 1 or None, got {top_k}")
@@ -55,8 +59,10 @@ def geval_score(score_probs: Mapping[int, float], top_k: int | None = None) -> f
 def softmax_weighted_score(score_probs: Mapping[int, float], temperature: float = 0.2, eps: float = 1e-8) -> float:
     """Σ s·w(s), w = softmax(l/T) with l = log((p+ε)/(1−p+ε)) over scores with 0 < p < 1 (official code, T = 0.2).
 
-    Scores with p = 0 or p = 1 are skipped as in the official ConflictCalculator; if none is left, the result is the
-    discrete score (a one-hot distribution has only that answer).
+    ``score_probs`` must be the judge's RAW probabilities p(s) (``TrustJudge.score_probabilities``), as the official
+    code reads them: the log-odds of a renormalised p are different numbers. Scores with p = 0 or p = 1 are skipped
+    as in the official ConflictCalculator; if none is left, the result is the discrete score (a one-hot
+    distribution has only that answer).
     """
     probs = _checked(score_probs, "softmax_weighted_score")
     if temperature <= 0:
