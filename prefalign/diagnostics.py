@@ -36,10 +36,14 @@ def entanglement_stats(grad_w: torch.Tensor, grad_l: torch.Tensor, d_w: float = 
     if grad_w.dim() != 1 or grad_w.shape != grad_l.shape:
         raise ValueError(f"entanglement_stats: expected two flat gradients of equal size, got {tuple(grad_w.shape)} "
                          f"and {tuple(grad_l.shape)}")
+    return _stats_from_products(torch.dot(grad_w, grad_l).item(), torch.dot(grad_w, grad_w).item(),
+                                torch.dot(grad_l, grad_l).item(), d_w, d_l)
+
+
+def _stats_from_products(inner: float, norm_w_sq: float, norm_l_sq: float, d_w: float, d_l: float) -> dict:
+    """``entanglement_stats`` from the three inner products ⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖²."""
     if d_w <= 0 or d_l <= 0:
         raise ValueError(f"entanglement_stats: d_w and d_l must be > 0, got {d_w} and {d_l}")
-    inner = torch.dot(grad_w, grad_l).item()
-    norm_w_sq, norm_l_sq = torch.dot(grad_w, grad_w).item(), torch.dot(grad_l, grad_l).item()
     denominator = (norm_w_sq * norm_l_sq) ** 0.5
     return {"inner": inner, "norm_w_sq": norm_w_sq, "norm_l_sq": norm_l_sq,
             "cos": inner / denominator if denominator > 0 else 0.0,
@@ -54,15 +58,13 @@ def _summed_logps(model, model_kwargs: dict, input_ids: torch.Tensor, completion
 
 
 def _row_logps_and_gradients(model, inputs: dict, rows: Sequence[int], params: list[torch.Tensor]
-                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(log π(row), flat ∇ log π(row) over ``params``) for each row of a right-padded batch, in order.
+                             ) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]:
+    """(log π(row), ∇ log π(row) per parameter of ``params``, None where unused) for each row of a right-padded batch.
 
     Text batches: each row runs its own forward and backward, so the work equals one forward and backward of the
     rows. Batches with other model inputs (images) run one batched forward and one backward per row through it.
+    The gradients are autograd's own tensors: no flat copy is made.
     """
-    def flat(grads):
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-
     if set(inputs) <= _TEXT_KEYS:
         for row in rows:
             length = int(inputs["attention_mask"][row].sum())
@@ -70,13 +72,13 @@ def _row_logps_and_gradients(model, inputs: dict, rows: Sequence[int], params: l
             logp = _summed_logps(model, {"input_ids": ids, "attention_mask": inputs["attention_mask"][row:row + 1,
                                                                                                      :length]},
                                  ids, inputs["completion_mask"][row:row + 1, :length])[0]
-            yield logp.detach(), flat(torch.autograd.grad(logp, params, allow_unused=True))
+            yield logp.detach(), torch.autograd.grad(logp, params, allow_unused=True)
         return
     model_kwargs = {k: v for k, v in inputs.items() if k not in _TEXT_KEYS - {"input_ids", "attention_mask"}}
     logps = _summed_logps(model, model_kwargs, inputs["input_ids"], inputs["completion_mask"])
     for i, row in enumerate(rows):
         grads = torch.autograd.grad(logps[row], params, retain_graph=i < len(rows) - 1, allow_unused=True)
-        yield logps[row].detach(), flat(grads)
+        yield logps[row].detach(), grads
 
 
 def pair_gradient_stats(model, inputs: dict, params: list[torch.Tensor] | None = None,
@@ -100,13 +102,28 @@ def pair_gradient_stats(model, inputs: dict, params: list[torch.Tensor] | None =
         (logp_w, grad_w), (logp_l, grad_l) = next(results), next(results)
         d_w, d_l = (1.0 / lengths[i], 1.0 / lengths[num_pairs + i]) if length_normalised else (1.0, 1.0)
         stats = {"logp_chosen": logp_w.item(), "logp_rejected": logp_l.item(),
-                 **entanglement_stats(grad_w, grad_l, d_w, d_l)}
+                 **_stats_from_products(*_gradient_products(grad_w, grad_l), d_w, d_l)}
         del grad_w, grad_l
         for key, value in stats.items():
             per_pair.setdefault(key, []).append(value)
     device = inputs["input_ids"].device
     return {k: torch.tensor(v, device=device, dtype=torch.bool if isinstance(v[0], bool) else torch.float64)
             for k, v in per_pair.items()}
+
+
+def _gradient_products(grad_w: Sequence[torch.Tensor | None], grad_l: Sequence[torch.Tensor | None]
+                       ) -> tuple[float, float, float]:
+    """⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖² of two per-parameter gradients (None: zero), summed parameter by parameter in
+    float64, so the peak memory is the two gradients themselves (no flat copy of either)."""
+    inner = norm_w_sq = norm_l_sq = 0.0
+    for g_w, g_l in zip(grad_w, grad_l, strict=True):
+        if g_w is not None:
+            norm_w_sq = norm_w_sq + torch.sum(g_w * g_w, dtype=torch.float64)
+        if g_l is not None:
+            norm_l_sq = norm_l_sq + torch.sum(g_l * g_l, dtype=torch.float64)
+        if g_w is not None and g_l is not None:
+            inner = inner + torch.sum(g_w * g_l, dtype=torch.float64)
+    return float(inner), float(norm_w_sq), float(norm_l_sq)
 
 
 class GradientEntanglementCallback(TrainerCallback):

@@ -219,3 +219,41 @@ def test_length_normalised_losses_use_inverse_lengths(tmp_path, phrase_pairs, to
     trainer = DPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"), args=args,
                          train_dataset=_untagged(phrase_pairs), processing_class=tokenizer)
     assert GradientEntanglementCallback(_untagged(phrase_pairs), max_pairs=2).attach(trainer).length_normalised
+
+
+class _OpOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor an operator returns while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_pair_gradient_stats_never_builds_a_whole_gradient_vector(tmp_path, phrase_pairs, tokenizer):
+    """pngd's per-pair statistics are accumulated parameter by parameter: no tensor with as many elements as all the
+    trainable parameters together is ever created (a flat copy of a gradient is one), so the extra memory per pair
+    is the two gradients autograd returns, with no flat copies on top; the values equal the float64 brute force."""
+    from prefalign.diagnostics import pair_gradient_stats
+
+    pairs = _untagged(phrase_pairs)
+    args = DPOConfig(output_dir=str(tmp_path), **COMMON)
+    trainer = DPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"), args=args,
+                         train_dataset=pairs.select(range(4)), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    assert max(p.numel() for p in params) < n_params // 2  # so a whole-vector tensor is told apart from any one
+
+    with _OpOutputs() as spy:
+        stats = pair_gradient_stats(model, batch)
+    assert spy.numels and n_params not in spy.numels  # (activations may be larger: [tokens, 32768] in the MLP)
+    expected = _brute_force_stats(model, batch)
+    assert stats["inner"].mean().item() == pytest.approx(expected["inner"], rel=1e-4)
+    assert stats["norm_w_sq"].mean().item() == pytest.approx(expected["norm_w_sq"], rel=1e-4)
+    assert stats["norm_l_sq"].mean().item() == pytest.approx(expected["norm_l_sq"], rel=1e-4)
