@@ -30,6 +30,7 @@ from prefalign.judges import (
     triple_inconsistency,
 )
 from prefalign.judges.cli import main as judge_cli
+from prefalign.losses import pairwise_reward
 from prefalign.models import load_model, load_processing_class
 
 PROMPTS = ["What does the word 'dog' mean?", "Hi", "What does the word 'eminence grise' mean? Answer briefly."]
@@ -328,8 +329,22 @@ def test_compare_is_symmetric_under_swapping_the_responses(tiny):
     assert merge_pairwise(ab.probs_order1, ab.probs_order2)[1] == pytest.approx(ab.merged)
 
 
-def test_reward_adapter_follows_trls_reward_function_convention(tiny):
-    """Called as GRPOTrainer calls it (keywords, conversational, extra columns): scores mapped to [0, 1]."""
+def _hand_verdict_probs(model, tokenizer, question: str, first: str, second: str) -> dict[str, float]:
+    """P(first/second/tie better) judging (first, second): raw p of 'A]]', 'B]]', 'C]]' from plain forwards,
+    renormalised over the three verdicts."""
+    template = JudgeTemplate()
+    text = template.pairwise.format(question=question, response_a=first, response_b=second,
+                                    instruction=template.pairwise_direct)
+    context = _hand_context(tokenizer, text, "Verdict:")
+    raw = _hand_raw_probs(model, context, {k: _hand_answer(tokenizer, label) for k, label in
+                                           zip(("first", "second", "tie"), "ABC")})
+    return {k: v / math.fsum(raw.values()) for k, v in raw.items()}
+
+
+def test_reward_adapter_by_hand_from_real_forwards(tiny):
+    """Called as GRPOTrainer calls it (keywords, conversational, extra columns). Pointwise: (S − 1)/9 with S the
+    expected score of plain forwards; pairwise: ½[P(y ≻ y* | (y, y*)) + 1 − P(y* ≻ y | (y*, y))] with each P the
+    "first better" probability over all three verdicts (tie mass included) of plain forwards."""
     model, tokenizer = tiny
     judge = TrustJudge(model, tokenizer, scale=(1, 10))
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
@@ -337,13 +352,45 @@ def test_reward_adapter_follows_trls_reward_function_convention(tiny):
     reward = JudgeReward(judge)
     got = reward(prompts=prompts, completions=completions, completion_ids=[[1]] * 3, trainer_state=None,
                  log_extra=lambda *a: None, log_metric=lambda *a: None, word=["dog", "hi", "eg"])
-    assert got == pytest.approx([(s - 1) / 9 for s in judge.score(PROMPTS, RESPONSES)], abs=1e-9)
+    answers = {s: _hand_answer(tokenizer, str(s)) for s in range(1, 11)}
+    expected = []
+    for q, r in zip(PROMPTS, RESPONSES):
+        text = JudgeTemplate().pointwise.format(question=q, response=r, low=1, high=10,
+                                                instruction=JudgeTemplate().pointwise_direct)
+        p = _hand_raw_probs(model, _hand_context(tokenizer, text, "Rating:"), answers)
+        expected.append((math.fsum(s * v for s, v in p.items()) / math.fsum(p.values()) - 1) / 9)
+    assert got == pytest.approx(expected, rel=1e-5)
     assert reward.__name__ == "trust_judge"
-    pairwise = JudgeReward(judge, anchor_column="reference")
-    got = pairwise(prompts=prompts, completions=completions, reference=list(reversed(RESPONSES)))
-    verdicts = judge.compare_pairs(PROMPTS, RESPONSES, list(reversed(RESPONSES)))
-    assert got == pytest.approx([(v.probs_order1["first"] + v.probs_order2["second"]) / 2 for v in verdicts])
+    anchors = list(reversed(RESPONSES))
+    got = JudgeReward(judge, anchor_column="reference")(prompts=prompts, completions=completions, reference=anchors)
+    expected, tie_mass = [], []
+    for q, y, anchor in zip(PROMPTS, RESPONSES, anchors):
+        forward = _hand_verdict_probs(model, tokenizer, q, y, anchor)
+        backward = _hand_verdict_probs(model, tokenizer, q, anchor, y)
+        expected.append(0.5 * (forward["first"] + 1 - backward["first"]))
+        tie_mass.append(backward["tie"])
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert max(tie_mass) > 0.5  # row 0: the judge puts most mass on "tie", so its treatment is tested
+    assert got[1] == pytest.approx(0.5, abs=1e-6)  # row 1 is its own anchor: exactly ½ (a position-consistent tie)
 
+
+def test_pairwise_reward_with_tie_mass_from_fixed_verdict_distributions():
+    """r = ½[P1(first) + 1 − P2(first)], P over first/second/tie: tie mass lowers both P; a certain tie gives ½."""
+    cases = [  # (P judging (y, y*), P judging (y*, y), r by hand)
+        ({"first": 0.5, "second": 0.2, "tie": 0.3}, {"first": 0.1, "second": 0.6, "tie": 0.3}, 0.5 * (0.5 + 1 - 0.1)),
+        ({"first": 0.0, "second": 0.0, "tie": 1.0}, {"first": 0.0, "second": 0.0, "tie": 1.0}, 0.5),
+        ({"first": 0.6, "second": 0.4, "tie": 0.0}, {"first": 0.2, "second": 0.2, "tie": 0.6}, 0.5 * (0.6 + 1 - 0.2)),
+        ({"first": 0.8, "second": 0.2, "tie": 0.0}, {"first": 0.3, "second": 0.7, "tie": 0.0}, 0.75),
+        ({"first": 1.0, "second": 0.0, "tie": 0.0}, {"first": 0.0, "second": 1.0, "tie": 0.0}, 1.0),
+    ]
+    verdicts = [Verdict("first", merge_pairwise(p1, p2)[1], p1, p2, 1.0, 1.0) for p1, p2, _ in cases]
+    reward = JudgeReward(_FixedJudge(verdicts), anchor_column="anchor")
+    got = reward(prompts=["q"] * len(cases), completions=["y"] * len(cases), anchor=["a"] * len(cases))
+    assert got == pytest.approx([r for _, _, r in cases], abs=1e-12)
+    # Without tie mass it is Pairwise-RL's two-verdict reward: sigmoid(log .8 − log .2) = .8, sigmoid(log .3 − log .7)
+    two_verdict = pairwise_reward(torch.tensor([[math.log(0.8), math.log(0.2)]], dtype=torch.float64),
+                                  torch.tensor([[math.log(0.3), math.log(0.7)]], dtype=torch.float64))
+    assert got[3] == pytest.approx(two_verdict.item(), abs=1e-12)
 
 class _FixedJudge:
     """Stands in for a judge whose verdicts are known, to test the keep/flip/drop bookkeeping alone."""

@@ -29,9 +29,13 @@ class JudgeReward:
     (``{"type": "image", "image": ...}`` parts) or in an ``images`` / ``image`` column.
 
     ``anchor_column=None`` (default): the judge's pointwise score mapped to [0, 1] ((S − low) / (high − low)).
-    ``anchor_column="<column>"``: the position-consistent pairwise reward against that column's reference answer
-    (METHODS.md §5), r(y) = ½·[P(y ≻ y*) + 1 − P(y* ≻ y)] = m[first] / 2 with the two orders' merged
-    probabilities (§6), in [0, 1].
+    ``anchor_column="<column>"``: Pairwise-RL's position-consistent reward against that column's reference answer
+    y* (arXiv:2504.04950, docs/methods/pairwise_rl.md), in [0, 1]:
+        r(y) = ½·[P(y ≻ y* | order (y, y*)) + 1 − P(y* ≻ y | order (y*, y))]
+    where each P is the judge's probability of the "first better" verdict renormalised over ALL THREE verdicts
+    (first better, second better, tie). Tie mass therefore lowers both P's: it counts as neither response winning,
+    so a certain tie gives ½, like a response judged against itself. (Without tie mass this is the two-verdict
+    formula, P = sigmoid(z_first − z_second).)
     """
 
     def __init__(self, judge: TrustJudge, anchor_column: str | None = None, name: str = "trust_judge"):
@@ -48,7 +52,7 @@ class JudgeReward:
             raise KeyError(f"JudgeReward: anchor column {self.anchor_column!r} is not in the dataset; columns "
                            f"passed by the trainer: {sorted(k for k in kwargs if k not in ('trainer_state',))}")
         verdicts = self.judge.compare_pairs(prompts, completions, kwargs[self.anchor_column], images)
-        return [v.merged["first"] / 2 for v in verdicts]
+        return [0.5 * (v.probs_order1["first"] + 1.0 - v.probs_order2["first"]) for v in verdicts]
 
 
 def _per_item_images(column: Sequence | None) -> list | None:
