@@ -1,4 +1,4 @@
-"""Self-generated anchors for negative-only data (D²O, METHODS.md §3): K responses per prompt from a model.
+"""Self-generated anchors for negative-only data (D²O, arXiv:2403.03419, docs/methods/d2o.md): K responses per prompt.
 
 D²O trains on human NEGATIVE responses only; the positives are the model's own samples ("anchors"). This builder
 reads rows with a `prompt` and a human negative `rejected`, samples K responses per prompt from a model (the
@@ -10,19 +10,25 @@ if present, is not written: D²O does not use it.
     python -m data_builders.negatives --dataset negatives.jsonl --output anchors.jsonl --instruction "Answer correctly."
 
 An `--instruction` (e.g. a harmlessness or "answer correctly" instruction) is prepended for sampling only; the
-stored prompt is the original one. The build is resumable: prompts are processed in shards of `--shard-size`,
-each shard's rows are appended to the output and flushed when it is complete, and a restarted build skips the
-finished shards (a half-written shard is rolled back). Shard i is sampled with seed `seed + i`, so an interrupted
-and resumed build writes exactly the rows of an uninterrupted one. The settings are kept beside the output in
-`<output>.settings`; resuming with different settings is refused (use `--overwrite` to start again).
+stored prompt is the original one. A prompt with an anchor cut off at `--max-new-tokens` (no end token) is dropped
+and counted, since D²O would train the cut-off text as a complete answer (`--keep-truncated` keeps it). A model given
+by name is placed on the process's device (the GPU when there is one).
+
+The build is resumable and atomic: prompts are processed in shards of `--shard-size`, each finished shard is saved
+in `<output>.shards/`, a restarted build samples only the missing shards, and `<output>` itself appears (renamed from
+a temporary file) only when every shard is done. Shard i is sampled with seed `seed + i`, so an interrupted and
+resumed build writes exactly the rows of an uninterrupted one. The settings are kept beside the output in
+`<output>.settings`; resuming with different settings is refused (use `--overwrite` to start again). In a
+multi-process run (`distributed=True`, every process calling) the processes share each shard's prompts and the
+main process writes the files. See docs/builders.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +36,15 @@ from typing import Any
 from datasets import Dataset
 
 from prefalign.data import load_preference_dataset, validate_preference_dataset
-from prefalign.generation import generate
-from prefalign.models import DEFAULT_CAUSAL_LM, load_model, load_processing_class
+from prefalign.files import ShardStore, check_settings, write_jsonl
+from prefalign.generation import generate, load_for_generation
+from prefalign.models import DEFAULT_CAUSAL_LM
 
 logger = logging.getLogger("prefalign.data_builders.negatives")
 
 # Settings that change the rows written: a resumed build must use the same ones.
 ROW_SETTINGS = ("model", "num_anchors", "instruction", "max_new_tokens", "temperature", "top_p", "batch_size",
-                "shard_size", "seed", "num_prompts")
+                "shard_size", "seed", "num_prompts", "prompts_sha256", "keep_truncated")
 
 
 def settings_path(output: Path) -> Path:
@@ -45,32 +52,22 @@ def settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".settings")
 
 
+def shards_path(output: Path) -> Path:
+    """Where the finished shards of an unfinished build of ``output`` are kept: ``<output>.shards/``."""
+    return output.with_name(output.name + ".shards")
+
+
 def _as_completion(text: str, like: str | list) -> str | list:
     """``text`` in the format of the completion ``like``: a string, or one assistant message."""
     return text if isinstance(like, str) else [{"role": "assistant", "content": text}]
 
 
-def _finished_rows(output: Path, shard_size: int, num_prompts: int) -> list[dict]:
-    """Rows of the finished shards already in ``output``; truncate the file to them (rolls back a half-written
-    shard). The last shard of the data set may be shorter than ``shard_size``."""
-    if not output.exists():
-        return []
-    rows, kept_rows, kept_bytes = [], 0, 0
-    with open(output, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            if len(rows) % shard_size == 0 or len(rows) == num_prompts:
-                kept_rows, kept_bytes = len(rows), f.tell()
-    if output.stat().st_size != kept_bytes:
-        logger.warning("%s: rolled back an unfinished shard after row %d; it will be sampled again", output, kept_rows)
-        with open(output, "r+b") as f:
-            f.truncate(kept_bytes)
-    return rows[:kept_rows]
+def _sync(distributed: bool) -> None:
+    """Wait for every process of a distributed build (nothing otherwise)."""
+    if distributed:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def build_anchors(
@@ -86,72 +83,107 @@ def build_anchors(
     batch_size: int = 8,
     shard_size: int = 64,
     seed: int = 0,
+    keep_truncated: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> Dataset:
     """Sample ``num_anchors`` responses per prompt of ``dataset`` (needs `prompt` and `rejected`) into ``output``.
 
-    ``model``: a loaded causal LM (pass its ``processing_class``) or a short name / hub id / path (default: the
-    embedded SmolLM2-135M-Instruct). Temperature 0.8 and top-p 0.9 are METHODS.md §3's sampling defaults. Returns
+    ``model``: a loaded causal LM (pass its ``processing_class``; used on its device) or a short name / hub id /
+    path (default: the embedded SmolLM2-135M-Instruct), loaded on the process's device. Temperature 0.8 and top-p
+    0.9 are the D²O paper's sampling defaults (arXiv:2403.03419, docs/methods/d2o.md). ``keep_truncated``: keep
+    prompts whose anchors hit ``max_new_tokens`` (default: drop and count them). ``distributed``: every process of
+    a multi-process run calls this; each samples its share of every shard and the main process writes. Returns
     the finished dataset (the rows of ``output``); resumes a build left unfinished (see the module docstring).
     """
     if num_anchors < 1 or shard_size < 1:
         raise ValueError(f"num_anchors ({num_anchors}) and shard_size ({shard_size}) must be ≥ 1")
     dataset = validate_preference_dataset(dataset, required=("prompt", "rejected"))
     output = Path(output)
+    is_main = True
+    if distributed:
+        from accelerate import PartialState
+
+        is_main = PartialState().is_main_process
     model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", type(model).__name__)
+    prompts_sha256 = hashlib.sha256(json.dumps(list(dataset["prompt"]), sort_keys=True).encode()).hexdigest()
     settings = dict(model=str(model_name), num_anchors=num_anchors, instruction=instruction,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
-                    shard_size=shard_size, seed=seed, num_prompts=len(dataset))
-    if overwrite:
+                    shard_size=shard_size, seed=seed, num_prompts=len(dataset), prompts_sha256=prompts_sha256,
+                    keep_truncated=keep_truncated)
+    store = ShardStore(shards_path(output))
+    if overwrite and is_main:
         output.unlink(missing_ok=True)
-    if output.exists() and settings_path(output).exists():
-        previous = json.loads(settings_path(output).read_text())
-        changed = {k: (previous.get(k), settings[k]) for k in ROW_SETTINGS if previous.get(k) != settings[k]}
-        if changed:
-            listed = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{output} was started with other settings ({listed}); pass overwrite=True "
-                             "(--overwrite) to start again, or the same settings to resume")
-    elif output.exists():
+        settings_path(output).unlink(missing_ok=True)
+        store.clear()
+    _sync(distributed)
+    if output.exists() and not settings_path(output).exists():
         raise ValueError(f"{output} exists but has no {settings_path(output).name}: not a build of this builder; "
                          "pass overwrite=True (--overwrite) to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    settings_path(output).write_text(json.dumps(settings, indent=2) + "\n")
+    check_settings(settings_path(output), settings, what=output, write=False)
+    _sync(distributed)
+    if is_main:
+        check_settings(settings_path(output), settings, what=output)
+    if output.exists():
+        logger.info("%s: already built with these settings; nothing to sample", output)
+        return load_preference_dataset(str(output))
 
-    finished = _finished_rows(output, shard_size, len(dataset))
-    for index, (row, prompt) in enumerate(zip(finished, dataset[: len(finished)]["prompt"])):
-        if row["prompt"] != prompt:
-            raise ValueError(f"{output}, row {index}, column 'prompt': differs from input row {index}; the output "
-                             "belongs to another input. Pass overwrite=True (--overwrite) to start again.")
-    if finished:
-        logger.info("%s: resuming after %d finished prompt(s) of %d", output, len(finished), len(dataset))
-    if len(finished) < len(dataset) and isinstance(model, str):
-        processing_class = processing_class or load_processing_class(model)
-        model = load_model(model)
+    num_shards = -(-len(dataset) // shard_size)
+    todo = store.missing(num_shards)
+    if len(todo) < num_shards:
+        logger.info("%s: resuming, %d of %d shard(s) already sampled", output, num_shards - len(todo), num_shards)
+    if todo and isinstance(model, str):
+        model, loaded_processing_class = load_for_generation(model)
+        processing_class = processing_class or loaded_processing_class
     extra_columns = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", "anchors")]
     if "chosen" in dataset.column_names:
         logger.info("the 'chosen' column is not written: D²O trains on negatives and self-generated anchors only")
 
-    empty, num_shards = 0, -(-len(dataset) // shard_size)
-    with open(output, "a", encoding="utf-8") as out:
-        for shard_start in range(len(finished), len(dataset), shard_size):
-            shard_index = shard_start // shard_size
-            shard = dataset.select(range(shard_start, min(shard_start + shard_size, len(dataset))))
-            texts = generate(model, processing_class, shard["prompt"], num_return_sequences=num_anchors,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             batch_size=batch_size, seed=seed + shard_index, instruction=instruction,
-                             progress=progress, desc=f"Sampling anchors, shard {shard_index + 1}/{num_shards}")
-            for row, anchors in zip(shard, texts):
-                empty += sum(not text for text in anchors)
-                record = {"prompt": row["prompt"], "rejected": row["rejected"],
-                          "anchors": [_as_completion(text, row["rejected"]) for text in anchors],
-                          **{c: row[c] for c in extra_columns}}
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-    if empty:
-        logger.warning("%d of %d sampled anchors in this run are empty (the model ended at once); they are kept, as "
-                       "the K samples of a prompt", empty, num_anchors * (len(dataset) - len(finished)))
+    for shard_index in todo:
+        shard_start = shard_index * shard_size
+        shard = dataset.select(range(shard_start, min(shard_start + shard_size, len(dataset))))
+        texts, finished = generate(model, processing_class, shard["prompt"], num_return_sequences=num_anchors,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   batch_size=batch_size, seed=seed + shard_index, instruction=instruction,
+                                   progress=progress and is_main, return_finished=True,
+                                   split_across_processes=distributed,
+                                   desc=f"Sampling anchors, shard {shard_index + 1}/{num_shards}")
+        rows, counts = [], {"empty": 0, "truncated_anchors": 0, "dropped_prompts": 0}
+        for row, anchors, flags in zip(shard, texts, finished):
+            counts["empty"] += sum(not text for text in anchors)
+            counts["truncated_anchors"] += sum(not flag for flag in flags)
+            if not all(flags) and not keep_truncated:
+                counts["dropped_prompts"] += 1
+                continue
+            rows.append({"prompt": row["prompt"], "rejected": row["rejected"],
+                         "anchors": [_as_completion(text, row["rejected"]) for text in anchors],
+                         **{c: row[c] for c in extra_columns}})
+        if is_main:
+            store.save(shard_index, {"rows": rows, "counts": counts})
+
+    _sync(distributed)
+    if is_main:
+        rows, counts = [], {"empty": 0, "truncated_anchors": 0, "dropped_prompts": 0}
+        for shard_index in range(num_shards):
+            shard = store.load(shard_index)
+            rows += shard["rows"]
+            counts = {k: counts[k] + shard["counts"][k] for k in counts}
+        if counts["truncated_anchors"]:
+            action = "kept (keep_truncated)" if keep_truncated else \
+                f"their {counts['dropped_prompts']} prompt(s) dropped (keep_truncated=True keeps them)"
+            logger.warning("%d of %d anchors were cut off at max_new_tokens=%d: %s", counts["truncated_anchors"],
+                           num_anchors * len(dataset), max_new_tokens, action)
+        if counts["empty"]:
+            logger.warning("%d of %d sampled anchors are empty (the model ended at once); they are kept, as the K "
+                           "samples of a prompt", counts["empty"], num_anchors * len(dataset))
+        if not rows:
+            raise ValueError(f"{output}: every prompt was dropped ({counts}); raise max_new_tokens or pass "
+                             "keep_truncated=True (--keep-truncated)")
+        write_jsonl(output, rows)
+        store.clear()
+        logger.info("%s: %d of %d prompts with %d anchors each", output, len(rows), len(dataset), num_anchors)
+    _sync(distributed)
     return load_preference_dataset(str(output))
 
 
@@ -164,16 +196,18 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
                              "`rejected` columns (default: wordnet-definitions)")
     parser.add_argument("--split", default="train", help="split to read (default: train)")
     parser.add_argument("--max-samples", type=int, default=None, help="only the first N prompts")
-    parser.add_argument("--output", required=True, help="jsonl file to write (appended to while resuming)")
+    parser.add_argument("--output", required=True, help="jsonl file to write (shards kept beside it until done)")
     parser.add_argument("--model", default=DEFAULT_CAUSAL_LM, help="sampling model (default: the embedded SmolLM2)")
     parser.add_argument("-K", "--num-anchors", type=int, default=4, help="anchors per prompt (default: 4)")
     parser.add_argument("--instruction", default=None, help="prepended for sampling only; not stored")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default: 64")
-    parser.add_argument("--temperature", type=float, default=0.8, help="default: 0.8 (METHODS.md §3)")
-    parser.add_argument("--top-p", type=float, default=0.9, help="default: 0.9 (METHODS.md §3)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="default: 0.8 (arXiv:2403.03419)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="default: 0.9 (arXiv:2403.03419)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="keep prompts whose anchors were cut off at --max-new-tokens (default: drop, counted)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -181,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     built = build_anchors(dataset, args.output, model=args.model, num_anchors=args.num_anchors,
                           instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                          shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite)
+                          shard_size=args.shard_size, seed=args.seed, keep_truncated=args.keep_truncated,
+                          overwrite=args.overwrite)
     print(f"wrote {len(built)} rows with {args.num_anchors} anchors each to {args.output}")
     return built
 

@@ -1,16 +1,21 @@
 """The anchor builder (data_builders.negatives) on the tiny model: K anchors per prompt in the negative's format, the
-sampling instruction kept out of stored prompts, and resuming after an interruption gives an uninterrupted run's rows."""
+sampling instruction kept out of stored prompts, resuming after an interruption gives an uninterrupted run's rows
+(and no partial output file), cut-off anchors dropped and counted, a model given by name placed on the process's
+device."""
 
 import json
+import logging
 
 import pytest
+import torch
 
 import data_builders.negatives as negatives
 from data_builders.negatives import build_anchors, settings_path
 from prefalign.data import load_preference_dataset
 from prefalign.models import load_model, load_processing_class
 
-OPTIONS = dict(num_anchors=3, max_new_tokens=6, batch_size=2, shard_size=2, seed=5, progress=False)
+# The tiny random model never produces its end token: every anchor is cut off, so these tests keep them.
+OPTIONS = dict(num_anchors=3, max_new_tokens=6, batch_size=2, shard_size=2, seed=5, progress=False, keep_truncated=True)
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +89,57 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_rows(tmp_path, neg
     out = tmp_path / "resumed.jsonl"
     with pytest.raises(KeyboardInterrupt):
         build_anchors(negatives_rows, out, model=model, processing_class=tokenizer, **OPTIONS)
-    assert len(_rows(out)) == 4  # two finished shards
-    with open(out, "a") as f:
-        f.write('{"prompt": "half a line')  # a crash in the middle of a write
+    assert not out.exists()  # the output appears only when complete
+    shards = negatives.shards_path(out)
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000.json", "shard-00001.json"]
+    (shards / ".shard-00002.json.tmp-1").write_text('{"rows": [{"prompt": "half a')  # a crash mid-write
     monkeypatch.setattr(negatives, "generate", real_generate)
     resumed = build_anchors(negatives_rows, out, model=model, processing_class=tokenizer, **OPTIONS)
     assert _rows(out) == expected and len(resumed) == 5
     assert calls == [5, 6, 7]  # shard i is sampled with seed + i
+    assert not shards.exists()  # the shards are removed once the output is written
 
     calls.clear()
     monkeypatch.setattr(negatives, "generate", interrupted)
     build_anchors(negatives_rows, out, model=model, processing_class=tokenizer, **OPTIONS)
     assert calls == [] and _rows(out) == expected  # a finished build samples nothing
+
+
+def test_cut_off_anchors_drop_their_prompt_and_are_counted(tmp_path, negatives_rows, tiny, monkeypatch, caplog):
+    """A scripted generate flags some anchors as cut off: their prompts are dropped (counted in the log) unless
+    keep_truncated, and the other rows are written unchanged."""
+    model, tokenizer = tiny
+    flags = {0: [True, True, True], 1: [True, False, True], 2: [True, True, True], 3: [False, False, False],
+             4: [True, True, True]}
+    words = list(negatives_rows["word"])
+
+    def scripted(model, processing_class, prompts, num_return_sequences, **kwargs):
+        indices = [words.index(p[-1]["content"].split("'")[1]) for p in prompts]
+        assert kwargs["return_finished"] is True
+        return [[f"a{i}-{k}" for k in range(num_return_sequences)] for i in indices], [flags[i] for i in indices]
+
+    monkeypatch.setattr(negatives, "generate", scripted)
+    with caplog.at_level(logging.INFO, logger="prefalign.data_builders.negatives"):
+        built = build_anchors(negatives_rows, tmp_path / "d.jsonl", model=model, processing_class=tokenizer,
+                              **{**OPTIONS, "keep_truncated": False})
+    assert list(built["word"]) == [words[0], words[2], words[4]]
+    assert [a[0]["content"] for a in built["anchors"][1]] == ["a2-0", "a2-1", "a2-2"]
+    assert "4 of 15 anchors were cut off at max_new_tokens=6: their 2 prompt(s) dropped" in caplog.text
+    kept = build_anchors(negatives_rows, tmp_path / "k.jsonl", model=model, processing_class=tokenizer, **OPTIONS)
+    assert list(kept["word"]) == words
+
+
+def test_a_model_given_by_name_is_placed_on_the_process_device(tmp_path, negatives_rows, monkeypatch):
+    """The builder's edge: a model named on the command line goes to accelerate's device (a stand-in says cuda:1;
+    a spy on Module.to records the move and skips it, as there is no GPU here)."""
+    state = type("State", (), {"device": torch.device("cuda:1"), "process_index": 0, "num_processes": 1,
+                               "is_main_process": True})()
+    monkeypatch.setattr("accelerate.PartialState", lambda: state)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or self)
+    build_anchors(negatives_rows.select(range(2)), tmp_path / "n.jsonl", model="tiny-causal-lm",
+                  **{**OPTIONS, "max_new_tokens": 2})
+    assert moved == [torch.device("cuda:1")]
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, negatives_rows, tiny):
@@ -114,6 +158,6 @@ def test_resuming_with_other_settings_is_refused(tmp_path, negatives_rows, tiny)
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "cli.jsonl"
     negatives.main(["--dataset", "wordnet-definitions", "--split", "test", "--max-samples", "3", "--output", str(out),
-                    "--model", "tiny-causal-lm", "-K", "2", "--max-new-tokens", "4"])
+                    "--model", "tiny-causal-lm", "-K", "2", "--max-new-tokens", "4", "--keep-truncated"])
     assert "wrote 3 rows with 2 anchors each" in capsys.readouterr().out
     assert [len(r["anchors"]) for r in _rows(out)] == [2, 2, 2]
