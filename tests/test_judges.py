@@ -146,18 +146,28 @@ def test_consistency_counts_on_hand_built_verdict_tables():
     assert transitivity_counts(equivalence, 3) == (1, 0, 1)
     # keys in either order: (2, 0) "first" means 2 ≻ 0
     assert transitivity_counts({(0, 1): "first", (1, 2): "first", (2, 0): "first"}, 3) == (1, 1, 0)
-    # scores 3 > 2 > 2: pair (1, 2) expects a tie
+    # scores 3 > 2 > 2: (0, 2) prefers the LOWER score (a score-comparison inconsistency, and a disagreement);
+    # (1, 2) expects a tie but is strict (only a disagreement: neither response has the lower score)
     scores = [3.0, 2.0, 2.0]
     verdicts = {(0, 1): "first", (0, 2): "second", (1, 2): "first"}
-    assert score_comparison_counts(scores, verdicts) == (3, 2, 1)  # (0,2) reversed; (1,2) strict on a tie
+    counts = score_comparison_counts(scores, verdicts)
+    assert (counts.pairs, counts.inconsistencies, counts.disagreements) == (3, 1, 2)
+    # a tie verdict on a large gap is a disagreement, not an inconsistency; gaps below the tolerance expect a tie
+    assert score_comparison_counts([3.0, 1.0], {(0, 1): "tie"}) == (1, 0, 1)
     assert score_comparison_counts([3.0, 2.5, 1.0], {(0, 1): "tie", (0, 2): "first", (1, 2): "first"},
                                    tolerance=1.0) == (3, 0, 0)
     report = ConsistencyReport()
     report.add(scores, verdicts)
     report.add([1.0, 2.0, 3.0, 4.0], {pair: "second" for pair in itertools.combinations(range(4), 2)})
-    assert (report.pairs, report.score_conflicts, report.triples, report.cycles) == (9, 2, 5, 1)
-    assert report.score_comparison_inconsistency == pytest.approx(2 / 9)
+    assert (report.pairs, report.score_comparison_inconsistencies, report.verdict_score_disagreements,
+            report.triples, report.cycles) == (9, 1, 2, 5, 1)
+    assert report.score_comparison_inconsistency == pytest.approx(1 / 9)  # the spec's: verdict prefers the lower
+    assert report.verdict_score_disagreement_rate == pytest.approx(2 / 9)  # the official ConflictCalculator's
     assert report.transitivity_inconsistency == pytest.approx(1 / 5)
+    assert report.summary() == {
+        "pairs": 9, "score_comparison_inconsistencies": 1, "score_comparison_inconsistency": pytest.approx(1 / 9),
+        "verdict_score_disagreements": 2, "verdict_score_disagreement_rate": pytest.approx(2 / 9), "triples": 5,
+        "cycles": 1, "equivalence_contradictions": 0, "transitivity_inconsistency": pytest.approx(1 / 5)}
 
 
 # ------------------------------------------------------------------ the judge on tiny models

@@ -1,12 +1,17 @@
-"""Judge-consistency metrics of TrustJudge (METHODS.md §6; official ConflictCalculator / NonTransitivityCalculator).
+"""Judge-consistency metrics of TrustJudge (arXiv:2509.21117, docs/methods/trustjudge.md; official code:
+trustjudge/ConflictCalculator.py and NonTransitivityCalculator.py).
 
-- Score-comparison inconsistency: the pairwise verdict on (A, B) disagrees with the order of the pointwise scores
-  (a score gap below ``tolerance`` expects a tie), counted over every pair of a prompt's candidates, as the official
-  ConflictCalculator does. The narrower "reversal" (the pairwise verdict prefers the LOWER-scored response) is
-  counted too.
+- Score-comparison inconsistency (the paper's definition): the pairwise verdict on (A, B) prefers the response with
+  the LOWER pointwise score. Pairs whose score gap is below ``tolerance`` have no lower response and never count.
+- Verdict-score disagreement: the pairwise verdict differs in any way from the order the scores imply (a gap below
+  ``tolerance`` expects a tie, so a strict verdict on equal scores, or a tie verdict on unequal ones, counts too).
+  This is what the official ConflictCalculator counts as a "conflict"; it is reported beside the paper's rate under
+  its own name, never as the score-comparison inconsistency.
 - Pairwise transitivity inconsistency: over every triple (i < j < k) of a prompt's candidates, the relations
   r(i,j), r(j,k), r(i,k) fit no weak order. A "cycle" is a strict contradiction (i ≻ j ≻ k but k ≻ i, or the
   same through one "="); an "equivalence contradiction" involves "=" (i = j = k but i ≠ k, or i ≻ j ≻ k but i = k).
+
+All rates are over every pair (or triple) of every prompt's candidates.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
@@ -23,16 +28,27 @@ from prefalign.judges.scoring import VERDICTS, swap_verdict
 _RELATION = {"first": ">", "second": "<", "tie": "="}
 
 
+class ScoreComparisonCounts(NamedTuple):
+    """Pair counts of one prompt's score-versus-verdict comparison."""
+
+    pairs: int
+    """Candidate pairs compared."""
+    inconsistencies: int
+    """Pairs whose verdict prefers the response with the strictly lower score (beyond the tolerance)."""
+    disagreements: int
+    """Pairs whose verdict differs in any way from the order of the scores (official ConflictCalculator)."""
+
+
 @dataclass
 class ConsistencyReport:
-    """Counts and rates of both inconsistencies, plus the per-prompt scores and verdict tables they come from."""
+    """Counts and rates of the inconsistencies, plus the per-prompt scores and verdict tables they come from."""
 
     pairs: int = 0
     """Candidate pairs compared (all i < j of every prompt)."""
-    score_conflicts: int = 0
-    """Pairs whose verdict disagrees with the score order (ties expected when |Δscore| < tolerance)."""
-    score_reversals: int = 0
-    """Pairs whose verdict prefers the response with the strictly lower score."""
+    score_comparison_inconsistencies: int = 0
+    """Pairs whose verdict prefers the response with the strictly lower score (the paper's definition)."""
+    verdict_score_disagreements: int = 0
+    """Pairs whose verdict differs in any way from the score order (ties expected when |Δscore| < tolerance)."""
     triples: int = 0
     """Candidate triples checked."""
     cycles: int = 0
@@ -46,8 +62,13 @@ class ConsistencyReport:
 
     @property
     def score_comparison_inconsistency(self) -> float:
-        """Score-comparison inconsistency rate: score_conflicts / pairs (0 when no pair)."""
-        return self.score_conflicts / self.pairs if self.pairs else 0.0
+        """Score-comparison inconsistency rate (the paper's): verdicts preferring the lower score / pairs."""
+        return self.score_comparison_inconsistencies / self.pairs if self.pairs else 0.0
+
+    @property
+    def verdict_score_disagreement_rate(self) -> float:
+        """Any disagreement of verdict and score order / pairs (the official ConflictCalculator's conflict rate)."""
+        return self.verdict_score_disagreements / self.pairs if self.pairs else 0.0
 
     @property
     def transitivity_inconsistency(self) -> float:
@@ -56,11 +77,11 @@ class ConsistencyReport:
 
     def add(self, scores: Sequence[float], verdicts: Mapping[tuple[int, int], str], tolerance: float = 0.0) -> None:
         """Count one prompt's pairs and triples into this report."""
-        pairs, conflicts, reversals = score_comparison_counts(scores, verdicts, tolerance)
+        counts = score_comparison_counts(scores, verdicts, tolerance)
         triples, cycles, equivalences = transitivity_counts(verdicts, len(scores))
-        self.pairs += pairs
-        self.score_conflicts += conflicts
-        self.score_reversals += reversals
+        self.pairs += counts.pairs
+        self.score_comparison_inconsistencies += counts.inconsistencies
+        self.verdict_score_disagreements += counts.disagreements
         self.triples += triples
         self.cycles += cycles
         self.equivalence_contradictions += equivalences
@@ -69,8 +90,10 @@ class ConsistencyReport:
 
     def summary(self) -> dict[str, float | int]:
         """The counts and rates as a flat dict (for printing and json)."""
-        return {"pairs": self.pairs, "score_conflicts": self.score_conflicts, "score_reversals": self.score_reversals,
-                "score_comparison_inconsistency": self.score_comparison_inconsistency, "triples": self.triples,
+        return {"pairs": self.pairs, "score_comparison_inconsistencies": self.score_comparison_inconsistencies,
+                "score_comparison_inconsistency": self.score_comparison_inconsistency,
+                "verdict_score_disagreements": self.verdict_score_disagreements,
+                "verdict_score_disagreement_rate": self.verdict_score_disagreement_rate, "triples": self.triples,
                 "cycles": self.cycles, "equivalence_contradictions": self.equivalence_contradictions,
                 "transitivity_inconsistency": self.transitivity_inconsistency}
 
@@ -115,24 +138,25 @@ def transitivity_counts(verdicts: Mapping[tuple[int, int], str], n_candidates: i
 
 def score_comparison_counts(
     scores: Sequence[float], verdicts: Mapping[tuple[int, int], str], tolerance: float = 0.0
-) -> tuple[int, int, int]:
-    """(pairs, conflicts, reversals) over every pair i < j: conflict = verdict ≠ the order the scores imply."""
-    pairs = conflicts = reversals = 0
+) -> ScoreComparisonCounts:
+    """(pairs, inconsistencies, disagreements) over every pair i < j: an inconsistency is a verdict preferring the
+    strictly lower score (gap ≥ ``tolerance``), a disagreement any verdict other than the order the scores imply."""
+    pairs = inconsistencies = disagreements = 0
     for i, j in itertools.combinations(range(len(scores)), 2):
         gap = scores[i] - scores[j]
         expected = "=" if abs(gap) < tolerance or gap == 0 else (">" if gap > 0 else "<")
         relation = _relation(verdicts, i, j)
         pairs += 1
-        conflicts += relation != expected
-        reversals += expected != "=" and relation not in ("=", expected)
-    return pairs, conflicts, reversals
+        disagreements += relation != expected
+        inconsistencies += expected != "=" and relation not in ("=", expected)
+    return ScoreComparisonCounts(pairs, inconsistencies, disagreements)
 
 
 def judge_consistency(
     judge: Any, prompts: Sequence[Any], candidate_sets: Sequence[Sequence[Any]], tolerance: float = 0.0,
     progress: bool = True,
 ) -> ConsistencyReport:
-    """Score every candidate and compare every pair (both orders) of each prompt with ``judge``; count both rates.
+    """Score every candidate and compare every pair (both orders) of each prompt with ``judge``; count the rates.
 
     ``judge`` is a ``TrustJudge`` (its ``mode`` and ``pairwise_mode`` decide the scores and verdicts).
     ``candidate_sets[i]`` holds the responses to ``prompts[i]`` (at least 2; triples need 3).
