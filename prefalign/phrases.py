@@ -1,8 +1,8 @@
 """Phrases for RRPO: `<MASK>…</MASK>` tags, token-level diffs, and per-token phrase ids aligned with TRL's tokens.
 
 A phrase pair (y+, y−) differs only in a few sub-sequences ("phrases"); phrase k of y+ is paired with phrase k of y−
-(shared/specs/METHODS.md, section 2). The RRPO trainer and the phrase-pair builder (data_builders/phrases.py) use
-these functions.
+(RRPO, arXiv:2504.12083; docs/methods/rrpo.md). The RRPO trainer and the phrase-pair builder
+(data_builders/phrases.py) use these functions.
 """
 
 from __future__ import annotations
@@ -215,20 +215,37 @@ def rendered_phrase_ids(tokenizer: Any, rendered: str, text: str, spans: Sequenc
 
 def pair_phrase_spans(chosen: str, rejected: str, tokenizer: Any = None) -> tuple[str, list[Span], str, list[Span]]:
     """Clean texts and phrase spans of a pair: from ``<MASK>`` tags when either side has them, otherwise from a
-    token-level diff. Raises ValueError (with the reason) when the pair cannot be aligned into phrases."""
+    token-level diff. Spans are trimmed of surrounding whitespace (a space is never phrase). Raises ValueError (with
+    the reason) when the pair cannot be aligned, or when no phrase has a visible character on either side."""
     if OPEN_TAG in chosen or OPEN_TAG in rejected:
         problem = alignment_problem(chosen, rejected)
         if problem is not None:
             raise ValueError(problem)
-        return (*parse_phrase_tags(chosen), *parse_phrase_tags(rejected))
+        (chosen, chosen_spans), (rejected, rejected_spans) = parse_phrase_tags(chosen), parse_phrase_tags(rejected)
+        return chosen, trim_spans(chosen, chosen_spans), rejected, trim_spans(rejected, rejected_spans)
     chosen_spans, rejected_spans = diff_phrases(chosen, rejected, tokenizer)
-    if not chosen_spans:
+    if chosen == rejected:
         raise ValueError("no phrase (rejected identical to chosen)")
+    if not any(start < end for start, end in chosen_spans + rejected_spans):
+        raise ValueError("no phrase (the texts differ only in whitespace)")
     return chosen, chosen_spans, rejected, rejected_spans
 
 
+def trim_spans(text: str, spans: Sequence[Span]) -> list[Span]:
+    """Each [start, end) span of ``text`` without its leading and trailing whitespace (empty if only whitespace)."""
+    trimmed = []
+    for start, end in spans:
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        trimmed.append((start, end))
+    return trimmed
+
+
 def alignment_problem(chosen: str, rejected: str) -> str | None:
-    """Why a tagged pair cannot train RRPO (bad tags, no phrase, unequal counts, no change), or None."""
+    """Why a tagged pair cannot train RRPO (bad tags, no phrase, unequal counts, no change, only empty or
+    whitespace phrases), or None."""
     try:
         chosen_text, chosen_spans = parse_phrase_tags(chosen)
         rejected_text, rejected_spans = parse_phrase_tags(rejected)
@@ -242,6 +259,9 @@ def alignment_problem(chosen: str, rejected: str) -> str | None:
         return "rejected identical to chosen"
     if not chosen_text.strip() or not rejected_text.strip():
         return "empty completion"
+    spans = trim_spans(chosen_text, chosen_spans) + trim_spans(rejected_text, rejected_spans)
+    if not any(start < end for start, end in spans):
+        return "no phrase token: every phrase is empty or whitespace"
     return None
 
 

@@ -14,7 +14,14 @@ from data_builders import phrases
 from data_builders.phrases import build_phrase_pairs
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
-from prefalign.phrases import alignment_problem, diff_phrases, parse_phrase_tags, phrase_token_ids, tag_phrases
+from prefalign.phrases import (
+    alignment_problem,
+    diff_phrases,
+    pair_phrase_spans,
+    parse_phrase_tags,
+    phrase_token_ids,
+    tag_phrases,
+)
 
 PROMPT = [{"role": "user", "content": "What does the word 'coppice' mean?"}]
 
@@ -105,6 +112,43 @@ def test_unequal_phrase_counts_are_detected():
     assert alignment_problem("a <MASK>b</MASK>", "a <MASK>b</MASK>") == "rejected identical to chosen"
     assert alignment_problem("a <MASK>b", "a <MASK>c</MASK>").startswith("bad tags")
     assert alignment_problem("a <MASK>b</MASK>", "a <MASK>c</MASK>") is None
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, reason",
+    [
+        ("It is <MASK></MASK> red.", "It is <MASK></MASK> blue.", "every phrase is empty or whitespace"),
+        ("It is <MASK> </MASK>red.", "It is <MASK>  </MASK>red.", "every phrase is empty or whitespace"),
+        ("Paris is big.", "Paris  is big.", "the texts differ only in whitespace"),
+        ("Paris is big.", "Paris is big. ", "the texts differ only in whitespace"),
+    ],
+    ids=["empty-tags", "whitespace-tags", "inner-space", "trailing-space"],
+)
+def test_pairs_without_a_phrase_character_are_refused(tiny_tokenizer, chosen, rejected, reason):
+    """No phrase has a visible character on either side: no token can be a phrase token, so u would be 0."""
+    for tokenizer in (tiny_tokenizer, None):
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            pair_phrase_spans(chosen, rejected, tokenizer)
+    if "<MASK>" in chosen:  # the phrase-pair builder checks tagged pairs with the same rule
+        assert reason in alignment_problem(chosen, rejected)
+
+
+def test_tagged_phrases_are_trimmed_of_whitespace(tiny_tokenizer):
+    """A space inside a tag is not phrase: without trimming, "red " marks the next token " today" as phrase."""
+    chosen, chosen_spans, rejected, rejected_spans = pair_phrase_spans(
+        "It is <MASK>red </MASK>today.", "It is<MASK> blue</MASK> today.", tiny_tokenizer)
+    assert [chosen[s:e] for s, e in chosen_spans] == ["red"]
+    assert [rejected[s:e] for s, e in rejected_spans] == ["blue"]
+    ids, phrase = phrase_token_ids(tiny_tokenizer, "Q?", chosen, chosen_spans)
+    assert tiny_tokenizer.decode([i for i, p in zip(ids, phrase) if p]).strip() == "red"
+
+
+def test_a_phrase_empty_on_one_side_is_kept():
+    """An insertion (empty phrase on one side) is a valid pair: that side contributes 0 (RRPO spec)."""
+    chosen, chosen_spans, rejected, rejected_spans = pair_phrase_spans(
+        "It is <MASK>very</MASK> good.", "It is <MASK></MASK> good.")
+    assert [chosen[s:e] for s, e in chosen_spans] == ["very"] and [rejected[s:e] for s, e in rejected_spans] == [""]
+    assert alignment_problem("It is <MASK>very</MASK> good.", "It is <MASK></MASK> good.") is None
 
 
 # --- diff ---------------------------------------------------------------------------------------------------------
