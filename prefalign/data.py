@@ -313,6 +313,88 @@ def validate_preference_dataset(
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
 
 
+def _pair_side_ids(row: dict, side: str, tokenizer: Any, add_eos: bool) -> list[int]:
+    """Token ids of one side of a reward pair, built as TRL 1.16's RewardTrainer builds them (`_prepare_dataset`)."""
+    value = row[side]
+    if add_eos and not value.endswith(tokenizer.eos_token):
+        value = value + tokenizer.eos_token
+    if "prompt" in row:
+        value = row["prompt"] + value
+    if isinstance(value, list):  # conversational
+        tools = row.get("tools")
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        return tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, tools=tools,
+                                             **(row.get("chat_template_kwargs") or {}))["input_ids"]
+    return tokenizer(text=value)["input_ids"]
+
+
+def reward_pair_token_counts(dataset: Dataset, tokenizer: Any) -> list[tuple[int, int]]:
+    """(chosen, rejected) token counts of each row as TRL 1.16's RewardTrainer counts them before its max_length
+    filter: the prompt (if any) joined to each side, the EOS token appended to text that lacks it, the chat template
+    applied to conversations; already tokenised rows (`chosen_ids`, `rejected_ids`) are counted as they are."""
+    if {"chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+        return [(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+    add_eos = isinstance(dataset[0]["chosen"], str)  # TRL decides from the first row
+    return [tuple(len(_pair_side_ids(row, side, tokenizer, add_eos)) for side in ("chosen", "rejected"))
+            for row in dataset]
+
+
+def _win_tie_counts(is_tie: list) -> str:
+    """ "2 win, 1 tie" for a list of is_tie flags."""
+    ties = sum(bool(tie) for tie in is_tie)
+    return f"{len(is_tie) - ties} win, {ties} tie"
+
+
+def check_reward_pair_lengths(
+    dataset: Dataset,
+    tokenizer: Any,
+    max_length: int | None,
+    drop: bool = False,
+    source: str = "the dataset",
+) -> Dataset:
+    """Find the pairs that TRL's RewardTrainer would drop, without a count, for a side over `max_length` tokens.
+
+    Raise PreferenceDataError naming their rows and columns (default), or with `drop` remove them and log how many
+    went (as wins and ties when there is an `is_tie` column). Rows with images or video are left alone: they are
+    processed at collation, where max_length does not filter them.
+    """
+    if max_length is None:
+        return dataset
+    if not isinstance(dataset, Dataset):
+        logger.warning("%s: a streamed dataset cannot be measured before training; TRL's RewardTrainer drops its "
+                       "pairs over max_length=%d tokens without a count", source, max_length)
+        return dataset
+    media = [column for column in dataset.column_names if column.endswith(("image", "images", "video"))]
+    if len(dataset) == 0 or media:
+        return dataset
+    counts = reward_pair_token_counts(dataset, tokenizer)
+    problems = [(row, side, count) for row, pair in enumerate(counts)
+                for side, count in zip(("chosen", "rejected"), pair) if count > max_length]
+    long_rows = sorted({row for row, _, _ in problems})
+    if not long_rows:
+        return dataset
+    is_tie = dataset["is_tie"] if "is_tie" in dataset.column_names else None
+    kinds = f" ({_win_tie_counts([is_tie[row] for row in long_rows])})" if is_tie is not None else ""
+    if not drop:
+        listed = "\n".join(f"  row {row}, column {side!r}: {count} tokens" for row, side, count in
+                           problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise PreferenceDataError(
+            f"{source}: {len(long_rows)} of {len(dataset)} pairs{kinds} are longer than max_length={max_length} "
+            f"tokens (prompt included), which TRL's RewardTrainer would drop without a count:\n{listed}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\nRaise max_length, shorten these pairs, or drop them with a count (recipes: --drop_invalid true)."
+        )
+    if len(long_rows) == len(dataset):
+        raise PreferenceDataError(f"{source}: every pair is longer than max_length={max_length} tokens")
+    long = set(long_rows)
+    kept = [row for row in range(len(dataset)) if row not in long]
+    kept_kinds = f"; kept {_win_tie_counts([is_tie[row] for row in kept])}" if is_tie is not None else ""
+    logger.warning("%s: dropped %d of %d pairs longer than max_length=%d tokens%s%s", source, len(long_rows),
+                   len(dataset), max_length, kinds, kept_kinds)
+    return dataset.select(kept)
+
+
 def video_frames_as_images(dataset: Dataset) -> Dataset:
     """Turn a `video` column (a list of frames per row) into TRL's `images` column, one image per frame.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config
 
 from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
-from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.data import check_reward_pair_lengths, load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
 from prefalign.recipe_args import DataArguments, end_process_group, parse_recipe_args, train_and_save
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
     if training_args.eval_strategy != "no":
         eval_dataset = cross_prompt_pairs(data_args, pair_args, data_args.dataset_test_split,
                                           data_args.max_eval_samples, as_text, pair_args.pair_seed + 1)
+    # Pairs over max_length (which TRL would drop uncounted): an error naming them, or with --drop_invalid counted.
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    train_dataset = check_reward_pair_lengths(train_dataset, tokenizer, training_args.max_length, data_args.drop_invalid,
+                                              f"{data_args.dataset_name}, split {data_args.dataset_train_split!r}")
+    if eval_dataset is not None:
+        eval_dataset = check_reward_pair_lengths(eval_dataset, tokenizer, training_args.max_length,
+                                                 data_args.drop_invalid,
+                                                 f"{data_args.dataset_name}, split {data_args.dataset_test_split!r}")
     trainer = WinTieRewardTrainer(model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                   processing_class=processing_class, peft_config=peft_config)
     counts = ", ".join(f"{n} {kind}" for kind, n in pair_kind_counts(train_dataset).items())

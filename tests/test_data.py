@@ -402,3 +402,109 @@ def test_drop_invalid_that_empties_the_split_names_the_source():
     message = str(error.value)
     assert message.startswith("pairs.jsonl, split 'train': every row is invalid, nothing left to train on: ")
     assert problem_lines(error.value) == [(0, "chosen"), (1, "chosen")]
+
+
+# --- reward pairs over max_length: TRL's RewardTrainer drops them without a count; we name or count them ---
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from prefalign.models import load_processing_class
+
+    return load_processing_class("tiny-causal-lm")
+
+
+def reward_datasets():
+    """The same eight pairs as conversations and as text, each with an explicit and an implicit prompt."""
+    conversational = load_preference_dataset("wordnet-definitions", split="train").select(range(8))
+    conversational = conversational.select_columns(["prompt", "chosen", "rejected"])
+    rows = conversational.to_list()
+    text = [{key: row[key][0]["content"] for key in ("prompt", "chosen", "rejected")} for row in rows]
+    return {
+        "conversational": conversational,
+        "conversational-implicit": Dataset.from_list(
+            [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in rows]),
+        "text": Dataset.from_list(text),
+        "text-implicit": Dataset.from_list([{"chosen": r["prompt"] + " " + r["chosen"],
+                                             "rejected": r["prompt"] + " " + r["rejected"]} for r in text]),
+    }
+
+
+def trl_prepared(dataset, tokenizer, max_length, tmp_path):
+    """Stock TRL: the train dataset a RewardTrainer builds (tokenised, then filtered by max_length)."""
+    from trl import RewardConfig, RewardTrainer
+
+    from prefalign.trainers.reward_wintie import load_reward_model
+
+    args = RewardConfig(output_dir=str(tmp_path), max_length=max_length, report_to="none", use_cpu=True, bf16=False)
+    trainer = RewardTrainer(load_reward_model("tiny-causal-lm"), args=args, train_dataset=dataset,
+                            processing_class=tokenizer)
+    return trainer.train_dataset
+
+
+@pytest.mark.parametrize("name", ["conversational", "conversational-implicit", "text", "text-implicit"])
+def test_reward_pair_token_counts_and_drops_equal_trl(tiny_tokenizer, tmp_path, name):
+    from prefalign.data import check_reward_pair_lengths, reward_pair_token_counts
+
+    dataset = reward_datasets()[name]
+    unfiltered = trl_prepared(dataset, tiny_tokenizer, None, tmp_path)
+    expected = [(len(c), len(r)) for c, r in zip(unfiltered["chosen_ids"], unfiltered["rejected_ids"])]
+    assert reward_pair_token_counts(dataset, tiny_tokenizer) == expected
+    # A limit that cuts some pairs: our drop keeps exactly the pairs TRL keeps.
+    limit = sorted(max(pair) for pair in expected)[len(expected) // 2]
+    kept_by_trl = trl_prepared(dataset, tiny_tokenizer, limit, tmp_path)["chosen_ids"]
+    ours = check_reward_pair_lengths(dataset, tiny_tokenizer, limit, drop=True)
+    assert 0 < len(ours) < len(dataset)
+    assert reward_pair_token_counts(ours, tiny_tokenizer) == [(len(c), len(r)) for c, r in zip(
+        kept_by_trl, trl_prepared(dataset, tiny_tokenizer, limit, tmp_path)["rejected_ids"])]
+
+
+def long_and_short_pairs():
+    """Six win/tie pairs; rows 1 (chosen), 4 (rejected) and 5 (both) have 200 words, far over 64 tokens."""
+    long_text = " ".join(["word"] * 200)
+    rows = []
+    for i, (is_tie, long_sides) in enumerate([(False, ()), (False, ("chosen",)), (True, ()), (False, ()),
+                                              (True, ("rejected",)), (True, ("chosen", "rejected"))]):
+        rows.append({"chosen": user(f"Question {i}?") + assistant(long_text if "chosen" in long_sides else "Yes."),
+                     "rejected": user(f"Other {i}?") + assistant(long_text if "rejected" in long_sides else "No."),
+                     "is_tie": is_tie})
+    return Dataset.from_list(rows)
+
+
+def test_long_reward_pairs_are_an_error_naming_row_and_column(tiny_tokenizer):
+    from prefalign.data import check_reward_pair_lengths
+
+    with pytest.raises(PreferenceDataError) as error:
+        check_reward_pair_lengths(long_and_short_pairs(), tiny_tokenizer, 64, source="pairs.jsonl, split 'train'")
+    message = str(error.value)
+    assert message.startswith("pairs.jsonl, split 'train': 3 of 6 pairs (1 win, 2 tie) are longer than "
+                              "max_length=64 tokens")
+    assert problem_lines(error.value) == [(1, "chosen"), (4, "rejected"), (5, "chosen"), (5, "rejected")]
+    assert "--drop_invalid true" in message
+    dataset = long_and_short_pairs()
+    assert check_reward_pair_lengths(dataset, tiny_tokenizer, 1024) is dataset  # nothing too long: unchanged
+    assert check_reward_pair_lengths(dataset, tiny_tokenizer, None) is dataset  # no limit: TRL filters nothing
+
+
+def test_long_reward_pairs_dropped_with_win_and_tie_counts(tiny_tokenizer, caplog):
+    from prefalign.data import check_reward_pair_lengths
+
+    dataset = long_and_short_pairs()
+    with caplog.at_level(logging.WARNING, logger="prefalign.data"):
+        kept = check_reward_pair_lengths(dataset, tiny_tokenizer, 64, drop=True, source="pairs")
+    assert kept.to_list() == dataset.select([0, 2, 3]).to_list()
+    assert [r.getMessage() for r in caplog.records] == [
+        "pairs: dropped 3 of 6 pairs longer than max_length=64 tokens (1 win, 2 tie); kept 2 win, 1 tie"]
+    with pytest.raises(PreferenceDataError, match="every pair is longer than max_length=4"):
+        check_reward_pair_lengths(dataset, tiny_tokenizer, 4, drop=True)
+
+
+def test_win_tie_trainer_refuses_long_pairs_instead_of_dropping_them_silently(tiny_tokenizer, tmp_path):
+    from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
+
+    args = WinTieRewardConfig(output_dir=str(tmp_path), max_length=64, report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(PreferenceDataError) as error:
+        WinTieRewardTrainer("tiny-causal-lm", args=args, train_dataset=long_and_short_pairs(),
+                            processing_class=tiny_tokenizer)
+    assert str(error.value).startswith("train dataset: 3 of 6 pairs (1 win, 2 tie) are longer than max_length=64")
+    assert problem_lines(error.value) == [(1, "chosen"), (4, "rejected"), (5, "chosen"), (5, "rejected")]

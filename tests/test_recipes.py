@@ -99,6 +99,44 @@ def test_bad_data_errors_name_the_file_and_split_before_training(tiny_dpo_args, 
     assert not (tmp_path / "out").exists()
 
 
+reward_wintie_recipe = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))
+
+
+def _win_tie_pairs_file(path):
+    """Six win/tie pairs in a file; rows 1 (chosen), 4 (rejected) and 5 (both) have 200 words, far over 64 tokens."""
+    long_text = " ".join(["word"] * 200)
+    rows = []
+    for i, (is_tie, long_sides) in enumerate([(False, ()), (False, ("chosen",)), (True, ()), (False, ()),
+                                              (True, ("rejected",)), (True, ("chosen", "rejected"))]):
+        rows.append({side: [{"role": "user", "content": f"Question {i} ({side})?"},
+                            {"role": "assistant", "content": long_text if side in long_sides else "Short."}]
+                     for side in ("chosen", "rejected")} | {"is_tie": is_tie})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_reward_wintie_recipe_names_or_counts_pairs_over_max_length(tmp_path, caplog):
+    """TRL's RewardTrainer drops pairs over max_length without a count; the recipe stops naming them, or drops them
+    with --drop_invalid and logs how many wins and ties went."""
+    path = tmp_path / "pairs.jsonl"
+    _win_tie_pairs_file(path)
+    args = ["--model_name_or_path", "tiny-causal-lm", "--dataset_name", str(path), "--output_dir",
+            str(tmp_path / "out"), "--max_length", "64", "--max_steps", "1", "--eval_strategy", "no",
+            "--per_device_train_batch_size", "3", "--save_strategy", "no"]
+    with pytest.raises(PreferenceDataError) as error:
+        reward_wintie_recipe["main"](args)
+    assert str(error.value).startswith(f"{path}, split 'train': 3 of 6 pairs (1 win, 2 tie) are longer than "
+                                       "max_length=64 tokens")
+    assert re.findall(r"row (\d+), column '(\w+)'", str(error.value)) == [
+        ("1", "chosen"), ("4", "rejected"), ("5", "chosen"), ("5", "rejected")]
+    assert not (tmp_path / "out").exists()
+
+    with caplog.at_level("WARNING", logger="prefalign.data"):
+        trainer = reward_wintie_recipe["main"]([*args, "--drop_invalid", "true"])
+    assert f"{path}, split 'train': dropped 3 of 6 pairs longer than max_length=64 tokens (1 win, 2 tie); kept " \
+           "2 win, 1 tie" in [r.getMessage() for r in caplog.records]
+    assert trainer.train_dataset.num_rows == 3 and trainer.state.global_step == 1
+
+
 def test_cli_train_runs_the_recipe(tiny_dpo_args, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["prefalign"])
     cli_main(["train", "dpo", *tiny_dpo_args])

@@ -33,6 +33,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from prefalign.data import check_reward_pair_lengths
 from prefalign.losses import win_tie_bt_loss
 from prefalign.models import load_processing_class, resolve_model_path
 
@@ -375,6 +376,7 @@ class WinTieRewardTrainer(RewardTrainer):
             logger.info("%s dataset: images are processed in the collator; max_length does not filter these rows",
                         dataset_name)
             return dataset
+        dataset = check_reward_pair_lengths(dataset, processing_class, args.max_length, source=f"{dataset_name} dataset")
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
