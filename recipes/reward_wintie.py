@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
     processing_class = load_processing_class(model_args.model_name_or_path)
     model = load_reward_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32")
     peft_config = get_peft_config(model_args)
+    if peft_config is not None:  # a reward model is a sequence classifier: PEFT then also trains its score head
+        peft_config.task_type = "SEQ_CLS"
 
     # Data: a backbone without a chat template (MiniLM) reads the conversations as plain text.
     as_text = getattr(processing_class, "chat_template", None) is None

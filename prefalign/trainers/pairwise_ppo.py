@@ -34,6 +34,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
 from prefalign.generation import generate
@@ -61,6 +62,8 @@ class PairwisePPOConfig(GRPOConfig):
         anchor_max_new_tokens (`int` or `None`, defaults to `None`): longest generated anchor; `None` uses
             `max_completion_length`, so anchors and samples have the same budget.
         anchor_generation_batch_size (`int`, defaults to `8`): prompts per `generate` call for the anchors.
+        anchor_keep_truncated (`bool`, defaults to `False`): keep prompts whose greedy reference anchor was cut off at
+            its token limit (no end token). By default they are dropped from the data set and counted in the log.
         reward_batch_size (`int`, defaults to `8`): RM contexts per forward when scoring completions.
 
     Changed defaults:
@@ -74,6 +77,8 @@ class PairwisePPOConfig(GRPOConfig):
     anchor_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Longest generated anchor; None: max_completion_length."})
     anchor_generation_batch_size: int = field(default=8, metadata={"help": "Prompts per anchor generate call."})
+    anchor_keep_truncated: bool = field(
+        default=False, metadata={"help": "Keep prompts whose reference anchor was cut off (default: drop, counted)."})
     reward_batch_size: int = field(default=8, metadata={"help": "Pairwise RM contexts per forward."})
     beta: float = field(default=0.05, metadata={"help": "Per-token KL coefficient to the reference policy."})
 
@@ -97,6 +102,10 @@ class PairwisePPOTrainer(GRPOTrainer):
         self._anchor_column = None
         if args.advantage != "round_robin":
             if args.anchor_column is None:
+                if is_deepspeed_zero3_enabled():
+                    raise ValueError("PairwisePPOTrainer: under DeepSpeed ZeRO-3 the policy is partitioned from the "
+                                     "start and cannot generate the reference anchors before training: set "
+                                     "anchor_column (e.g. 'chosen') or advantage='round_robin'")
                 self._anchor_column = GENERATED_ANCHOR_COLUMN
                 train_dataset = self._with_reference_anchors(model, processing_class, train_dataset, args, "train")
                 if isinstance(eval_dataset, Dataset):
@@ -123,14 +132,29 @@ class PairwisePPOTrainer(GRPOTrainer):
         if processing_class is None and not isinstance(model, str):
             raise ValueError("PairwisePPOTrainer: pass processing_class to generate the reference anchors")
         state = PartialState()
+        if not isinstance(model, str):
+            model = model.to(state.device)  # generate on this process's accelerator, not the CPU
         prompts = dataset["prompt"]
+        limit = args.anchor_max_new_tokens or args.max_completion_length
         with state.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-            answers = generate(model, processing_class, [prompts[i] for i in mine], do_sample=False,
-                               max_new_tokens=args.anchor_max_new_tokens or args.max_completion_length,
-                               batch_size=args.anchor_generation_batch_size, progress=state.is_local_main_process,
-                               desc=f"Greedy reference anchors ({split})")
-        indexed = dict(gather_object([(i, texts[0]) for i, texts in zip(mine, answers)]))
-        anchors = [indexed[i] for i in range(len(prompts))]
+            answers, finished = generate(model, processing_class, [prompts[i] for i in mine], do_sample=False,
+                                         max_new_tokens=limit, batch_size=args.anchor_generation_batch_size,
+                                         progress=state.is_local_main_process, return_finished=True,
+                                         desc=f"Greedy reference anchors ({split})")
+        indexed = dict(gather_object([(i, (texts[0], ended[0])) for i, texts, ended in zip(mine, answers, finished)]))
+        anchors = [indexed[i][0] for i in range(len(prompts))]
+        cut = [i for i in range(len(prompts)) if not indexed[i][1]]
+        if cut and not args.anchor_keep_truncated:
+            logger.warning("dropped %d of %d %s prompts whose greedy reference anchor was cut off at %d tokens "
+                           "(anchor_keep_truncated=True keeps them)", len(cut), len(prompts), split, limit)
+            if len(cut) == len(prompts):
+                raise ValueError(f"PairwisePPOTrainer: every {split} reference anchor was cut off at {limit} tokens; "
+                                 "raise anchor_max_new_tokens or set anchor_keep_truncated=True")
+            keep = [i for i in range(len(prompts)) if indexed[i][1]]
+            dataset, anchors = dataset.select(keep), [anchors[i] for i in keep]
+        elif cut:
+            logger.warning("kept %d of %d %s reference anchors cut off at %d tokens (anchor_keep_truncated)",
+                           len(cut), len(prompts), split, limit)
         empty = sum(not a for a in anchors)
         if empty:
             logger.warning("%d of %d greedy reference anchors (%s) are empty; they are kept", empty, len(anchors), split)
