@@ -20,6 +20,7 @@ from prefalign.judges import (
     discrete_score,
     expected_score,
     geval_score,
+    judge_consistency,
     merge_pairwise,
     pair_action,
     ppl_verdict,
@@ -430,29 +431,121 @@ def test_pair_labeller_keeps_flips_and_drops_by_verdict_and_margin():
                              {"prompt": "q1", "chosen": "r1", "rejected": "c1"}]
 
 
-def test_cli_writes_next_to_the_input_and_resumes(tmp_path, monkeypatch):
-    rows = [{"prompt": p, "chosen": r, "rejected": RESPONSES[i - 1], "candidates": RESPONSES}
-            for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES))]
+def _pairs_file(tmp_path, n=3):
+    """A jsonl of n rows: prompt, chosen, rejected and a 3-candidate list."""
+    rows = [{"prompt": PROMPTS[i % 3], "chosen": RESPONSES[i % 3], "rejected": RESPONSES[(i - 1) % 3],
+             "candidates": RESPONSES} for i in range(n)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data, rows
+
+
+def test_cli_writes_next_to_the_input_and_resumes(tmp_path):
+    """Rows written next to the input equal the in-memory judge's results; a rerun adds only the missing rows."""
+    data, rows = _pairs_file(tmp_path)
     common = ["--data", str(data), "--judge-model", "tiny-causal-lm", "--scale", "1", "10"]
     judge_cli(["score", *common, "--max-rows", "2"])
     out = tmp_path / "pairs.judge-score.jsonl"
     assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == [0, 1]
     judge_cli(["score", *common])  # resumes: only row 2 is added
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [line["row"] for line in lines] == [0, 1, 2] and all(1 <= line["score_chosen"] <= 10 for line in lines)
+    judge = TrustJudge(load_model("tiny-causal-lm"), load_processing_class("tiny-causal-lm"), scale=(1, 10))
+    prompts = [r["prompt"] for r in rows]
+    assert [line["row"] for line in lines] == [0, 1, 2]
+    for column in ("chosen", "rejected"):
+        expected = judge.score(prompts, [r[column] for r in rows])
+        assert [line[f"score_{column}"] for line in lines] == pytest.approx(expected, rel=1e-5)
     judge_cli(["compare", *common])
     compared = [json.loads(line) for line in (tmp_path / "pairs.judge-compare.jsonl").read_text().splitlines()]
-    assert [c["verdict"] in ("first", "second", "tie") for c in compared] == [True] * 3
+    verdicts = judge.compare_pairs(prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    assert [c["verdict"] for c in compared] == [v.verdict for v in verdicts]
+    assert [c["margin"] for c in compared] == pytest.approx([v.margin for v in verdicts], abs=1e-6)
     judge_cli(["consistency", *common, "--max-rows", "1"])
     summary = json.loads((tmp_path / "pairs.judge-consistency.summary.json").read_text())
-    assert summary["pairs"] == 3 and summary["triples"] == 1
+    expected = judge_consistency(judge, prompts[:1], [rows[0]["candidates"]], progress=False).summary()
+    assert summary == pytest.approx(expected, abs=1e-12) and (summary["pairs"], summary["triples"]) == (3, 1)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": "", "rejected": "r"}) + "\n")
     with pytest.raises(SystemExit, match="row 0, column 'chosen'"):
         judge_cli(["compare", "--data", str(bad), "--judge-model", "tiny-causal-lm"])
 
+
+def test_cli_refuses_to_resume_an_output_made_with_other_settings(tmp_path):
+    """Another judge model, mode, scale or column is refused before the judge loads; --overwrite starts again."""
+    data, _ = _pairs_file(tmp_path)
+    common = ["--data", str(data), "--judge-model", "tiny-causal-lm"]
+    judge_cli(["score", *common, "--scale", "1", "10", "--max-rows", "1"])
+    out = tmp_path / "pairs.judge-score.jsonl"
+    first = out.read_text()
+    for changed, name in [(["--scale", "1", "5"], "scale"), (["--scale", "1", "10", "--mode", "geval"], "mode"),
+                          (["--scale", "1", "10", "--columns", "chosen"], "columns")]:
+        with pytest.raises(SystemExit, match=f"other settings.*{name}.*--overwrite"):
+            judge_cli(["score", *common, *changed])
+        assert out.read_text() == first  # nothing appended
+    with pytest.raises(SystemExit, match="other settings.*judge_model: 'tiny-causal-lm' → 'tiny-qwen2-vl'"):
+        judge_cli(["score", "--data", str(data), "--judge-model", "tiny-qwen2-vl", "--scale", "1", "10"])
+    judge_cli(["score", *common, "--scale", "1", "5", "--overwrite"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["row"] for line in lines] == [0, 1, 2]
+    judge = TrustJudge(load_model("tiny-causal-lm"), load_processing_class("tiny-causal-lm"), scale=(1, 5))
+    expected = judge.score(PROMPTS, RESPONSES)
+    assert [line["score_chosen"] for line in lines] == pytest.approx(expected, rel=1e-5)
+    # the same settings on other data: the committed rows' prompts differ from the data's
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3)))
+    with pytest.raises(SystemExit, match="line 1: row 0's prompt differs .* other data"):
+        judge_cli(["score", "--data", str(other), "--output", str(out), "--judge-model", "tiny-causal-lm",
+                   "--scale", "1", "5"])
+    # an output this command did not make (no settings beside it) is refused too
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"row": 0, "x": 1}) + "\n")
+    with pytest.raises(SystemExit, match="no settings"):
+        judge_cli(["score", *common, "--output", str(foreign)])
+
+
+class _Killed(Exception):
+    """Stands for the process being killed."""
+
+
+class _KillingJson:
+    """The json module, except that ``dumps`` of the ``after``-th output row raises (a kill in the write loop)."""
+
+    def __init__(self, after: int):
+        self.after, self.rows = after, 0
+
+    def __getattr__(self, name):
+        return getattr(json, name)
+
+    def dumps(self, obj, *args, **kwargs):
+        if isinstance(obj, dict) and "row" in obj:
+            self.rows += 1
+            if self.rows > self.after:
+                raise _Killed(f"killed before row line {self.rows}")
+        return json.dumps(obj, *args, **kwargs)
+
+
+@pytest.mark.parametrize("command", ["score", "compare", "consistency"])
+def test_cli_killed_and_resumed_writes_exactly_the_rows_of_an_uninterrupted_run(tmp_path, monkeypatch, command):
+    """5 rows, 2 per write: killed after 3 row lines (inside the second write) plus a torn half line, then resumed:
+    the output (and the consistency summary) is byte-identical to an uninterrupted run's."""
+    import prefalign.judges.cli as cli
+
+    data, _ = _pairs_file(tmp_path, n=5)
+    common = [command, "--data", str(data), "--judge-model", "tiny-causal-lm", "--scale", "1", "10",
+              "--rows-per-write", "2", "--batch-size", "2"]
+    judge_cli([*common, "--output", str(tmp_path / "whole.jsonl")])
+    killed = tmp_path / "killed.jsonl"
+    monkeypatch.setattr(cli, "json", _KillingJson(after=3))
+    with pytest.raises(_Killed):
+        judge_cli([*common, "--output", str(killed)])
+    monkeypatch.setattr(cli, "json", json)
+    with killed.open("a") as f:
+        f.write('{"row": 4, "prompt": "torn wri')  # the kill also tore a line
+    judge_cli([*common, "--output", str(killed)])
+    assert killed.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert [json.loads(line)["row"] for line in killed.read_text().splitlines()] == [0, 1, 2, 3, 4]
+    if command == "consistency":
+        assert (tmp_path / "killed.summary.json").read_text() == (tmp_path / "whole.summary.json").read_text()
 
 # ------------------------------------------------------------------ the embedded judge
 

@@ -2,11 +2,18 @@
 
     score        one score per response column (default: the columns among chosen/rejected/completion/response)
     compare      a two-order verdict on the two --columns (default chosen rejected): verdict, margin, probabilities
-    consistency  scores and all pairwise verdicts of each row's --candidates-column list, then both inconsistency
-                 rates (METHODS.md §6) over the whole file, printed and written to <output>.summary.json
+    consistency  scores and all pairwise verdicts of each row's --candidates-column list, then the inconsistency
+                 rates (arXiv:2509.21117, docs/judge.md) over the whole file, printed and written to
+                 <output>.summary.json
 
 Results go next to the input, to ``<stem>.judge-<command>.jsonl`` (or --output), one line per row with its row
-index; a rerun skips the rows already there (resume). Rows are checked before the judge loads.
+index. Rows are checked before the judge loads. The run is resumable: every --rows-per-write rows are appended,
+flushed to disk and then committed (their byte length recorded atomically in ``<output>.progress``); a rerun rolls
+back anything written after the last commit (a write torn by a kill) and judges the remaining rows in the same
+chunks, so with the same --batch-size and --rows-per-write an interrupted and resumed run writes exactly the bytes of
+an uninterrupted one. The settings that change the results (command, judge model, columns, scale, mode, style,
+pairwise mode, tolerance, ...) are kept beside the output in ``<output>.settings``: resuming with other settings is
+refused (``--overwrite`` starts again), so one output never pools two judges.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="judge prompts per forward")
     parser.add_argument("--rows-per-write", type=int, default=16, help="rows judged between two appends")
     parser.add_argument("--max-rows", type=int, help="judge only the first N rows")
+    parser.add_argument("--overwrite", action="store_true", help="discard an existing output and start again")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -90,18 +99,90 @@ def _check_rows(rows: list[dict], columns: list[str], list_column: str | None) -
                          + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
 
 
-def _done_rows(path: Path) -> set[int]:
-    """Row indices already in an output file (resume); a truncated last line (an interrupted write) is removed."""
-    if not path.exists():
-        return set()
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        logger.warning("removing the truncated last line of %s (an interrupted write)", path)
-        lines = lines[:-1]
-        path.write_text("".join(line + "\n" for line in lines))
-    return {json.loads(line)["row"] for line in lines}
+def settings_path(output: Path) -> Path:
+    """Where the settings of ``output`` are kept: ``<output>.settings`` (JSON), as the data builders keep theirs."""
+    return output.with_name(output.name + ".settings")
+
+
+def progress_path(output: Path) -> Path:
+    """Where the committed byte length of ``output`` is kept: ``<output>.progress`` (JSON)."""
+    return output.with_name(output.name + ".progress")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _settings(args: argparse.Namespace, columns: list[str]) -> dict[str, Any]:
+    """The settings that change the rows of this command's output (a resumed run must use the same)."""
+    settings: dict[str, Any] = dict(command=args.command, judge_model=args.judge_model, split=args.split,
+                                    style=args.style)
+    if args.style == "reason_then_score":
+        settings["max_reason_tokens"] = args.max_reason_tokens
+    if args.command in ("score", "consistency"):
+        settings.update(scale=list(args.scale), mode=args.mode)
+    if args.command in ("compare", "consistency"):
+        settings["pairwise_mode"] = args.pairwise_mode
+    if args.command == "consistency":
+        settings.update(candidates_column=args.candidates_column, tolerance=args.tolerance)
+    else:
+        settings["columns"] = list(columns)
+    return settings
+
+
+def _start(output: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to resume an output made with other settings (or by something else); record the settings."""
+    companions = (settings_path(output), progress_path(output), output.with_suffix(".summary.json"))
+    if overwrite:
+        for path in (output, *companions):
+            path.unlink(missing_ok=True)
+    if output.exists():
+        if not settings_path(output).exists():
+            raise SystemExit(f"prefalign judge: {output} exists but has no settings ({settings_path(output).name}): "
+                             "it was not made by this command; pass --overwrite to replace it, or another --output")
+        previous = json.loads(settings_path(output).read_text())
+        changed = [f"{key}: {previous.get(key)!r} → {value!r}" for key, value in settings.items()
+                   if previous.get(key) != value]
+        changed += [f"{key}: {value!r} → (unset)" for key, value in previous.items() if key not in settings]
+        if changed:
+            raise SystemExit(f"prefalign judge: {output} was made with other settings ({'; '.join(changed)}); pass "
+                             "--overwrite to start again, or the same settings to resume")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(settings_path(output), json.dumps(settings, indent=2) + "\n")
+
+
+def _committed_rows(output: Path, rows: list[dict]) -> list[dict]:
+    """The committed result lines of ``output``; anything written after the last commit is rolled back."""
+    if not output.exists():
+        return []
+    committed = json.loads(progress_path(output).read_text())["bytes"] if progress_path(output).exists() else 0
+    size = output.stat().st_size
+    if size < committed:
+        raise SystemExit(f"prefalign judge: {output} is shorter ({size} bytes) than its last commit ({committed} "
+                         "bytes): it was changed by something else; pass --overwrite to start again")
+    if size > committed:
+        logger.warning("%s: rolling back %d bytes written after the last commit (an interrupted write); those rows "
+                       "are judged again", output, size - committed)
+        with open(output, "r+b") as f:
+            f.truncate(committed)
+    done = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    for line_number, result in enumerate(done, 1):
+        index = result["row"]
+        if index < len(rows) and result.get("prompt") != rows[index]["prompt"]:
+            raise SystemExit(f"prefalign judge: {output}, line {line_number}: row {index}'s prompt differs from row "
+                             f"{index} of the data; the output belongs to other data. Pass --overwrite to start again")
+    return done
+
+
+def _commit(output: Path, size: int) -> None:
+    """Record that the first ``size`` bytes of ``output`` are complete result lines (flushed to disk)."""
+    _write_atomic(progress_path(output), json.dumps({"bytes": size}) + "\n")
 
 
 def _judge_rows(judge: TrustJudge, args: argparse.Namespace, rows: list[dict], columns: list[str]) -> list[dict]:
@@ -126,7 +207,7 @@ def _judge_rows(judge: TrustJudge, args: argparse.Namespace, rows: list[dict], c
 
 
 def _summary(path: Path, tolerance: float) -> dict:
-    """Both inconsistency rates over every row of a consistency output file."""
+    """The consistency counts and rates over every row of a consistency output file."""
     report = ConsistencyReport()
     for line in path.read_text().splitlines():
         row = json.loads(line)
@@ -139,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``prefalign judge``."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.rows_per_write < 1:
+        raise SystemExit(f"prefalign judge: --rows-per-write must be ≥ 1, got {args.rows_per_write}")
     output = _output_path(args)
     dataset = load_preference_dataset(args.data, split=args.split)
     if args.max_rows is not None:
@@ -159,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"columns present: {names}")
     rows = dataset.to_list()
     _check_rows(rows, columns, args.candidates_column if args.command == "consistency" else None)
-    done = _done_rows(output)
+    _start(output, _settings(args, columns), args.overwrite)
+    done = {result["row"] for result in _committed_rows(output, rows)}
     todo = [i for i in range(len(rows)) if i not in done]
     logger.info("%d rows, %d already in %s, %d to judge", len(rows), len(done), output, len(todo))
     if todo:
@@ -168,21 +252,24 @@ def main(argv: list[str] | None = None) -> None:
                            style=args.style, pairwise_mode=args.pairwise_mode, batch_size=args.batch_size,
                            max_reason_tokens=args.max_reason_tokens)
         skipped = [c for c in IMAGE_COLUMNS if c in names]
-        with output.open("a") as out, tqdm(total=len(todo), desc=f"judge {args.command}", unit="row") as bar:
+        with output.open("ab") as out, tqdm(total=len(todo), desc=f"judge {args.command}", unit="row") as bar:
             for start in range(0, len(todo), args.rows_per_write):
                 chunk = todo[start : start + args.rows_per_write]
                 results = _judge_rows(judge, args, [rows[i] for i in chunk], columns)
-                for index, result in zip(chunk, results):
-                    kept = {k: v for k, v in rows[index].items() if k not in skipped}
-                    out.write(json.dumps({"row": index, **kept, **result}, ensure_ascii=False) + "\n")
+                lines = "".join(json.dumps({"row": index, **{k: v for k, v in rows[index].items() if k not in skipped},
+                                            **result}, ensure_ascii=False) + "\n"
+                                for index, result in zip(chunk, results))
+                out.write(lines.encode("utf-8"))
                 out.flush()
+                os.fsync(out.fileno())
+                _commit(output, out.tell())
                 bar.update(len(chunk))
     print(f"results: {output}")
     if args.command == "consistency":
         summary = _summary(output, args.tolerance)
-        output.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_atomic(output.with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
         for key, value in summary.items():
-            print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
+            print(f"{key:34s} {value:.4f}" if isinstance(value, float) else f"{key:34s} {value}")
 
 
 if __name__ == "__main__":
