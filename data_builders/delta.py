@@ -1,4 +1,4 @@
-"""Delta-learning pairs (METHODS.md §7): chosen = a stronger model's answer, rejected = a weaker model's answer.
+"""Delta-learning pairs (arXiv:2507.06187, docs/methods/delta.md): chosen = a stronger model's answer, rejected = a weaker model's answer.
 
 A "ladder" of two or more rungs, strongest first, answers every prompt once (chat template, greedy by default, as
 the paper). Each rung is a model — a short name, hub id or path — optionally with its own decoding settings after an
@@ -12,7 +12,8 @@ model at two settings is a valid 2-rung ladder (greedy over temperature-1.5 samp
     prefalign build delta --output pairs --ladder big mid small --min-rung-gap 2   # only big-over-small pairs
 
 Pairs: every ordered pair of rungs (i, j), i < j, with j − i ≥ ``min_rung_gap`` gives chosen = answer i and
-rejected = answer j. Pairs with an empty side or two identical answers are dropped and counted. An optional judge
+rejected = answer j. Pairs with an empty side, two identical answers, or a side cut off at its ``max_new_tokens``
+without an end token (``--keep-truncated`` keeps those) are dropped and counted. An optional judge
 (TrustJudge, off by default as in the paper) keeps the pairs it agrees with, and drops — or flips, with
 ``--judge-disagree flip`` — the others. Rows are in TRL's preference format (conversational unless
 ``--raw-prompts``) plus metadata: prompt_index, chosen_/rejected_ model, rung and decoding settings (and judge_action
@@ -22,20 +23,20 @@ Output folder: ``<output>/<split>.jsonl`` (loadable by ``prefalign.data.load_pre
 recipes' ``--dataset_name``) and ``<output>/shards/<split>/``: prompts are processed in shards of ``--shard-size``,
 each written atomically when complete, so an interrupted build resumes at the first missing shard and writes exactly
 the rows of an uninterrupted one (shard s, rung r samples with seed ``seed + s·R + r``). Resuming with other settings
-is refused (``--overwrite`` starts again). All ladder models are held in memory at once (a model used by several
-rungs is loaded once). With vLLM installed, models given by name are generated through vLLM, one engine per shard
-and rung: use large shards there.
+is refused (``--overwrite`` starts again); ``<split>.jsonl`` is written atomically once every shard is done. All
+ladder models are held in memory at once, each on the process's device (a model used by several rungs is loaded
+once). ``--backend vllm`` generates through vLLM instead (one engine per model, reused for every shard and released
+at the end). With ``distributed=True`` every process of a multi-process run calls the builder, generates its share
+of each shard and the main process writes (see docs/builders.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -47,15 +48,16 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from prefalign.data import PreferenceDataError, load_preference_dataset
-from prefalign.generation import generate
-from prefalign.models import DEFAULT_CAUSAL_LM, load_model, load_processing_class
+from prefalign.files import ShardStore, check_settings, write_json, write_jsonl
+from prefalign.generation import BACKENDS, check_vllm_available, generate, load_for_generation, vllm_engines
+from prefalign.models import DEFAULT_CAUSAL_LM, load_processing_class
 
 logger = logging.getLogger("prefalign.data_builders.delta")
 
 DEFAULT_LADDER = (DEFAULT_CAUSAL_LM, f"{DEFAULT_CAUSAL_LM}@temperature=1.5")
 DECODING_KEYS = {"do_sample": bool, "temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
-DROP_REASONS = ("empty", "identical", "judge")
+DROP_REASONS = ("truncated", "empty", "identical", "judge")
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,18 @@ def parse_rung(spec: str, max_new_tokens: int = 128) -> Rung:
     return Rung(model=model, **settings)
 
 
-def ladder_pairs(answers: Sequence[str], min_rung_gap: int = 1) -> tuple[list[tuple[int, int]], Counter]:
+def ladder_pairs(answers: Sequence[str], min_rung_gap: int = 1,
+                 finished: Sequence[bool] | None = None) -> tuple[list[tuple[int, int]], Counter]:
     """The (stronger, weaker) rung indices to pair for one prompt's ``answers`` (one per rung, strongest first),
-    and the count of candidate pairs dropped by reason ("empty": either side blank, "identical": same text)."""
+    and the count of candidate pairs dropped by reason ("truncated": either side cut off, per ``finished``;
+    "empty": either side blank; "identical": same text)."""
     kept, dropped = [], Counter()
+    finished = [True] * len(answers) if finished is None else finished
     for i in range(len(answers)):
         for j in range(i + min_rung_gap, len(answers)):
-            if not answers[i].strip() or not answers[j].strip():
+            if not (finished[i] and finished[j]):
+                dropped["truncated"] += 1
+            elif not answers[i].strip() or not answers[j].strip():
                 dropped["empty"] += 1
             elif answers[i].strip() == answers[j].strip():
                 dropped["identical"] += 1
@@ -134,12 +141,15 @@ def normalised_prompt(value: Any, row: int, column: str, chat: bool) -> str | li
     return messages
 
 
-def _shard_rows(prompts: list, indices: list[int], answers: list[list[str]], rungs: list[Rung], min_rung_gap: int,
-                chat: bool, judge: Any, judge_min_margin: float, judge_disagree: str) -> tuple[list[dict], Counter]:
-    """The preference rows of one shard (``answers[r][i]``: rung r's answer to prompt i) and the drop counts."""
+def _shard_rows(prompts: list, indices: list[int], answers: list[list[str]], finished: list[list[bool]],
+                rungs: list[Rung], min_rung_gap: int, chat: bool, judge: Any, judge_min_margin: float,
+                judge_disagree: str) -> tuple[list[dict], Counter]:
+    """The preference rows of one shard (``answers[r][i]``: rung r's answer to prompt i, ``finished[r][i]`` whether
+    it ended before the limit; all True to keep cut-off answers) and the drop counts."""
     rows, counts = [], Counter()
     for i, (prompt, index) in enumerate(zip(prompts, indices)):
-        kept, dropped = ladder_pairs([answers[r][i] for r in range(len(rungs))], min_rung_gap)
+        kept, dropped = ladder_pairs([answers[r][i] for r in range(len(rungs))], min_rung_gap,
+                                     [finished[r][i] for r in range(len(rungs))])
         counts.update(dropped)
         for strong, weak in kept:
             rows.append({"prompt": prompt, "chosen": answers[strong][i], "rejected": answers[weak][i],
@@ -171,13 +181,6 @@ def _shard_rows(prompts: list, indices: list[int], answers: list[list[str]], run
     return rows, counts
 
 
-def _write_shard(path: Path, rows: list[dict], counts: Counter) -> None:
-    """Write one finished shard atomically (a shard file exists only when complete)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"counts": dict(counts), "rows": rows}, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_delta_pairs(
     dataset: Dataset,
     output: str | Path,
@@ -194,8 +197,11 @@ def build_delta_pairs(
     seed: int = 0,
     split: str = "train",
     loaded_models: Mapping[str, tuple[Any, Any]] | None = None,
+    keep_truncated: bool = False,
+    backend: str = "transformers",
     overwrite: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> Dataset:
     """Answer every prompt of ``dataset[prompt_column]`` with each rung of ``ladder`` and write the delta pairs to
     ``<output>/<split>.jsonl`` (see the module docstring); returns them as a Dataset.
@@ -203,7 +209,10 @@ def build_delta_pairs(
     ``ladder``: rung specs (strings, see ``parse_rung``; ``max_new_tokens`` is their default) or Rungs, strongest
     first. ``judge``: a TrustJudge, or None (default, the paper's recipe). ``judge_disagree``: "drop" (default) or
     "flip" the pairs the judge reverses by at least ``judge_min_margin``; ties and smaller margins are dropped.
-    ``loaded_models``: model name → (model, processing_class) already in memory, used instead of loading.
+    ``loaded_models``: model name → (model, processing_class) already in memory (used on their device) instead of
+    loading by name onto the process's device. ``keep_truncated``: keep pairs with a side cut off at its
+    ``max_new_tokens`` (default: drop and count them). ``backend``: "transformers" or "vllm" (models by name only).
+    ``distributed``: every process calls; each generates its share of every shard, the main process writes.
     """
     rungs = [r if isinstance(r, Rung) else parse_rung(r, max_new_tokens) for r in ladder]
     if len(rungs) < 2 or not 1 <= min_rung_gap < len(rungs):
@@ -212,83 +221,101 @@ def build_delta_pairs(
     if shard_size < 1 or batch_size < 1 or judge_disagree not in ("drop", "flip"):
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be ≥ 1 and judge_disagree "
                          f"({judge_disagree!r}) 'drop' or 'flip'")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "vllm":
+        check_vllm_available()
     if prompt_column not in dataset.column_names:
         raise PreferenceDataError(f"no prompt column {prompt_column!r}; columns: {dataset.column_names}")
     prompts = [normalised_prompt(v, i, prompt_column, chat) for i, v in enumerate(dataset[prompt_column])]
     output, loaded_models = Path(output), dict(loaded_models or {})
+    is_main = True
+    if distributed:
+        from accelerate import PartialState
+
+        is_main = PartialState().is_main_process
     shard_dir = output / "shards" / split
     judge_name = None if judge is None else getattr(judge.model.config, "_name_or_path", type(judge.model).__name__)
     settings = dict(ladder=[asdict(r) for r in rungs], min_rung_gap=min_rung_gap, chat=chat, judge=judge_name,
                     judge_min_margin=None if judge is None else judge_min_margin,
                     judge_disagree=None if judge is None else judge_disagree,
                     batch_size=batch_size, shard_size=shard_size, seed=seed, num_prompts=len(prompts),
-                    prompts_sha256=hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest())
-    if overwrite:
-        shutil.rmtree(shard_dir, ignore_errors=True)
-        (output / f"{split}.jsonl").unlink(missing_ok=True)
-    settings_file = shard_dir / "settings.json"
-    if settings_file.exists():
-        previous = json.loads(settings_file.read_text())
-        changed = [f"{k}: {previous.get(k)!r} → {v!r}" for k, v in settings.items() if previous.get(k) != v]
-        if changed:
-            raise ValueError(f"{shard_dir} was started with other settings ({'; '.join(changed)}); pass "
-                             "overwrite=True (--overwrite) to start again, or the same settings to resume")
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+                    prompts_sha256=hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+                    keep_truncated=keep_truncated)
+    store, final = ShardStore(shard_dir), output / f"{split}.jsonl"
+    if overwrite and is_main:
+        store.clear()
+        final.unlink(missing_ok=True)
+    _sync(distributed)
+    check_settings(shard_dir / "settings.json", settings, what=shard_dir, write=False)
+    _sync(distributed)
+    if is_main:
+        check_settings(shard_dir / "settings.json", settings, what=shard_dir)
 
     num_shards = -(-len(prompts) // shard_size)
-    paths = [shard_dir / f"shard-{s:05d}.json" for s in range(num_shards)]
-    todo = [s for s in range(num_shards) if not paths[s].exists()]
+    todo = store.missing(num_shards)
     if len(todo) < num_shards:
         logger.info("%s: resuming, %d of %d shard(s) already built", shard_dir, num_shards - len(todo), num_shards)
-    use_vllm = importlib.util.find_spec("vllm") is not None
     for rung in rungs if todo else []:
         if rung.model not in loaded_models:
-            model = rung.model if use_vllm else load_model(rung.model)
-            loaded_models[rung.model] = (model, load_processing_class(rung.model))
+            loaded_models[rung.model] = ((rung.model, load_processing_class(rung.model)) if backend == "vllm"
+                                         else load_for_generation(rung.model))
     remaining = sum(min(shard_size, len(prompts) - s * shard_size) for s in todo) * len(rungs)
-    bar = tqdm(total=remaining, desc="Delta answers", unit="answer", disable=not progress)
+    bar = tqdm(total=remaining, desc="Delta answers", unit="answer", disable=not (progress and is_main))
     tokens, start = 0, time.perf_counter()
     try:
-        for s in todo:
-            indices = list(range(s * shard_size, min((s + 1) * shard_size, len(prompts))))
-            shard_prompts, answers = [prompts[i] for i in indices], []
-            for r, rung in enumerate(rungs):
-                model, processing_class = loaded_models[rung.model]
-                texts = generate(model, processing_class, shard_prompts, max_new_tokens=rung.max_new_tokens,
-                                 do_sample=rung.do_sample, temperature=rung.temperature, top_p=rung.top_p,
-                                 top_k=rung.top_k, batch_size=batch_size, seed=seed + s * len(rungs) + r,
-                                 progress=False)
-                answers.append([t[0] for t in texts])
-                tokenizer = getattr(processing_class, "tokenizer", processing_class)
-                tokens += sum(len(ids) for ids in tokenizer(answers[-1], add_special_tokens=False)["input_ids"])
-                bar.update(len(indices))
-                bar.set_postfix(shard=f"{s + 1}/{num_shards}",
-                                tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-            rows, counts = _shard_rows(shard_prompts, indices, answers, rungs, min_rung_gap, chat, judge,
-                                       judge_min_margin, judge_disagree)
-            _write_shard(paths[s], rows, counts)
+        with vllm_engines() if backend == "vllm" else contextlib.nullcontext():
+            for s in todo:
+                indices = list(range(s * shard_size, min((s + 1) * shard_size, len(prompts))))
+                shard_prompts, answers, finished = [prompts[i] for i in indices], [], []
+                for r, rung in enumerate(rungs):
+                    model, processing_class = loaded_models[rung.model]
+                    texts, flags = generate(model, processing_class, shard_prompts, max_new_tokens=rung.max_new_tokens,
+                                            do_sample=rung.do_sample, temperature=rung.temperature, top_p=rung.top_p,
+                                            top_k=rung.top_k, batch_size=batch_size, seed=seed + s * len(rungs) + r,
+                                            progress=False, backend=backend, return_finished=True,
+                                            split_across_processes=distributed)
+                    answers.append([t[0] for t in texts])
+                    finished.append([keep_truncated or f[0] for f in flags])
+                    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+                    tokens += sum(len(ids) for ids in tokenizer(answers[-1], add_special_tokens=False)["input_ids"])
+                    bar.update(len(indices))
+                    bar.set_postfix(shard=f"{s + 1}/{num_shards}",
+                                    tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+                if is_main:
+                    rows, counts = _shard_rows(shard_prompts, indices, answers, finished, rungs, min_rung_gap, chat,
+                                               judge, judge_min_margin, judge_disagree)
+                    store.save(s, {"counts": dict(counts), "rows": rows})
     finally:
         bar.close()
 
-    rows, counts = [], Counter()
-    for path in paths:
-        shard = json.loads(path.read_text(encoding="utf-8"))
-        rows += shard["rows"]
-        counts.update(shard["counts"])
-    candidates = counts["kept"] + sum(counts[r] for r in DROP_REASONS)
-    logger.info("%d prompts × %d rungs (min gap %d) → %d candidate pairs: kept %d, dropped %d with an empty answer, "
-                "%d identical, %d by the judge; %d flipped by the judge", len(prompts), len(rungs), min_rung_gap,
-                candidates, counts["kept"], counts["empty"], counts["identical"], counts["judge"], counts["flipped"])
-    if not rows:
-        raise ValueError(f"no pair survived ({dict(counts)}): check the ladder's answers in {shard_dir}")
-    final, tmp = output / f"{split}.jsonl", output / f".{split}.jsonl.tmp-{os.getpid()}"
-    if todo or not final.exists():  # else it was written from these very shards (other settings are refused above)
-        (shard_dir / "summary.json").write_text(json.dumps({"candidates": candidates, **counts}, indent=2) + "\n")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, final)
+    _sync(distributed)
+    if is_main:
+        rows, counts = [], Counter()
+        for s in range(num_shards):
+            shard = store.load(s)
+            rows += shard["rows"]
+            counts.update(shard["counts"])
+        candidates = counts["kept"] + sum(counts[r] for r in DROP_REASONS)
+        logger.info("%d prompts × %d rungs (min gap %d) → %d candidate pairs: kept %d, dropped %d with a side cut off "
+                    "at max_new_tokens, %d with an empty answer, %d identical, %d by the judge; %d flipped by the "
+                    "judge", len(prompts), len(rungs), min_rung_gap, candidates, counts["kept"], counts["truncated"],
+                    counts["empty"], counts["identical"], counts["judge"], counts["flipped"])
+        if not rows:
+            raise ValueError(f"no pair survived ({dict(counts)}): check the ladder's answers in {shard_dir}")
+        if todo or not final.exists():  # else it was written from these very shards (other settings are refused)
+            write_json(shard_dir / "summary.json", {"candidates": candidates, **counts})
+            write_jsonl(final, rows)
+    _sync(distributed)
     return load_preference_dataset(str(final))
+
+
+def _sync(distributed: bool) -> None:
+    """Wait for every process of a distributed build (nothing otherwise)."""
+    if distributed:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def main(argv: Sequence[str] | None = None) -> Dataset:
@@ -316,6 +343,10 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     parser.add_argument("--shard-size", type=int, default=64, help="prompts per resumable shard (default: 64)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="keep pairs with an answer cut off at max_new_tokens (default: drop, counted)")
+    parser.add_argument("--backend", choices=BACKENDS, default="transformers",
+                        help="generation backend (default: transformers; vllm must be installed)")
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -324,12 +355,13 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     if args.judge_model:
         from prefalign.judges import TrustJudge
 
-        judge = TrustJudge(load_model(args.judge_model), load_processing_class(args.judge_model))
+        judge = TrustJudge(*load_for_generation(args.judge_model))
     built = build_delta_pairs(dataset, args.output, args.ladder, prompt_column=args.prompt_column,
                               min_rung_gap=args.min_rung_gap, max_new_tokens=args.max_new_tokens,
                               chat=not args.raw_prompts, judge=judge, judge_min_margin=args.judge_min_margin,
                               judge_disagree=args.judge_disagree, batch_size=args.batch_size,
-                              shard_size=args.shard_size, seed=args.seed, split=args.split, overwrite=args.overwrite)
+                              shard_size=args.shard_size, seed=args.seed, split=args.split,
+                              keep_truncated=args.keep_truncated, backend=args.backend, overwrite=args.overwrite)
     print(f"wrote {len(built)} pairs to {Path(args.output) / (args.split + '.jsonl')}")
     return built
 

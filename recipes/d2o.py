@@ -1,4 +1,4 @@
-"""D²O: alignment from human negatives only, against self-generated anchors (METHODS.md §3, arXiv:2403.03419).
+"""D²O: alignment from human negatives only, against self-generated anchors (arXiv:2403.03419, docs/methods/d2o.md).
 
     accelerate launch recipes/d2o.py                                      # embedded model + WordNet negatives, LoRA
     accelerate launch recipes/d2o.py --num_anchors 8 --alpha 0.2          # override any field
@@ -8,8 +8,9 @@
 Data: rows with a `prompt` and a human negative `rejected`. The default is the embedded wordnet-definitions set,
 where the rejected answer is another word's definition (its `chosen` column is not used). Unless the rows already
 carry `anchors`, K anchors per prompt are sampled once from the untrained (reference) model into
-<output_dir>/anchors/<split>.jsonl by the main process; later runs with the same settings reuse that file, and an
-interrupted build resumes. Under DeepSpeed ZeRO-3 build the anchors first (`prefalign build anchors`) and pass the
+<output_dir>/anchors/<split>.jsonl: every process samples its share of each shard on its own device and the main
+process writes; later runs with the same settings reuse that file, and an interrupted build resumes. Prompts with an
+anchor cut off at `anchor_max_new_tokens` are dropped and counted (`--anchor_keep_truncated true` keeps them). Under DeepSpeed ZeRO-3 build the anchors first (`prefalign build anchors`) and pass the
 file as --dataset_name: the model is partitioned at load time and cannot sample here.
 After `anchor_warmup_steps` the trainer samples new anchors from the policy every `anchor_refresh_steps` steps.
 Defaults: recipes/configs/d2o.yaml. Output: a LoRA adapter (or full model) in output_dir.
@@ -38,12 +39,12 @@ def with_anchors(dataset: Dataset, split: str, model, processing_class, args: D2
     if "anchors" in dataset.column_names:
         return dataset
     path = Path(args.output_dir) / "anchors" / f"{split}.jsonl"
-    with PartialState().main_process_first():  # the main process samples; the others find the finished file
-        return build_anchors(dataset, path, model=model, processing_class=processing_class,
-                             num_anchors=args.num_anchors, instruction=args.anchor_instruction,
-                             max_new_tokens=args.anchor_max_new_tokens, temperature=args.anchor_temperature,
-                             top_p=args.anchor_top_p, batch_size=args.anchor_generation_batch_size, seed=args.seed,
-                             progress=PartialState().is_main_process)
+    # Every process samples its share of each shard; the main process writes the shards and the file.
+    return build_anchors(dataset, path, model=model, processing_class=processing_class, num_anchors=args.num_anchors,
+                         instruction=args.anchor_instruction, max_new_tokens=args.anchor_max_new_tokens,
+                         temperature=args.anchor_temperature, top_p=args.anchor_top_p,
+                         batch_size=args.anchor_generation_batch_size, seed=args.seed,
+                         keep_truncated=args.anchor_keep_truncated, distributed=True)
 
 
 def main(argv: list[str] | None = None) -> D2OTrainer:

@@ -7,11 +7,12 @@ arXiv:2507.06187).
     prefalign train delta_dpo ...                                            # the same script
 
 The loss is TRL's own `loss_type: [sigmoid_norm]`: −logsigmoid(β·z) with z the difference of the chosen and rejected
-MEAN per-token log-ratios, exactly METHODS.md §7 (tests/test_delta.py checks it against the formula in float64).
+MEAN per-token log-ratios, exactly docs/methods/delta.md (tests/test_delta.py checks it against the formula in float64).
 Data: by default the prompts of `dataset_name` (its `prompt_column`) are answered by every rung of `ladder`
 (strongest first; `model@temperature=1.5`-style decoding settings allowed) and paired by `data_builders.delta`,
-once, into <output_dir>/delta-pairs/ by the main process; later runs with the same settings reuse it and an
-interrupted build resumes. With `--build_pairs false`, `dataset_name` is a finished preference set.
+once, into <output_dir>/delta-pairs/: every process generates its share of each shard on its own device and the
+main process writes; later runs with the same settings reuse it and an interrupted build resumes. Pairs with an
+answer cut off at the token limit are dropped and counted (`--pairs_keep_truncated true` keeps them). With `--build_pairs false`, `dataset_name` is a finished preference set.
 Defaults: recipes/configs/delta_dpo.yaml (paper hyper-parameters in its comments). Output: a LoRA adapter (or full
 model) in output_dir.
 """
@@ -47,19 +48,20 @@ class DeltaArguments:
     pairs_max_new_tokens: int = field(default=128, metadata={"help": "Longest answer, in tokens (unless a rung sets "
                                                                      "max_new_tokens)."})
     pairs_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call while building."})
+    pairs_keep_truncated: bool = field(default=False, metadata={"help": "Keep pairs with an answer cut off at the "
+                                                                        "token limit (default: drop, counted)."})
 
 
 def delta_pairs(data_args: DataArguments, delta_args: DeltaArguments, split: str, limit: int | None,
                 loaded_models: dict, processing_class, args: DPOConfig):
     """One split of delta pairs built from the prompts of ``data_args.dataset_name``, cached under output_dir."""
     prompts = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
-    with PartialState().main_process_first():  # the main process generates; the others find the finished shards
-        pairs = build_delta_pairs(prompts, Path(args.output_dir) / "delta-pairs", delta_args.ladder,
-                                  prompt_column=delta_args.prompt_column, min_rung_gap=delta_args.min_rung_gap,
-                                  max_new_tokens=delta_args.pairs_max_new_tokens,
-                                  batch_size=delta_args.pairs_batch_size, seed=args.seed, split=split,
-                                  loaded_models=loaded_models,
-                                  progress=PartialState().is_main_process)
+    # Every process generates its share of each shard; the main process writes the shards and the pairs.
+    pairs = build_delta_pairs(prompts, Path(args.output_dir) / "delta-pairs", delta_args.ladder,
+                              prompt_column=delta_args.prompt_column, min_rung_gap=delta_args.min_rung_gap,
+                              max_new_tokens=delta_args.pairs_max_new_tokens, batch_size=delta_args.pairs_batch_size,
+                              seed=args.seed, split=split, loaded_models=loaded_models,
+                              keep_truncated=delta_args.pairs_keep_truncated, distributed=True)
     return validate_preference_dataset(pairs, processing_class, max_length=args.max_length,
                                        drop_invalid=data_args.drop_invalid)
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     # Data: pairs generated once by the ladder (the untrained policy is reused when it is a rung), then validated.
     with_eval = training_args.eval_strategy != "no"
     if delta_args.build_pairs:
-        loaded = {model_args.model_name_or_path: (model, processing_class)}
+        loaded = {model_args.model_name_or_path: (model.to(PartialState().device), processing_class)}
         splits = [(data_args.dataset_train_split, data_args.max_train_samples)]
         splits += [(data_args.dataset_test_split, data_args.max_eval_samples)] if with_eval else []
         built = [delta_pairs(data_args, delta_args, split, limit, loaded, processing_class, training_args)

@@ -64,9 +64,14 @@ ANSWERS = {  # per model, per word: strongest first
 }
 
 
+CUT_OFF = set()  # (model, word) answers that the scripted generate flags as cut off at max_new_tokens
+
+
 def _scripted_generate(model, processing_class, prompts, **kwargs):
-    """Each 'model' (a name) answers from ANSWERS, keyed by the word in the prompt."""
-    return [[ANSWERS[model][p[-1]["content"].split("'")[1]]] for p in prompts]
+    """Each 'model' (a name) answers from ANSWERS, keyed by the word in the prompt; flags from CUT_OFF."""
+    words = [p[-1]["content"].split("'")[1] for p in prompts]
+    texts = [[ANSWERS[model][word]] for word in words]
+    return (texts, [[(model, word) not in CUT_OFF] for word in words]) if kwargs.get("return_finished") else texts
 
 
 def test_build_keeps_ordered_pairs_and_counts_drops(tmp_path, tokenizer, monkeypatch, caplog):
@@ -88,12 +93,55 @@ def test_build_keeps_ordered_pairs_and_counts_drops(tmp_path, tokenizer, monkeyp
     ]  # dropped: coppice strong = mid (identical), abseiler mid empty (2), alimental mid = weak (identical)
     summary = json.loads((tmp_path / "shards" / "train" / "summary.json").read_text())
     assert summary == {"candidates": 12, "kept": 8, "empty": 2, "identical": 2}
-    assert "12 candidate pairs: kept 8, dropped 2 with an empty answer, 2 identical" in caplog.text
+    assert ("12 candidate pairs: kept 8, dropped 0 with a side cut off at max_new_tokens, 2 with an empty answer, "
+            "2 identical") in caplog.text
     row = pairs[1]
     assert row["prompt"] == [{"role": "user", "content": "What does the word 'bra' mean?"}]
     assert (row["chosen_model"], row["rejected_model"]) == ("strong", "weak")
     assert row["chosen_decoding"]["do_sample"] is False and row["rejected_decoding"]["temperature"] == 0.7
     assert (tmp_path / "train.jsonl").is_file() and len(load_preference_dataset(str(tmp_path), "train")) == 8
+
+
+def test_pairs_with_a_cut_off_side_are_dropped_and_counted(tmp_path, tokenizer, monkeypatch, caplog):
+    """The same ladder with two answers flagged cut off: every candidate pair using one is dropped as "truncated"
+    (counted by hand below) before the empty/identical checks; keep_truncated keeps them."""
+    monkeypatch.setattr(delta, "generate", _scripted_generate)
+    CUT_OFF.update({("strong", "bra"), ("weak", "coppice")})
+    try:
+        dataset = _prompts(6).select([0, 2, 3, 4])
+        loaded = {name: (name, tokenizer) for name in ANSWERS}
+        kwargs = dict(ladder=["strong", "mid", "weak"], shard_size=3, loaded_models=loaded, progress=False)
+        with caplog.at_level(logging.INFO, logger="prefalign.data_builders.delta"):
+            pairs = build_delta_pairs(dataset, tmp_path / "drop", **kwargs)
+        # bra: (0,1) (0,2) cut, (1,2) kept; coppice: (0,1) identical, (0,2) (1,2) cut; abseiler: 2 empty, 1 kept;
+        # alimental: (0,1) (0,2) kept, (1,2) identical
+        got = [(r["prompt_index"], r["chosen_rung"], r["rejected_rung"]) for r in pairs]
+        assert got == [(0, 1, 2), (2, 0, 2), (3, 0, 1), (3, 0, 2)]
+        summary = json.loads((tmp_path / "drop" / "shards" / "train" / "summary.json").read_text())
+        assert summary == {"candidates": 12, "kept": 4, "truncated": 4, "empty": 2, "identical": 2}
+        assert "kept 4, dropped 4 with a side cut off at max_new_tokens, 2 with an empty answer" in caplog.text
+        kept = build_delta_pairs(dataset, tmp_path / "keep", keep_truncated=True, **kwargs)
+        assert len(kept) == 8  # the counts of test_build_keeps_ordered_pairs_and_counts_drops
+    finally:
+        CUT_OFF.clear()
+
+
+def test_a_ladder_model_given_by_name_is_placed_on_the_process_device(tmp_path, monkeypatch):
+    """A rung loaded by name goes to accelerate's device (a stand-in says cuda:1; a spy on Module.to records the
+    move and skips it: no GPU here)."""
+    state = type("State", (), {"device": torch.device("cuda:1"), "process_index": 0, "num_processes": 1,
+                               "is_main_process": True})()
+    monkeypatch.setattr("accelerate.PartialState", lambda: state)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or self)
+    build_delta_pairs(_prompts(2), tmp_path, ["tiny-causal-lm@temperature=1.0", "tiny-causal-lm@temperature=2.0"],
+                      max_new_tokens=3, keep_truncated=True, progress=False)
+    assert moved == [torch.device("cuda:1")]  # one model for both rungs, loaded once
+
+
+def test_vllm_backend_is_explicit_and_refused_when_missing(tmp_path):
+    with pytest.raises(ImportError, match="backend='vllm' needs the vllm package"):
+        build_delta_pairs(_prompts(2), tmp_path, ["a", "b"], backend="vllm")
 
 
 def test_judge_keeps_flips_or_drops(tmp_path, tokenizer, monkeypatch):
@@ -134,27 +182,29 @@ def test_interrupted_build_resumes_to_exactly_the_uninterrupted_rows(tmp_path, t
     """Real sampling on the tiny model (two temperatures), 10 prompts in 4 shards: stop after 2 shards, restart."""
     model = load_model("tiny-causal-lm")
     kwargs = dict(ladder=["tiny@temperature=0.8", "tiny@temperature=2.0"], max_new_tokens=6, shard_size=3,
-                  batch_size=2, loaded_models={"tiny": (model, tokenizer)}, progress=False)
+                  batch_size=2, loaded_models={"tiny": (model, tokenizer)}, progress=False,
+                  keep_truncated=True)  # the tiny random model never ends an answer
     dataset = _prompts(10)
     whole = build_delta_pairs(dataset, tmp_path / "whole", **kwargs).to_list()
     assert len(whole) >= 8 and len({r["prompt_index"] for r in whole}) >= 8
 
-    written, original = [], delta._write_shard
+    written, original = [], delta.ShardStore.save
 
-    def crash_after_two(path, rows, counts):
+    def crash_after_two(store, index, value):
         if len(written) == 2:
             raise KeyboardInterrupt("simulated kill")
-        written.append(path.name)
-        original(path, rows, counts)
+        written.append(store.path(index).name)
+        original(store, index, value)
 
-    monkeypatch.setattr(delta, "_write_shard", crash_after_two)
+    monkeypatch.setattr(delta.ShardStore, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_delta_pairs(dataset, tmp_path / "resumed", **kwargs)
     assert written == ["shard-00000.json", "shard-00001.json"]
     assert not (tmp_path / "resumed" / "train.jsonl").exists()
 
     calls = []
-    monkeypatch.setattr(delta, "_write_shard", lambda path, *a: (calls.append(path.name), original(path, *a)))
+    monkeypatch.setattr(delta.ShardStore, "save",
+                        lambda store, index, value: (calls.append(store.path(index).name), original(store, index, value)))
     resumed = build_delta_pairs(dataset, tmp_path / "resumed", **kwargs).to_list()
     assert calls == ["shard-00002.json", "shard-00003.json"]  # only the missing shards were generated
     assert resumed == whole
@@ -223,7 +273,7 @@ def test_recipe_builds_pairs_once_and_trains(tmp_path, monkeypatch):
     argv = ["--model_name_or_path", "tiny-causal-lm", "--ladder", "tiny-causal-lm@temperature=1.0",
             "tiny-causal-lm@temperature=2.0", "--pairs_max_new_tokens", "8", "--max_train_samples", "12",
             "--output_dir", str(out), "--max_steps", "3", "--save_steps", "3", "--logging_steps", "1",
-            "--learning_rate", "5e-2"]
+            "--learning_rate", "5e-2", "--pairs_keep_truncated", "true"]
     recipe.main(argv)
     pairs = load_preference_dataset(str(out / "delta-pairs"), "train")
     assert len(pairs) == 12 and pairs[0]["rejected_decoding"]["temperature"] == 2.0
@@ -246,7 +296,7 @@ def test_embedded_model_greedy_over_hot_sampling(tmp_path):
     model, processing_class = load_model(name), load_processing_class(name)
     dataset = _prompts(4)
     pairs = build_delta_pairs(dataset, tmp_path, [name, f"{name}@temperature=1.5"], max_new_tokens=16,
-                              loaded_models={name: (model, processing_class)}, progress=False)
+                              loaded_models={name: (model, processing_class)}, keep_truncated=True, progress=False)
     summary = json.loads((tmp_path / "shards" / "train" / "summary.json").read_text())
     assert summary["candidates"] == 4 and len(pairs) == summary["kept"] >= 3
     greedy = generate(model, processing_class, dataset["prompt"], do_sample=False, max_new_tokens=16,
