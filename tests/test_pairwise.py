@@ -2,6 +2,7 @@
 its eval metrics by hand, each pairwise-PPO advantage by hand through the trainer, and recipe runs."""
 
 import copy
+import itertools
 import math
 import runpy
 import subprocess
@@ -72,9 +73,22 @@ def test_round_robin_rewards_by_hand():
     # K = 3, pairs (0,1), (0,2), (1,2): y0 = (0.9 + 0.2)/2, y1 = (0.1 + 0.6)/2, y2 = (0.8 + 0.4)/2.
     rewards = round_robin_rewards(torch.tensor([[0.9, 0.2, 0.6]]), 3)
     assert rewards.tolist()[0] == pytest.approx([0.55, 0.35, 0.6])
-    assert rewards.mean().item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="K=4"):
         round_robin_rewards(torch.zeros(1, 3), 4)
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_round_robin_rewards_brute_force_over_ordered_pairs(k):
+    """Every ordered pair (i, j), i ≠ j, of G = 3 groups: r(i vs j) is the given reward of the pair i < j, or 1 minus
+    it when i > j; each completion's reward is the plain mean of its K − 1 values."""
+    pair_rewards = torch.rand(3, k * (k - 1) // 2, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    index = {pair: p for p, pair in enumerate(itertools.combinations(range(k), 2))}
+    expected = [[0.0] * k for _ in range(3)]
+    for g in range(3):
+        for i, j in itertools.permutations(range(k), 2):
+            r = pair_rewards[g, index[(i, j)]].item() if i < j else 1 - pair_rewards[g, index[(j, i)]].item()
+            expected[g][i] += r / (k - 1)
+    assert round_robin_rewards(pair_rewards, k).tolist() == [pytest.approx(row, abs=1e-12) for row in expected]
 
 
 def test_rm_reward_from_verdict_logits_by_hand(rm, tokenizer, pairs):
@@ -132,17 +146,31 @@ def test_rm_trainer_loss_is_verdict_cross_entropy(tmp_path, pairs, tokenizer):
     trainer = PairwiseRMTrainer(model, args=args, train_dataset=verdicts, eval_dataset=verdicts,
                                 processing_class=tokenizer)
     one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
-    expected_losses = []
+    expected_losses, probs = [], []
     for row, source in zip(trainer.train_dataset, verdicts):
         kept = [(i, label) for i, label in enumerate(row["labels"]) if label != -100]
         assert kept == [(kept[0][0], one if source["verdict"] == "1" else two)]  # one label: the verdict token
         with torch.no_grad():  # cross-entropy of the verdict token, from a plain forward
-            logits = model(input_ids=torch.tensor([row["input_ids"][: kept[0][0]]])).logits[0, -1]
-        expected_losses.append(-torch.log_softmax(logits.double(), -1)[kept[0][1]].item())
+            logits = model(input_ids=torch.tensor([row["input_ids"][: kept[0][0]]])).logits[0, -1].double()
+        expected_losses.append(-torch.log_softmax(logits, -1)[kept[0][1]].item())
+        probs.append(sigmoid((logits[one] - logits[two]).item()))  # P(#1 ≻ #2)
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(sum(expected_losses) / len(expected_losses), rel=1e-4)
-    for key in ("eval_accuracy", "eval_pair_accuracy", "eval_position_consistency", "eval_ece", "eval_brier"):
-        assert 0.0 <= metrics[key] <= 1.0
+    # The verdict metrics by hand from the same forwards: rows 2i (chosen first, "1") and 2i + 1 (chosen second)
+    truth = [v["verdict"] == "1" for v in verdicts]
+    n, pairs = len(probs), range(0, len(probs), 2)
+    bins = {}
+    for p, t in zip(probs, truth):
+        bins.setdefault(min(int(p * 10), 9), []).append((p, t))
+    expected = {
+        "eval_accuracy": sum((p > 0.5) == t for p, t in zip(probs, truth)) / n,
+        "eval_brier": sum((p - t) ** 2 for p, t in zip(probs, truth)) / n,
+        "eval_position_consistency": sum((probs[a] > 0.5) != (probs[a + 1] > 0.5) for a in pairs) / len(pairs),
+        "eval_pair_accuracy": sum(0.5 * (probs[a] + 1 - probs[a + 1]) > 0.5 for a in pairs) / len(pairs),
+        "eval_ece": sum(len(b) / n * abs(sum(p for p, _ in b) / len(b) - sum(t for _, t in b) / len(b))
+                        for b in bins.values()),
+    }
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-5)
 
 
 def test_verdict_metrics_by_hand():
@@ -212,15 +240,15 @@ def test_round_robin_advantages_by_hand(tmp_path, rm, tokenizer, pairs):
     assert contexts == 2 * (len(completions) // k) * k * (k - 1) // 2  # K·(K−1)/2 pairs per prompt, 2 orders each
     assert output["advantages"].tolist() == pytest.approx(expected, abs=1e-5)
     assert max(abs(e) for e in expected) > 1e-3
-    # r − ½ is also the group-centred reward: every group's mean reward is exactly ½.
-    assert trainer._gathered_rewards.view(-1, k).mean(1).tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+    # the rewards themselves (before centring) are the hand-computed round-robin means
+    assert trainer._gathered_rewards.tolist() == pytest.approx([e + 0.5 for e in expected], abs=1e-5)
 
 
 def test_greedy_reference_anchors(tmp_path, rm, tokenizer, pairs):
     from prefalign.generation import generate
 
     args = PairwisePPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
-                             max_completion_length=5, max_steps=1, **COMMON)
+                             max_completion_length=5, max_steps=1, anchor_keep_truncated=True, **COMMON)
     model = copy.deepcopy(rm.model)  # noisy weights: the tiny model itself ends at once, giving empty answers
     expected = [t[0] for t in generate(copy.deepcopy(model), tokenizer, pairs["prompt"], do_sample=False,
                                        max_new_tokens=5, batch_size=1, progress=False)]
@@ -266,7 +294,8 @@ def test_pairwise_rm_recipe_on_embedded_model(tmp_path):
 def test_pairwise_ppo_recipe_two_processes(tmp_path):
     """2 CPU processes: greedy anchors shared out across ranks (anchor), then round-robin groups that span ranks."""
     common = ["--model_name_or_path", "tiny-causal-lm", "--reward_model_name_or_path", "tiny-causal-lm",
-              "--max_steps", "2", "--max_train_samples", "8", "--max_completion_length", "8", "--save_steps", "2"]
+              "--max_steps", "2", "--max_train_samples", "8", "--max_completion_length", "8", "--save_steps", "2",
+              "--anchor_keep_truncated", "true"]  # the tiny model's greedy anchors never end
     for advantage, per_device in (("anchor", "4"), ("round_robin", "2")):  # 2 × 2 completions = one group of 4
         out = tmp_path / advantage
         subprocess.run([*accelerate_launch("ddp.yaml"), "recipes/pairwise_ppo.py",
