@@ -1,6 +1,7 @@
 """RRPOTrainer against independent computations: TRL's own DPO, a float64 brute-force KL, PEFT references, VLMs."""
 
 import contextlib
+import copy
 import logging
 import math
 
@@ -14,7 +15,7 @@ from trl import DPOConfig, DPOTrainer
 
 from prefalign.data import load_preference_dataset
 from prefalign.models import load_model, load_processing_class
-from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
+from prefalign.trainers.rrpo import LOGIT_SCALING_ATTRIBUTES, RRPOConfig, RRPOTrainer, check_unscaled_logits
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               per_device_train_batch_size=4, logging_steps=1, seed=0)
@@ -207,3 +208,182 @@ def test_rrpo_steps_on_the_embedded_model_reduce_the_loss(tmp_path):
     assert min(e["loss"] for e in logs[-2:]) < logs[0]["loss"] - 0.01
     assert all(math.isfinite(e["kl/chosen"]) for e in logs) and logs[-1]["kl/chosen"] > 0
     assert logs[-1]["phrase_rewards/margins"] > 0
+
+
+# --- issue 12: precomputed reference, pairs without phrase tokens, inherited settings, evaluation ------------------
+
+
+def test_precomputed_reference_is_the_initial_model_not_the_live_policy(tmp_path, pairs, tokenizer):
+    """Full fine-tuning, no ref_model, precompute_ref_log_probs=True (α = 0): the reference is the initial model,
+    read from the precomputed columns; the loss leaves log 2 and equals a float64 brute force against that model."""
+    initial = load_model("tiny-causal-lm")
+    args = RRPOConfig(output_dir=str(tmp_path), alpha=0.0, beta=0.5, precompute_ref_log_probs=True, max_steps=3,
+                      learning_rate=5e-2, **COMMON)
+    trainer = RRPOTrainer(copy.deepcopy(initial), args=args, train_dataset=pairs, processing_class=tokenizer)
+    assert trainer.ref_model is None
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference before the first update
+    assert abs(losses[-1] - math.log(2)) > 1e-3
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch)
+        expected = _brute_force_loss(trainer.model, initial, batch, beta=0.5, alpha=0.0)
+    assert abs(expected.item() - math.log(2)) > 1e-3
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_pairs_without_a_phrase_token_are_reported(tmp_path, tokenizer, caplog):
+    """Empty tags and whitespace-only differences are errors naming the rows, or counted drops."""
+    good = {"prompt": "Q?", "chosen": "It is <MASK>red</MASK>.", "rejected": "It is <MASK>blue</MASK>."}
+    empty = {"prompt": "Q?", "chosen": "It is <MASK></MASK> red.", "rejected": "It is <MASK></MASK> blue."}
+    spaces = {"prompt": "Q?", "chosen": "Paris is big.", "rejected": "Paris  is big."}
+    dataset = Dataset.from_list([good, empty, good, spaces])
+    with pytest.raises(ValueError, match=r"(?s)2 of 4 pairs.*row 1, .*empty or whitespace.*row 3, .*whitespace"):
+        _rrpo(tmp_path, dataset, tokenizer)
+    with caplog.at_level(logging.WARNING, logger="prefalign.trainers.rrpo"):
+        trainer = _rrpo(tmp_path, dataset, tokenizer, drop_unaligned=True)
+    assert len(trainer.train_dataset) == 2 and "dropped 2 of 4 train pairs" in caplog.text
+
+
+def test_phrases_cut_away_by_max_length_are_reported(tmp_path, tokenizer, caplog):
+    """After TRL's tokenisation and truncation a pair needs ≥ 1 phrase token on either side; rows whose phrases
+    are all cut away (or whose prompt alone fills max_length) are errors naming them, or counted drops."""
+    max_length = 16
+    good = {"prompt": "Q?", "chosen": "It is <MASK>red</MASK>.", "rejected": "It is <MASK>blue</MASK>."}
+    long_prompt = "What colour is the house"
+    cut = {"prompt": long_prompt, "chosen": "It is a nice one and <MASK>red</MASK>.",
+           "rejected": "It is a nice one and <MASK>blue</MASK>."}
+    no_room = {"prompt": long_prompt + " on the hill, and the one beside it?", "chosen": "<MASK>Red</MASK>.",
+               "rejected": "<MASK>Blue</MASK>."}
+    prompt_tokens = len(tokenizer(long_prompt)["input_ids"])
+    before_phrase = len(tokenizer(long_prompt + "It is a nice one and")["input_ids"])
+    assert prompt_tokens < max_length <= before_phrase  # the setup: the cut row keeps completion tokens, no phrase
+    assert len(tokenizer(no_room["prompt"])["input_ids"]) >= max_length
+    dataset = Dataset.from_list([good, cut, good, no_room])
+    with pytest.raises(ValueError, match=r"(?s)2 of 4 pairs.*max_length=16.*row 1\b.*row 3\b"):
+        _rrpo(tmp_path, dataset, tokenizer, max_length=max_length)
+    with caplog.at_level(logging.WARNING, logger="prefalign.trainers.rrpo"):
+        trainer = _rrpo(tmp_path, dataset, tokenizer, max_length=max_length, drop_unaligned=True)
+    assert len(trainer.train_dataset) == 2 and "dropped 2 of 4 train pairs" in caplog.text
+    batch = _first_batch(trainer)
+    assert ((batch["phrase_ids"][:2] > 0).sum(-1) > 0).all()
+
+
+REFUSED = [("loss_type", ["hinge"]), ("loss_weights", [2.0]), ("label_smoothing", 0.1), ("ld_alpha", 0.5),
+           ("use_weighting", True), ("f_divergence_type", "forward_kl"), ("f_alpha_divergence_coef", 0.3),
+           ("discopop_tau", 0.2), ("sync_ref_model", True), ("ref_model_mixup_alpha", 0.9),
+           ("ref_model_sync_steps", 4), ("padding_free", True), ("label_smoothing_factor", 0.1)]
+
+
+@pytest.mark.parametrize("name, value", REFUSED, ids=[name for name, _ in REFUSED])
+def test_inherited_loss_settings_rrpo_ignores_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"RRPO does not use .*{name}="):
+        RRPOConfig(output_dir="unused", **{**COMMON, name: value})
+
+
+def _tiny_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                            router_aux_loss_coef=0.001, pad_token_id=0)
+    return Qwen2MoeForCausalLM(config)
+
+
+def test_moe_router_aux_loss_is_added_as_trl_does(tmp_path, pairs, tokenizer):
+    """α = 0, all tokens phrase: RRPO + router_aux_loss_coef·aux equals TRL's DPOTrainer with the same setting."""
+    ref = _tiny_moe()
+    policy = perturbed_copy(ref, scale=0.2)
+    rrpo = _rrpo(tmp_path, pairs, tokenizer, policy, ref, alpha=0.0, beta=0.3, router_aux_loss_coef=0.5)
+    dpo = DPOTrainer(policy, ref, args=DPOConfig(output_dir=str(tmp_path / "dpo"), beta=0.3, router_aux_loss_coef=0.5,
+                                                 **COMMON), train_dataset=pairs, processing_class=tokenizer)
+    batch = _first_batch(rrpo)
+    batch["phrase_ids"] = batch["completion_mask"].clone()
+    with torch.no_grad():
+        aux = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_router_logits=True).aux_loss
+        expected = dpo.compute_loss(dpo.model, {k: v for k, v in batch.items() if k != "phrase_ids"})
+        got = rrpo.compute_loss(rrpo.model, batch)
+    assert 0.5 * aux.item() > 1e-3  # the auxiliary term is visible at this tolerance
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_and_predict_on_a_raw_dataset(tmp_path, pairs, tokenizer):
+    """evaluate(eval_dataset=raw tagged rows) and compute_metrics / predict (return_outputs=True) work: the loss is
+    the float64 brute force over the same pairs, and the predictions are the policy's logits."""
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    trainer = _rrpo(tmp_path, pairs, tokenizer, policy, ref, alpha=0.5, beta=0.7,
+                    per_device_train_batch_size=8, per_device_eval_batch_size=8)
+    batch = _first_batch(trainer)  # all 8 pairs: the loss is a mean over pairs, so the order does not matter
+    with torch.no_grad():
+        expected = _brute_force_loss(policy, ref, batch, beta=0.7, alpha=0.5).item()
+    assert trainer.evaluate(eval_dataset=pairs)["eval_loss"] == pytest.approx(expected, abs=1e-4)
+
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"rows": float(prediction.predictions.shape[0])}
+
+    trainer.compute_metrics = compute_metrics
+    metrics = trainer.evaluate(eval_dataset=pairs)
+    assert metrics["eval_loss"] == pytest.approx(expected, abs=1e-4) and metrics["eval_rows"] == 16
+    output = trainer.predict(trainer.train_dataset)
+    assert output.metrics["test_loss"] == pytest.approx(expected, abs=1e-4)
+    eval_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        logits = policy(input_ids=eval_batch["input_ids"], attention_mask=eval_batch["attention_mask"]).logits
+    torch.testing.assert_close(torch.as_tensor(output.predictions), logits)
+
+
+# Config attributes with which transformers 5.24 models transform the logits after the backbone (found by reading
+# every modeling_*.py around its lm_head call), each with a value that changes the logits.
+SCALED_LOGITS = {"final_logit_softcapping": 30.0,  # Gemma 2/3/3n/4, T5Gemma, VaultGemma, Nanochat, Inkling2
+                 "logits_soft_cap": 30.0,  # RecurrentGemma
+                 "output_logit_soft_cap": 30.0,  # xLSTM
+                 "logit_scale": 0.0625,  # Cohere, Cohere2
+                 "output_multiplier": 2.0,  # Muse
+                 "lm_head_multiplier": 0.5,  # Falcon-H1
+                 "logits_scaling": 8.0,  # Granite family, HyperCLOVA X, MiniCPM3
+                 "logits_mup_width_multiplier": 24.0,  # Inkling
+                 "dim_model_base": 16}  # MiniCPM (hidden states divided by hidden_size / dim_model_base)
+
+
+def test_the_logit_scaling_list_covers_every_known_attribute():
+    assert set(LOGIT_SCALING_ATTRIBUTES) == set(SCALED_LOGITS)
+
+
+@pytest.mark.parametrize("name, value", list(SCALED_LOGITS.items()))
+def test_logit_scaling_models_are_refused(name, value):
+    """Every post-backbone logit transform transformers models use is refused: the KL reads the head directly."""
+    config = load_model("tiny-causal-lm").config
+    check_unscaled_logits(config)  # the tiny model itself is plain
+    setattr(config, name, value)
+    with pytest.raises(NotImplementedError, match=name):
+        check_unscaled_logits(config)
+
+
+def test_logit_scaling_guard_runs_at_trainer_start(tmp_path, pairs, tokenizer):
+    model = load_model("tiny-causal-lm")
+    model.config.logits_scaling = 8.0
+    with pytest.raises(NotImplementedError, match="logits_scaling"):
+        _rrpo(tmp_path, pairs, tokenizer, model=model)
+
+
+def test_fractional_logging_steps_compute_the_rejected_kl_on_logging_steps_only(tmp_path, pairs, tokenizer):
+    """logging_steps=0.5 of 4 steps logs every 2 steps: the rejected KL is computed at steps 2 and 4 only."""
+    trainer = _rrpo(tmp_path, pairs, tokenizer, max_steps=4, logging_steps=0.5)
+    calls = []
+    token_kl = trainer._token_kl
+
+    def counting(*args, **kwargs):
+        calls.append(trainer.state.global_step + 1)
+        return token_kl(*args, **kwargs)
+
+    trainer._token_kl = counting
+    trainer.train()
+    assert calls == [1, 2, 2, 3, 4, 4]  # chosen KL every step, rejected KL on steps 2 and 4
+    assert [e["step"] for e in trainer.state.log_history if "kl/rejected" in e] == [2, 4]

@@ -1,5 +1,5 @@
 """RRPO: Refined Regularized Preference Optimization (arXiv:2504.12083), a DPOTrainer with phrase-level rewards
-and a token-wise KL penalty. The loss is ``prefalign.losses.rrpo_loss`` (METHODS.md §2)."""
+and a token-wise KL penalty. The loss is ``prefalign.losses.rrpo_loss``; see docs/methods/rrpo.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset
+from datasets import Dataset, DatasetDict, IterableDataset, Value
+from transformers.trainer_utils import IntervalStrategy
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
 from trl.models.utils import disable_gradient_checkpointing
@@ -27,17 +28,52 @@ from prefalign.phrases import (
     rendered_phrase_ids,
     with_completion_text,
 )
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.rrpo")
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "phrase_ids"}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps", "phrase_ids"}
+ROW_COLUMN = "rrpo_row"  # each pair's row in the dataset as given, to name it in messages
+
+# DPOConfig fields that change the stock DPO loss but are not part of RRPO's objective: refused when not default.
+RRPO_UNUSED_DPO_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
+                          "label_smoothing", "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha",
+                          "ref_model_sync_steps", "padding_free", "label_smoothing_factor")
+
+# Config attributes with which transformers models transform the logits after the backbone, each with the values
+# that leave them unchanged ("hidden_size": neutral when equal to the config's hidden size). RRPO's KL applies the LM
+# head to the last hidden state directly, so a model with any of them set is refused.
+LOGIT_SCALING_ATTRIBUTES: dict[str, tuple] = {
+    "final_logit_softcapping": (None,),  # Gemma 2/3/3n/4, T5Gemma, VaultGemma, Nanochat, Inkling2, Mistral-Large-4
+    "logits_soft_cap": (None,),  # RecurrentGemma
+    "output_logit_soft_cap": (None,),  # xLSTM
+    "logit_scale": (None, 1.0),  # Cohere, Cohere2 (multiplies the logits)
+    "output_multiplier": (None, 1.0),  # Muse (multiplies before the soft-cap)
+    "lm_head_multiplier": (None, 1.0),  # Falcon-H1
+    "logits_scaling": (None, 1.0),  # Granite family and MiniCPM3 divide, HyperCLOVA X multiplies
+    "logits_mup_width_multiplier": (None, 1.0),  # Inkling (divides the hidden states)
+    "dim_model_base": (None, "hidden_size"),  # MiniCPM (hidden states divided by hidden_size / dim_model_base)
+}
+
+
+def check_unscaled_logits(config) -> None:
+    """Raise NotImplementedError when ``config`` (or its text config) sets any of ``LOGIT_SCALING_ATTRIBUTES``."""
+    text_config = config.get_text_config()
+    for name, neutral in LOGIT_SCALING_ATTRIBUTES.items():
+        value = getattr(text_config, name, None)
+        neutral_values = [getattr(text_config, "hidden_size", None) if v == "hidden_size" else v for v in neutral]
+        if value not in neutral_values:
+            raise NotImplementedError(
+                f"RRPO's token-wise KL applies the LM head to the last hidden state directly, but this model "
+                f"transforms its logits ({name}={value!r}): models with logit soft-capping or scaling are not "
+                f"supported yet.")
 
 
 @dataclass
 class RRPOConfig(DPOConfig):
     r"""Configuration for [`RRPOTrainer`]: every [`~trl.DPOConfig`] field, plus the RRPO ones below.
 
-    Parameters that control the loss (METHODS.md §2):
+    Parameters that control the loss (docs/methods/rrpo.md):
         beta (`float`, defaults to `0.1`): β, scale of the refined phrase rewards r(x, y_k) = β·Σ_{t∈k} lr_t.
         alpha (`float`, defaults to `0.01`): α, weight of the token-wise KL(π_ref ‖ π_θ) summed over the chosen
             response. Official settings: (α, β) = (0.01, 0.1) LLaVA-Video, (0.05, 0.5) LongVU, (0.01, 0.9) VideoChat2.
@@ -53,6 +89,18 @@ class RRPOConfig(DPOConfig):
             head (LoRA) its gradient is formed in the same pass; a trained head is checkpointed and recomputed.
         log_rejected_kl (`bool`, defaults to `True`): also compute (without gradient) and log the KL on the
             rejected response, on logging steps and in evaluation only; it is never optimised.
+
+    Inherited DPOConfig fields, and what RRPO does with each one that changes the stock DPO loss:
+        - honoured: `beta` (β above), `max_length` / `truncation_mode` (a pair must keep at least one phrase token,
+          on either side, after truncation: otherwise an error naming the row, or a counted drop with
+          `drop_unaligned`), `precompute_ref_log_probs` (α = 0 only: the reference's per-token log-probs are stored
+          and read back), `router_aux_loss_coef` (the MoE load-balancing loss is added, as in TRL's DPOTrainer),
+          `disable_dropout`, `pad_to_multiple_of`, `dataset_num_proc`, `precompute_ref_batch_size`.
+        - refused when not at their defaults, because RRPO's objective does not use them (`RRPO_UNUSED_DPO_FIELDS`):
+          `loss_type`, `loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
+          `label_smoothing`, `use_weighting`, `discopop_tau`, `sync_ref_model`, `ref_model_mixup_alpha`,
+          `ref_model_sync_steps` (the reference is fixed), `padding_free` (TRL 1.16 disables it) and
+          `label_smoothing_factor` (transformers' label smoother never runs in a DPO loss).
 
     The paper's runs use lr 5e-6, one epoch, LoRA r=128, lora_alpha=256; `learning_rate` defaults to 5e-6 here.
     """
@@ -76,25 +124,32 @@ class RRPOConfig(DPOConfig):
         if self.precompute_ref_log_probs and self.alpha > 0:
             raise ValueError("RRPO's token-wise KL needs the reference distribution at every step: "
                              "precompute_ref_log_probs=True only works with alpha=0.")
+        refuse_unhonoured_fields(self, DPOConfig, RRPO_UNUSED_DPO_FIELDS, "RRPO",
+                                 "RRPO's loss is fixed: β and α are its knobs (docs/methods/rrpo.md).")
 
 
-def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: str = "train") -> Dataset:
+def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: str = "train",
+                     num_proc: int | None = None) -> Dataset:
     """Strip `<MASK>` tags (or diff chosen against rejected) into clean completions plus `chosen_spans` and
-    `rejected_spans` columns; report pairs that cannot be aligned (error, or counted drop with `drop_unaligned`)."""
-    problems: dict[int, str] = {}
+    `rejected_spans` columns, and a `rrpo_row` column (each pair's row as given); report pairs that cannot be aligned
+    or have no visible phrase character (error naming the rows, or counted drop with `drop_unaligned`)."""
+    if ROW_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
 
-    def split_row(row, index):
+    def split_row(row):
         try:
             chosen, chosen_spans, rejected, rejected_spans = pair_phrase_spans(
                 completion_text(row["chosen"]), completion_text(row["rejected"]), tokenizer)
         except ValueError as error:
-            problems[index] = str(error)
-            return {"chosen_spans": [], "rejected_spans": []}
-        return {"chosen": with_completion_text(row["chosen"], chosen), "rejected": with_completion_text(row["rejected"], rejected),
-                "chosen_spans": chosen_spans, "rejected_spans": rejected_spans}
+            return {"chosen_spans": [], "rejected_spans": [], "rrpo_problem": str(error)}
+        return {"chosen": with_completion_text(row["chosen"], chosen),
+                "rejected": with_completion_text(row["rejected"], rejected),
+                "chosen_spans": chosen_spans, "rejected_spans": rejected_spans, "rrpo_problem": ""}
 
-    dataset = dataset.map(split_row, with_indices=True, desc=f"Finding phrases in the {name} dataset",
+    dataset = dataset.map(split_row, num_proc=num_proc, desc=f"Finding phrases in the {name} dataset",
                           load_from_cache_file=False)
+    problems = {row: reason for row, reason in zip(dataset[ROW_COLUMN], dataset["rrpo_problem"]) if reason}
+    dataset = dataset.remove_columns("rrpo_problem")
     if problems:
         kinds = Counter(reason.split(" (")[0].split(":")[0] for reason in problems.values())
         summary = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
@@ -104,18 +159,44 @@ def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: st
                              f"phrases ({summary}):\n{listed}\nFix them, or set drop_unaligned=True to drop them.")
         logger.warning("dropped %d of %d %s pairs whose phrases cannot be aligned: %s",
                        len(problems), len(dataset), name, summary)
-        dataset = dataset.select([i for i in range(len(dataset)) if i not in problems])
+        dataset = dataset.filter(lambda row: row not in problems, input_columns=ROW_COLUMN)
     return dataset
 
 
-class _PhraseIdsCollator:
-    """Wraps TRL's preference collator and adds `phrase_ids` [2B, L] aligned with `input_ids` (0 off-phrase)."""
+def _kept_completion(num_prompt: int, num_completion: int, max_length: int | None, truncation_mode: str) -> slice:
+    """The completion tokens TRL's preference collator keeps after truncating prompt + completion to max_length."""
+    if max_length is None:
+        return slice(None)
+    if truncation_mode == "keep_start":
+        return slice(0, max(0, max_length - num_prompt))
+    return slice(max(0, num_completion - max_length), None)  # keep_end: the last max_length tokens
 
-    def __init__(self, collator, processing_class, truncation_mode: str):
+
+def _completion_values(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row, the entries of ``values`` [N, T] where ``mask`` is set, in order, left-aligned and zero-padded to
+    ``width`` columns: [N, width]."""
+    out = values.new_zeros(values.size(0), width)
+    rows, cols = mask.nonzero(as_tuple=True)
+    out[rows, mask.long().cumsum(1)[rows, cols] - 1] = values[rows, cols]
+    return out
+
+
+class _PhraseIdsCollator:
+    """Wraps TRL's preference collator and adds `phrase_ids` [2B, L] aligned with `input_ids` (0 off-phrase), and,
+    when the rows carry precomputed per-token reference log-probs, `ref_token_logps` [2B, L] aligned the same way.
+
+    Pairs left without a phrase token (on the vision path, where TRL truncates at collation) are an error naming
+    their rows, or, with `drop_unaligned`, removed from the batch and counted in the log."""
+
+    def __init__(self, collator, processing_class, max_length: int | None, truncation_mode: str,
+                 drop_unaligned: bool):
         self.collator = collator
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.max_length = max_length
         self.truncation_mode = truncation_mode
+        self.drop_unaligned = drop_unaligned
+        self.dropped = 0
 
     def _rendered_phrase_ids(self, example: dict, side: str) -> list[int]:
         """Vision path: TRL tokenises each rendered completion on its own, so map the spans onto that."""
@@ -127,17 +208,41 @@ class _PhraseIdsCollator:
         text = completion_text(example[side])
         return rendered_phrase_ids(self.tokenizer, rendered[side], text, example[f"{side}_spans"])
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         per_row = [example[f"{side}_phrase_ids"] if f"{side}_phrase_ids" in example  # text rows: precomputed
                    else self._rendered_phrase_ids(example, side) for side in ("chosen", "rejected") for example in examples]
-        batch = self.collator(examples)
+        model_examples = [{k: v for k, v in e.items() if k != ROW_COLUMN} for e in examples]
+        batch = self.collator(model_examples)
         phrase_ids = torch.zeros_like(batch["input_ids"])
         for row, ids in enumerate(per_row):
             positions = batch["completion_mask"][row].nonzero().squeeze(-1)
             kept = ids[: len(positions)] if self.truncation_mode == "keep_start" else ids[len(ids) - len(positions):]
             phrase_ids[row, positions] = torch.tensor(kept, dtype=phrase_ids.dtype)
         batch["phrase_ids"] = phrase_ids
+        if "ref_chosen_logps" in batch:  # precomputed per-token values of the kept completion tokens, in order
+            stored = torch.cat([batch.pop("ref_chosen_logps"), batch.pop("ref_rejected_logps")])
+            ref = torch.zeros(batch["input_ids"].shape, dtype=stored.dtype)
+            for row in range(ref.size(0)):
+                positions = batch["completion_mask"][row].nonzero().squeeze(-1)
+                ref[row, positions] = stored[row, : len(positions)]
+            batch["ref_token_logps"] = ref
         return batch
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self._collate(examples)
+        has_phrase = (batch["phrase_ids"] > 0).any(-1).view(2, -1).any(0)
+        if bool(has_phrase.all()):
+            return batch
+        empty = [i for i, ok in enumerate(has_phrase.tolist()) if not ok]
+        rows = [examples[i].get(ROW_COLUMN, "?") for i in empty]
+        if not self.drop_unaligned or len(empty) == len(examples):
+            raise ValueError(f"pairs at rows {rows} have no phrase token left after tokenisation and truncation to "
+                             f"max_length={self.max_length} (a pair needs at least one phrase token on either side). "
+                             "Raise max_length (or set it to None), or set drop_unaligned=True to drop them.")
+        self.dropped += len(empty)
+        logger.warning("dropped pairs at rows %s from a batch: no phrase token left after truncation to "
+                       "max_length=%s (%d dropped so far)", rows, self.max_length, self.dropped)
+        return self._collate([e for i, e in enumerate(examples) if i not in empty])
 
 
 class _LastHiddenState:
@@ -179,44 +284,160 @@ class RRPOTrainer(DPOTrainer):
             args = RRPOConfig("RRPO")
         if not isinstance(args, RRPOConfig):
             raise TypeError(f"RRPOTrainer needs an RRPOConfig, got {type(args).__name__}")
+        refuse_unhonoured_fields(args, DPOConfig, RRPO_UNUSED_DPO_FIELDS, "RRPO",  # again: args may have changed
+                                 "RRPO's loss is fixed: β and α are its knobs (docs/methods/rrpo.md).")
         if isinstance(train_dataset, IterableDataset) or isinstance(eval_dataset, IterableDataset):
             raise TypeError("RRPOTrainer needs map-style datasets (phrases are aligned before training)")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        train_dataset = add_phrase_spans(video_frames_as_images(train_dataset), tokenizer, args.drop_unaligned, "train")
+
+        def with_spans(dataset, name):
+            return add_phrase_spans(video_frames_as_images(dataset), tokenizer, args.drop_unaligned, name,
+                                    args.dataset_num_proc)
+
+        train_dataset = with_spans(train_dataset, "train")
         if isinstance(eval_dataset, dict | DatasetDict):
-            eval_dataset = {k: add_phrase_spans(video_frames_as_images(v), tokenizer, args.drop_unaligned, k) for k, v in eval_dataset.items()}
+            eval_dataset = {k: with_spans(v, k) for k, v in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = add_phrase_spans(video_frames_as_images(eval_dataset), tokenizer, args.drop_unaligned, "eval")
+            eval_dataset = with_spans(eval_dataset, "eval")
         super().__init__(model, ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        self.data_collator = _PhraseIdsCollator(self.data_collator, processing_class, args.truncation_mode)
-        text_config = self.accelerator.unwrap_model(self.model).config.get_text_config()
-        if any(getattr(text_config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
-            raise NotImplementedError("RRPO's token-wise KL reads logits from the LM head directly; models with logit "
-                                      "soft-capping or scaling are not supported yet.")
+        self.data_collator = self._phrase_collator()
+        check_unscaled_logits(self.accelerator.unwrap_model(self.model).config)
+        if self.ref_model is not None:
+            check_unscaled_logits(self.accelerator.unwrap_model(self.ref_model).config)
         self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
+    def _phrase_collator(self) -> _PhraseIdsCollator:
+        """The data collator, wrapped (once) to add phrase ids and precomputed per-token reference log-probs."""
+        if isinstance(self.data_collator, _PhraseIdsCollator):
+            return self.data_collator
+        return _PhraseIdsCollator(self.data_collator, self.processing_class, self.args.max_length,
+                                  self.args.truncation_mode, self.args.drop_unaligned)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """TRL's tokenisation, plus per-token phrase ids aligned with `chosen_ids` / `rejected_ids`."""
+        """Phrase spans (when not added yet, e.g. a raw dataset given to `evaluate`), TRL's tokenisation, per-token
+        phrase ids aligned with `chosen_ids` / `rejected_ids`, then the pairs left without a phrase token after
+        truncation to `max_length` (or dropped by TRL because the prompt fills it) are reported."""
+        if isinstance(dataset, IterableDataset):
+            raise TypeError("RRPOTrainer needs map-style datasets (phrases are aligned before training)")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if "chosen_spans" not in dataset.column_names:
+            dataset = add_phrase_spans(video_frames_as_images(dataset), tokenizer, args.drop_unaligned, dataset_name,
+                                       args.dataset_num_proc)
+        rows_before = dataset[ROW_COLUMN]
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def add_phrase_ids(row):
             out = {}
+            kept_phrase_tokens = total_phrase_tokens = 0
             for side in ("chosen", "rejected"):
                 ids, phrase_ids = phrase_token_ids(processing_class, row["prompt"], row[side], row[f"{side}_spans"])
                 trl_ids = row[f"{side}_ids"]  # TRL may start both completions a token earlier: align the ends
                 if len(ids) > len(trl_ids) or trl_ids[len(trl_ids) - len(ids):] != ids:
-                    raise ValueError(f"{dataset_name} row: {side} token ids disagree with TRL's tokenisation")
-                out[f"{side}_phrase_ids"] = [0] * (len(trl_ids) - len(ids)) + phrase_ids
+                    raise ValueError(f"{dataset_name} dataset, row {row[ROW_COLUMN]}: {side} token ids disagree "
+                                     "with TRL's tokenisation")
+                phrase_ids = [0] * (len(trl_ids) - len(ids)) + phrase_ids
+                kept = _kept_completion(len(row["prompt_ids"]), len(trl_ids), args.max_length, args.truncation_mode)
+                kept_phrase_tokens += sum(p > 0 for p in phrase_ids[kept])
+                total_phrase_tokens += sum(p > 0 for p in phrase_ids)
+                out[f"{side}_phrase_ids"] = phrase_ids
+            out["rrpo_kept_phrase_tokens"], out["rrpo_cut_phrase_tokens"] = (
+                kept_phrase_tokens, total_phrase_tokens - kept_phrase_tokens)
             return out
 
-        return dataset.map(add_phrase_ids, desc=f"Aligning phrases with tokens in {dataset_name} dataset")
+        dataset = dataset.map(add_phrase_ids, num_proc=args.dataset_num_proc,
+                              desc=f"Aligning phrases with tokens in {dataset_name} dataset")
+        kept, cut = dataset["rrpo_kept_phrase_tokens"], dataset["rrpo_cut_phrase_tokens"]
+        dataset = dataset.remove_columns(["rrpo_kept_phrase_tokens", "rrpo_cut_phrase_tokens"])
+        rows_after = dataset[ROW_COLUMN]
+        empty = sorted((set(rows_before) - set(rows_after)) | {r for r, n in zip(rows_after, kept) if n == 0})
+        partly_cut = sum(1 for n, c in zip(kept, cut) if n > 0 and c > 0)
+        if partly_cut:
+            logger.warning("%d of %d %s pairs lose some of their phrase tokens to truncation to max_length=%s; they "
+                           "train on the phrase tokens left", partly_cut, len(rows_before), dataset_name,
+                           args.max_length)
+        if not empty:
+            return dataset
+        listed = ", ".join(f"row {r}" for r in empty[:20]) + (", ..." if len(empty) > 20 else "")
+        if not args.drop_unaligned or len(empty) == len(rows_before):
+            raise ValueError(
+                f"{len(empty)} of {len(rows_before)} pairs in the {dataset_name} dataset have no phrase token left "
+                f"after tokenisation and truncation to max_length={args.max_length} (a pair needs at least one "
+                f"phrase token, on either side): {listed}. Raise max_length, shorten these rows, or set "
+                "drop_unaligned=True to drop them.")
+        logger.warning("dropped %d of %d %s pairs with no phrase token left after truncation to max_length=%s: %s",
+                       len(empty), len(rows_before), dataset_name, args.max_length, listed)
+        dropped = set(empty)
+        return dataset.filter(lambda row: row not in dropped, input_columns=ROW_COLUMN)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = ["chosen_spans", "rejected_spans"] if self._is_vision_dataset else ["chosen_phrase_ids",
                                                                                     "rejected_phrase_ids"]
-        self._signature_columns = [*self._signature_columns, *extra]
+        self._signature_columns = [*self._signature_columns, *extra, ROW_COLUMN]
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Per-token reference log-probs of the completion tokens (TRL's reference forward: ref model, or adapter
+        disabled, under autocast), chosen and rejected, each [B, W]: left-aligned and zero-padded to the width W of
+        the dataset being precomputed, so TRL's precompute can stack them. RRPO needs them per token, not summed."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self._reference_context(), self.accelerator.autocast()):
+            log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
+        shift_mask = completion_mask[:, 1:]
+        return _completion_values(log_probs[:, -shift_mask.size(1):], shift_mask.bool(), self._ref_width).chunk(2)
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """TRL's precompute (cached, distributed), storing per-token reference log-probs as `ref_chosen_logps` /
+        `ref_rejected_logps` lists (see `compute_ref_log_probs`); the collator aligns them with `input_ids`."""
+        lengths = [min(len(ids), self.args.max_length or len(ids))
+                   for side in ("chosen_ids", "rejected_ids") for ids in dataset[side]]
+        self._ref_width = max(lengths, default=1)
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        if isinstance(dataset.features["ref_chosen_logps"], Value):  # a cache written by a summing precompute
+            raise ValueError(f"the cached reference log-probs of the {name} dataset are sums, not per token: clear "
+                             "the datasets cache (or change the data) and run again")
+        return dataset
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """TRL's evaluate; a raw vision dataset first gets its phrase spans (text datasets get them in
+        `_prepare_dataset`)."""
+        if self._is_vision_dataset and eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._vision_spans(eval_dataset)
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """Trainer's predict on a raw or prepared dataset: the predictions are the policy's logits [2B, L, V]."""
+        if self._is_vision_dataset:
+            test_dataset = self._vision_spans(test_dataset)
+        elif "chosen_ids" not in test_dataset.column_names:
+            test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, metric_key_prefix)
+        if self.precompute_ref_logps and "ref_chosen_logps" not in test_dataset.column_names:
+            raise ValueError("precompute_ref_log_probs=True: pass `predict` a dataset given at initialisation as "
+                             "eval_dataset (its reference log-probs are precomputed), or use `evaluate`")
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _vision_spans(self, dataset):
+        """Phrase spans for vision datasets (TRL collates them on the fly and skips `_prepare_dataset`)."""
+        if isinstance(dataset, dict | DatasetDict):
+            return {k: self._vision_spans(v) for k, v in dataset.items()}
+        if "chosen_spans" in dataset.column_names:
+            return dataset
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return add_phrase_spans(video_frames_as_images(dataset), tokenizer, self.args.drop_unaligned, "eval",
+                                self.args.dataset_num_proc)
+
+    def _is_logging_step(self) -> bool:
+        """Whether the optimizer step being computed will be logged, by transformers' rule with the logging
+        interval it resolved (`state.logging_steps`: a fraction of training becomes a step count)."""
+        step = self.state.global_step + 1
+        if self.args.logging_strategy == IntervalStrategy.STEPS:
+            return step % max(1, int(self.state.logging_steps)) == 0 or (step == 1 and self.args.logging_first_step)
+        return self.args.logging_strategy == IntervalStrategy.EPOCH  # an epoch's last step is not known here
 
     def _reference_context(self):
         """Adapter disabled (or the 'ref' adapter) when the reference is the PEFT base model."""
@@ -257,39 +478,55 @@ class RRPOTrainer(DPOTrainer):
         seq_len = completion_mask.size(1) - 1
         shift_mask = completion_mask[:, 1:].bool()
         shift_phrase_ids = inputs["phrase_ids"][:, 1:]
+        batch_size = completion_mask.size(0) // 2
 
         policy = self.accelerator.unwrap_model(self.model)
         policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+        # MoE: the policy returns its router logits and `aux_loss` (the reference forward does not need them)
+        policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
         with _LastHiddenState(policy) as policy_hidden:
-            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            outputs = model(**policy_kwargs, labels=labels, fused_lm_head=True)
         per_token_logps = outputs.log_probs[:, -seq_len:]
 
-        reference = policy if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            with self._reference_context(), _LastHiddenState(reference) as ref_hidden:
-                ref_model = self.model if self.ref_model is None else self.ref_model
-                ref_outputs = ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-        ref_per_token_logps = ref_outputs.log_probs[:, -seq_len:]
+        if self.precompute_ref_logps:  # α = 0 (checked by RRPOConfig): per-token values stored before training
+            ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
+            chosen_kl = rejected_kl = None
+        else:
+            reference = policy if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                with self._reference_context(), _LastHiddenState(reference) as ref_hidden:
+                    ref_model = self.model if self.ref_model is None else self.ref_model
+                    ref_outputs = ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
+            ref_per_token_logps = ref_outputs.log_probs[:, -seq_len:]
 
-        def kl(rows: slice) -> torch.Tensor:  # hidden state t predicts token t+1: the last one predicts nothing
-            return self._token_kl(policy, reference, policy_hidden.value[rows, :-1][:, -seq_len:],
-                                  ref_hidden.value[rows, :-1][:, -seq_len:], shift_mask[rows])
+            def kl(rows: slice) -> torch.Tensor:  # hidden state t predicts token t+1: the last one predicts nothing
+                return self._token_kl(policy, reference, policy_hidden.value[rows, :-1][:, -seq_len:],
+                                      ref_hidden.value[rows, :-1][:, -seq_len:], shift_mask[rows])
 
-        batch_size = completion_mask.size(0) // 2
-        chosen_kl = kl(slice(0, batch_size))
+            chosen_kl = kl(slice(0, batch_size))
+            with torch.no_grad():
+                logging_step = mode == "eval" or self._is_logging_step()
+                rejected_kl = kl(slice(batch_size, None)) if self.args.log_rejected_kl and logging_step else None
+
         chosen_logps, rejected_logps = per_token_logps.chunk(2)
         ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.chunk(2)
         chosen_phrase_ids, rejected_phrase_ids = shift_phrase_ids.chunk(2)
         losses = rrpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_phrase_ids,
-                           rejected_phrase_ids, chosen_kl, beta=self.beta, alpha=self.args.alpha)
+                           rejected_phrase_ids, chosen_logps.new_zeros(batch_size) if chosen_kl is None else chosen_kl,
+                           beta=self.beta, alpha=self.args.alpha)
         loss = losses.mean()
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach())
+                                                   .mean().item())
 
         # Metrics: TRL's sequence-level ones, then phrase-level rewards, KL and phrase-token counts.
         with torch.no_grad():
-            logging_step = mode == "eval" or (self.state.global_step + 1) % max(1, int(self.args.logging_steps)) == 0
-            rejected_kl = kl(slice(batch_size, None)) if self.args.log_rejected_kl and logging_step else None
             self._log_metrics(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                               chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses)
+        if return_outputs:  # TRL's prediction_step reads `.logits`, which the fused head does not build
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
 
     def _log_metrics(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -313,9 +550,11 @@ class RRPOTrainer(DPOTrainer):
             "logps/chosen": chosen_logps.sum(-1), "logps/rejected": rejected_logps.sum(-1),
             "phrase_rewards/chosen": phrase_chosen.sum(-1), "phrase_rewards/rejected": phrase_rejected.sum(-1),
             "phrase_rewards/margins": u, "phrase_rewards/accuracies": (u > 0).float(),
-            "kl/chosen": chosen_kl, "phrase_tokens/chosen": chosen_tokens, "phrase_tokens/rejected": rejected_tokens,
+            "phrase_tokens/chosen": chosen_tokens, "phrase_tokens/rejected": rejected_tokens,
             "phrase_tokens/pairs_without": ((chosen_tokens + rejected_tokens) == 0).float(),
         }
+        if chosen_kl is not None:  # not computed when the reference log-probs are precomputed
+            per_pair["kl/chosen"] = chosen_kl
         if rejected_kl is not None:
             per_pair["kl/rejected"] = rejected_kl
         for name, value in per_pair.items():
