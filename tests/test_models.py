@@ -1,7 +1,6 @@
 """Model loading: short names, the conversion cache, tiny factories, and the embedded real model (slow)."""
 
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
@@ -65,8 +64,12 @@ def test_tiny_causal_lm_loads_from_a_plain_path_and_chats():
                                          tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nWhat does the word 'dog' mean?<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(text, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
+    out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    n = ids["input_ids"].shape[1]
+    assert out.shape == (1, n + 4) and torch.equal(out[:, :n], ids["input_ids"])
+    with torch.no_grad():  # greedy decoding by hand: each new token is the argmax of a full forward pass
+        for step in range(4):
+            assert out[0, n + step] == model(out[:, : n + step]).logits[0, -1].argmax()
     assert tokenizer.pad_token_id != tokenizer.eos_token_id  # padding never hides the end of a response
 
 
@@ -80,8 +83,14 @@ def test_tiny_qwen2_vl_runs_images_and_frames():
     n_image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     merge = model.config.vision_config.spatial_merge_size ** 2
     assert n_image_tokens == int(batch["image_grid_thw"].prod()) // merge > 0
-    logits = model(**batch).logits
-    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+    other = processor(text=[text], images=[Image.new("RGB", (64, 48), (10, 10, 200))], return_tensors="pt")
+    with torch.no_grad():
+        logits, other_logits = model(**batch).logits, model(**other).logits
+    assert logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    # Causal attention: the logits before the first image token cannot depend on the image; after it they do.
+    first_image = int((batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    assert torch.equal(logits[:, :first_image], other_logits[:, :first_image])
+    assert not torch.allclose(logits[:, -1], other_logits[:, -1])
 
 
 def test_minilm_reward_backbone_has_eos_and_one_label():
@@ -98,9 +107,14 @@ def test_unknown_task_is_rejected():
 
 
 @pytest.mark.slow
-def test_smollm2_converts_once_matches_gguf_and_reloads_fast(tmp_path, monkeypatch):
+def test_smollm2_converts_once_matches_gguf_and_reloads_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    conversions = []
+    convert = models._convert_smollm2
+    monkeypatch.setattr(models, "_convert_smollm2", lambda folder: (conversions.append(folder), convert(folder)))
     model = load_model("smollm2-135m-instruct")
+    assert len(conversions) == 1  # converted on first use
+    conversions.clear()
     tokenizer = load_processing_class("smollm2-135m-instruct")
     assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -112,10 +126,13 @@ def test_smollm2_converts_once_matches_gguf_and_reloads_fast(tmp_path, monkeypat
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, gguf_model(**ids).logits)
 
-    start = time.perf_counter()
+    # Loading again reuses the converted folder: the conversion does not run, and no file in the folder is rewritten.
+    folder = tmp_path / "smollm2-135m-instruct"
+    written = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    monkeypatch.setattr(models, "_convert_smollm2", conversions.append)
     load_model("smollm2-135m-instruct")
     load_processing_class("smollm2-135m-instruct")
-    assert time.perf_counter() - start < 2.0
+    assert conversions == [] and {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == written
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
