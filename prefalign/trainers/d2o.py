@@ -38,10 +38,15 @@ from trl.trainer.utils import global_then_local_main_first, pad
 from prefalign.data import PreferenceDataError, validate_preference_dataset
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.d2o")
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "row_index"}
+# Inherited DPOConfig fields that shape DPO's loss (or its data) and that D²O does not implement: refused at start.
+D2O_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_weighting", "f_divergence_type",
+                      "f_alpha_divergence_coef", "label_smoothing", "discopop_tau", "label_smoothing_factor",
+                      "truncation_mode")
 MAX_LISTED_PROBLEMS = 10
 
 
@@ -70,9 +75,20 @@ class D2OConfig(DPOConfig):
         anchor_instruction (`str` or `None`, defaults to `None`): prepended to the prompt for sampling only (a
             harmlessness / "answer correctly" instruction); anchors are trained without it.
         anchor_generation_batch_size (`int`, defaults to `8`): prompts per `generate` call when refreshing.
+        anchor_keep_truncated (`bool`, defaults to `False`): train anchors cut off at `anchor_max_new_tokens` (no end
+            token) as if complete. By default a refreshed anchor that was cut off is not used (the prompt keeps its
+            previous anchor, counted in the log) and the recipe's anchor builder drops such prompts.
 
-    The inherited `loss_type`, `ld_alpha`, `use_weighting` and `f_divergence_type` belong to DPO's loss and must keep
-    their defaults; `truncation_mode` must be `keep_start`.
+    Inherited settings (every [`~trl.DPOConfig`] field that changes DPOTrainer's loss or training objective):
+        honoured: `beta` (β above); `router_aux_loss_coef` (the MoE load-balancing loss is added with this weight,
+            as DPOTrainer does); `precompute_ref_log_probs` (reference log-probs of the stored anchors and the
+            negative computed once; refreshed anchors get theirs at refresh); `sync_ref_model`,
+            `ref_model_mixup_alpha`, `ref_model_sync_steps` (TR-DPO: TRL's callback updates the `ref_model` this
+            trainer reads); `max_length` (keep-start truncation in the collator); `disable_dropout`.
+        refused at start when not at their defaults (they shape DPO's loss, which D²O replaces): `loss_type`,
+            `loss_weights`, `ld_alpha`, `use_weighting`, `f_divergence_type`, `f_alpha_divergence_coef`,
+            `label_smoothing`, `discopop_tau`, TrainingArguments' `label_smoothing_factor`, and `truncation_mode`
+            (only keep-start is implemented). See docs/methods/d2o.md.
     """
 
     beta: float = field(default=0.1, metadata={"help": "β: scale of the anchor term (β/K)·Σ log-ratio."})
@@ -89,6 +105,9 @@ class D2OConfig(DPOConfig):
         default=None, metadata={"help": "Instruction prepended to the prompt for sampling only (not trained on)."}
     )
     anchor_generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    anchor_keep_truncated: bool = field(
+        default=False, metadata={"help": "Keep anchors cut off at anchor_max_new_tokens (default: not used, counted)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,13 +117,8 @@ class D2OConfig(DPOConfig):
         for name in ("alpha", "anchor_warmup_steps", "anchor_refresh_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        inherited = {"loss_type": (self.loss_type, ["sigmoid"]), "ld_alpha": (self.ld_alpha, None),
-                     "use_weighting": (self.use_weighting, False),
-                     "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
-                     "truncation_mode": (self.truncation_mode, "keep_start")}
-        changed = [f"{name}={value!r}" for name, (value, default) in inherited.items() if value != default]
-        if changed:
-            raise ValueError(f"D²O has its own loss: {', '.join(changed)} is not supported; keep DPOConfig's default")
+        refuse_unhonoured_fields(self, DPOConfig, D2O_REFUSED_FIELDS, "D2OTrainer",
+                                 "D²O has its own loss (beta, alpha, num_anchors; docs/methods/d2o.md).")
 
 
 @dataclass
@@ -349,16 +363,21 @@ class D2OTrainer(DPOTrainer):
         seed = hash((args.seed, self.accelerator.process_index, self._generate_calls)) % 2**63
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as policy:
-            texts = generate(policy, self.processing_class, data["prompt"], num_return_sequences=args.num_anchors,
-                             max_new_tokens=args.anchor_max_new_tokens, temperature=args.anchor_temperature,
-                             top_p=args.anchor_top_p, batch_size=args.anchor_generation_batch_size, seed=seed,
-                             instruction=args.anchor_instruction, progress=False)
-        kept, lengths = 0, []
+            texts, finished = generate(policy, self.processing_class, data["prompt"],
+                                       num_return_sequences=args.num_anchors, max_new_tokens=args.anchor_max_new_tokens,
+                                       temperature=args.anchor_temperature, top_p=args.anchor_top_p,
+                                       batch_size=args.anchor_generation_batch_size, seed=seed,
+                                       instruction=args.anchor_instruction, progress=False, return_finished=True)
+        kept, lengths, cut = 0, [], 0
         for i, row in enumerate(rows):
             prompt, prompt_ids, rejected = data["prompt"][i], data["prompt_ids"][i], data["rejected"][i]
             current = self._anchor_store.get(row, {}).get("anchor_ids", data["anchor_ids"][i])
             anchor_ids = []
-            for old, text in zip(current, texts[i]):
+            for old, text, ended in zip(current, texts[i], finished[i]):
+                if not ended and not args.anchor_keep_truncated:  # cut off at the limit: keep the previous anchor
+                    cut += 1
+                    anchor_ids.append(old)
+                    continue
                 completion = text if isinstance(rejected, str) else [{"role": "assistant", "content": text}]
                 ids = _tokenized(self.processing_class, prompt, completion, self._tokenizer.eos_token)
                 if ids[: len(prompt_ids)] != prompt_ids:  # a token merged across the prompt's end: keep the old one
@@ -380,6 +399,11 @@ class D2OTrainer(DPOTrainer):
         logger.info("step %d, rank %d: sampled %d anchors for %d prompt(s) from the current policy (mean %.1f tokens)",
                     self.state.global_step, self.accelerator.process_index, args.num_anchors * len(rows), len(rows),
                     sum(lengths) / max(len(lengths), 1))
+        if cut:
+            logger.warning("step %d: %d sampled anchor(s) were cut off at anchor_max_new_tokens=%d and not used (the "
+                           "old anchor is kept; anchor_keep_truncated=True trains them)", self.state.global_step, cut,
+                           args.anchor_max_new_tokens)
+        self._truncated_anchors = getattr(self, "_truncated_anchors", 0) + cut
         if kept:
             logger.warning("step %d: %d sampled anchor(s) did not tokenize after their prompt's tokens and were not "
                            "replaced (the old anchor is kept)", self.state.global_step, kept)

@@ -22,11 +22,15 @@ from trl.trainer.utils import use_adapter
 from prefalign.diagnostics import pair_gradient_stats
 from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss
 from prefalign.phrases import CLOSE_TAG, OPEN_TAG, parse_phrase_tags
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.disentangled")
 
 MODES = ("pngd", "token_mask", "anchored")
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# Inherited DPOConfig fields that shape DPO's loss and that the disentangled objectives replace: refused at start.
+DISENTANGLED_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_weighting", "f_divergence_type",
+                               "f_alpha_divergence_coef", "label_smoothing", "discopop_tau", "label_smoothing_factor")
 
 
 @dataclass
@@ -51,8 +55,17 @@ class DisentangledDPOConfig(DPOConfig):
         shared_token_weight (`float`, defaults to `0.0`): weight in [0, 1] of the tokens both responses share in
             "token_mask"'s margin (0: the sparse mask of §4(b); 1: DPO).
 
-    DPO's `loss_type` must stay `["sigmoid"]`; `ld_alpha`, other `f_divergence_type`s and `use_weighting` are not
-    supported. `<MASK>…</MASK>` phrase tags in the data (RRPO's format) are stripped before tokenisation.
+    Inherited settings (every [`~trl.DPOConfig`] field that changes DPOTrainer's loss or training objective):
+        honoured: `beta` (β above); `router_aux_loss_coef` (the MoE load-balancing loss is added with this weight,
+            as DPOTrainer does, in every mode); `precompute_ref_log_probs` ("pngd" and "anchored"); `sync_ref_model`,
+            `ref_model_mixup_alpha`, `ref_model_sync_steps` (TR-DPO: TRL's callback updates the `ref_model` this
+            trainer reads); `max_length`, `truncation_mode`, `disable_dropout` (TRL's data pipeline and model set-up).
+        refused at start when not at their defaults (they shape DPO's loss, which `disentangle` replaces):
+            `loss_type`, `loss_weights`, `ld_alpha`, `use_weighting`, `f_divergence_type`,
+            `f_alpha_divergence_coef`, `label_smoothing`, `discopop_tau` and TrainingArguments'
+            `label_smoothing_factor`. See docs/methods/disentangled.md.
+
+    `<MASK>…</MASK>` phrase tags in the data (RRPO's format) are stripped before tokenisation.
     """
 
     disentangle: str = field(default="pngd", metadata={"help": "One of 'pngd', 'token_mask', 'anchored'."})
@@ -65,10 +78,8 @@ class DisentangledDPOConfig(DPOConfig):
         super().__post_init__()
         if self.disentangle not in MODES:
             raise ValueError(f"disentangle must be one of {MODES}, got {self.disentangle!r}")
-        if list(self.loss_type) != ["sigmoid"] or self.ld_alpha is not None or self.use_weighting \
-                or self.f_divergence_type != "reverse_kl":
-            raise ValueError("DisentangledDPOConfig replaces DPO's loss: keep loss_type=['sigmoid'], ld_alpha=None, "
-                             "use_weighting=False and f_divergence_type='reverse_kl'")
+        refuse_unhonoured_fields(self, DPOConfig, DISENTANGLED_REFUSED_FIELDS, "DisentangledDPOTrainer",
+                                 "The objective is chosen with `disentangle` (docs/methods/disentangled.md).")
         if not 0.0 <= self.shared_token_weight <= 1.0:
             raise ValueError(f"shared_token_weight must lie in [0, 1], got {self.shared_token_weight}")
         if self.disentangle == "token_mask" and self.precompute_ref_log_probs:
@@ -162,7 +173,9 @@ class DisentangledDPOTrainer(DPOTrainer):
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         seq_len = completion_mask.size(1) - 1
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # MoE: the policy forward returns the router load-balancing loss (the reference forward does not need it)
+        router_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(**model_kwargs, **router_kwargs, labels=labels, fused_lm_head=True)
         per_token_logps = outputs.log_probs[:, -seq_len:]
         chosen_logps, rejected_logps = per_token_logps.sum(-1).chunk(2)
         if self.precompute_ref_logps:
@@ -203,6 +216,9 @@ class DisentangledDPOTrainer(DPOTrainer):
             losses = anchored_loss(*sequence_args, beta=self.beta, chosen_anchor=self.args.chosen_anchor,
                                    rejected_anchor=self.args.rejected_anchor)
         loss = losses.mean()
+        if self.aux_loss_enabled:  # as TRL's DPOTrainer: the MoE load-balancing loss with its coefficient
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            per_pair["aux_loss"] = outputs.aux_loss.detach()
 
         with torch.no_grad():
             chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps)

@@ -40,12 +40,15 @@ from trl import GRPOConfig, GRPOTrainer
 from prefalign.generation import generate
 from prefalign.judges.judge import message_text
 from prefalign.losses import round_robin_rewards
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
 logger = logging.getLogger("prefalign.trainers.pairwise_ppo")
 
 ADVANTAGES = ("anchor", "group", "round_robin")
 GENERATED_ANCHOR_COLUMN = "reference_anchor"
+# GRPOConfig fields read only by GRPO's advantage computation, which "anchor" and "round_robin" replace.
+GROUP_ADVANTAGE_FIELDS = ("scale_rewards", "reward_weights", "multi_objective_aggregation")
 
 
 @dataclass
@@ -69,6 +72,19 @@ class PairwisePPOConfig(GRPOConfig):
     Changed defaults:
         beta (`float`, defaults to `0.05`): per-token KL coefficient to the reference (GRPO's default 0 would drop
             the KL penalty of the method).
+
+    Inherited settings (every [`~trl.GRPOConfig`] field that changes GRPOTrainer's loss or training objective):
+        honoured (GRPOTrainer's own loss runs unchanged on this trainer's advantages): `beta`, `epsilon`,
+            `epsilon_high`, `delta`, `loss_type`, `importance_sampling_level`, `num_iterations`,
+            `mask_truncated_completions`, `top_entropy_quantile`, the entropy bonus (`entropy_coef` and the
+            adaptive settings), `sapo_*`, `vespo_*`, `off_policy_mask_threshold`, `use_bias_correction_kl`,
+            `vllm_importance_sampling_*`, `router_aux_loss_coef`, `cast_lm_head_to_fp32`, `sync_ref_model` and its
+            settings, and the sampling settings (`num_generations`, `temperature`, `top_p`, `top_k`, `min_p`,
+            `repetition_penalty`, `max_completion_length`, `generation_kwargs`). With `advantage="group"` also
+            `scale_rewards`, `reward_weights` and `multi_objective_aggregation` (GRPO's advantage is kept).
+        refused at start with `advantage="anchor"` or `"round_robin"`, when not at their defaults: `scale_rewards`,
+            `reward_weights` and `multi_objective_aggregation` (those modes replace GRPO's advantage by r − ½).
+            See docs/methods/pairwise_rl.md.
     """
 
     advantage: str = field(default="anchor", metadata={"help": "anchor (r − ½), group (GRPO) or round_robin."})
@@ -86,6 +102,11 @@ class PairwisePPOConfig(GRPOConfig):
         super().__post_init__()
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"PairwisePPOConfig: advantage={self.advantage!r}; expected one of {ADVANTAGES}")
+        if self.advantage != "group":
+            refuse_unhonoured_fields(self, GRPOConfig, GROUP_ADVANTAGE_FIELDS,
+                                     f"PairwisePPOTrainer (advantage={self.advantage!r})",
+                                     "They shape GRPO's group advantage, which this mode replaces by r − ½; use "
+                                     "advantage='group' for them (docs/methods/pairwise_rl.md).")
 
 
 class PairwisePPOTrainer(GRPOTrainer):

@@ -35,6 +35,7 @@ from trl.data_utils import common_prefix_length
 from prefalign.generation import prompt_token_ids
 from prefalign.judges.judge import message_text
 from prefalign.losses import pairwise_reward
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.pairwise_rm")
 
@@ -185,11 +186,33 @@ class PairwiseRMConfig(SFTConfig):
     Parameters that control the evaluation:
         calibration_bins (`int`, defaults to `10`): equal-width bins of P(#1 ≻ #2) for the expected calibration error.
 
-    The data must be verdict examples (``data_builders.verdicts.build_verdict_examples``); `packing` must stay off
-    (the loss is kept on each example's first completion token).
+    The data must be verdict examples (``data_builders.verdicts.build_verdict_examples``).
+
+    Inherited settings (every [`~trl.SFTConfig`] field that changes SFTTrainer's loss or training objective):
+        honoured (SFTTrainer's own loss runs on labels kept on the verdict token alone): `loss_type` ("nll" or
+            "dft"), TrainingArguments' `label_smoothing_factor`, `router_aux_loss_coef` (MoE load balancing),
+            `completion_only_loss` (None or True), `max_length` / `truncation_mode` (a row whose verdict is cut off
+            is an error naming it), `padding_free`, `average_tokens_across_devices`.
+        refused at start: `packing=True` and `eval_packing=True` (a packed sequence holds several verdicts, and
+            only each example's first completion token is kept), `completion_only_loss=False` (the loss would
+            start at the prompt's first token) and `assistant_only_loss=True` (the loss is on the verdict token
+            whatever the assistant mask says). See docs/methods/pairwise_rl.md.
     """
 
     calibration_bins: int = field(default=10, metadata={"help": "Bins of P(#1 ≻ #2) for the calibration error."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        refuse_unhonoured_fields(self, SFTConfig, ("assistant_only_loss",), "PairwiseRMTrainer",
+                                 "The loss is on the verdict token alone (docs/methods/pairwise_rl.md).")
+        bad = [f"{name}={getattr(self, name)!r}" for name, refused in
+               (("packing", True), ("eval_packing", True), ("completion_only_loss", False))
+               if getattr(self, name) is refused]
+        if bad:
+            raise ValueError(f"PairwiseRMTrainer does not support these inherited SFTConfig settings: "
+                             f"{', '.join(bad)}. The loss is kept on each example's verdict token, the first "
+                             "completion token: packing would put several verdicts in one sequence, and "
+                             "completion_only_loss=False would start the loss at the prompt.")
 
 
 class PairwiseRMTrainer(SFTTrainer):
@@ -198,8 +221,6 @@ class PairwiseRMTrainer(SFTTrainer):
     def __init__(self, model: Any, args: PairwiseRMConfig | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, processing_class: Any = None, peft_config: Any = None,
                  callbacks: list | None = None, optimizers: tuple = (None, None)):
-        if args is not None and args.packing:
-            raise ValueError("PairwiseRMTrainer: packing is not supported (the loss is on each example's verdict)")
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if isinstance(dataset, Dataset):
                 _check_verdict_columns(dataset, name)

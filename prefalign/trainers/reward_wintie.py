@@ -36,6 +36,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from prefalign.data import check_reward_pair_lengths
 from prefalign.losses import win_tie_bt_loss
 from prefalign.models import load_processing_class, resolve_model_path
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.reward_wintie")
 
@@ -72,6 +73,12 @@ class WinTieRewardConfig(RewardConfig):
 
     With `reward_head="query_attention"` the model's last-token head gets no gradient, so
     `ddp_find_unused_parameters` defaults to `True`.
+
+    Inherited settings (every [`~trl.RewardConfig`] field that changes RewardTrainer's loss or training objective):
+        honoured: `center_rewards_coefficient` (adds c·mean((r_a + r_b)²), as RewardTrainer does); a `margin`
+            column; `max_length` (TRL's filter of text pairs); `disable_dropout`.
+        refused at start when not at its default: TrainingArguments' `label_smoothing_factor` (RewardTrainer does
+            not read it; the win pairs' smoothing is `label_smoothing` above). See docs/methods/wintie.md.
     """
 
     margin: float = field(default=0.0, metadata={"help": "Margin m ≥ 0 (official training script: 3.0)."})
@@ -85,6 +92,8 @@ class WinTieRewardConfig(RewardConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        refuse_unhonoured_fields(self, RewardConfig, ("label_smoothing_factor",), "WinTieRewardTrainer",
+                                 "Smooth the win pairs' labels with `label_smoothing` (docs/methods/wintie.md).")
         if self.margin < 0:
             raise ValueError(f"margin must be ≥ 0, got {self.margin}")
         if not 0.0 <= self.label_smoothing < 0.5:
