@@ -19,10 +19,19 @@ from prefalign.recipe_args import parse_recipe_args
 dpo_recipe = runpy.run_path(str(REPO / "recipes" / "dpo.py"))
 
 
-def _generate(model, tokenizer) -> torch.Tensor:
+def _assert_computes_like(saved, trained, tokenizer) -> None:
+    """The saved model computes what the trained in-memory model computes (logits and greedy tokens), which is not
+    what the untrained base model computes."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What does the word 'dog' mean?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm")).eval()
+    saved, trained = saved.eval(), trained.eval()
+    with torch.no_grad():
+        logits = saved(**prompt).logits
+        torch.testing.assert_close(logits, trained(**prompt).logits)
+        assert not torch.allclose(logits, base(**prompt).logits)
+        assert torch.equal(saved.generate(**prompt, max_new_tokens=5, do_sample=False),
+                           trained.generate(**prompt, max_new_tokens=5, do_sample=False))
 
 
 def test_default_config_is_cpu_friendly_and_overridable():
@@ -44,7 +53,7 @@ def test_lora_run_saves_an_adapter_that_plain_peft_loads(tiny_dpo_args, tmp_path
     trainer = dpo_recipe["main"](tiny_dpo_args)
     out = tmp_path / "out"
     losses = [e["loss"] for e in log_history(out) if "loss" in e]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 3
     assert abs(losses[0] - 0.6931) < 1e-3  # LoRA starts at the reference: DPO loss = log 2
     assert (out / "adapter_config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm"))
@@ -54,17 +63,16 @@ def test_lora_run_saves_an_adapter_that_plain_peft_loads(tiny_dpo_args, tmp_path
     assert lora_b and any(model.state_dict()[k].abs().sum() > 0 for k in lora_b)  # the adapter learned something
     assert set(lora_b) <= set(trained)  # the same names, so the comparison below covers every LoRA weight
     assert all(torch.equal(model.state_dict()[k], trained[k]) for k in lora_b)
-    tokenizer = load_processing_class("tiny-causal-lm")
-    assert _generate(model, tokenizer).shape[1] > 0
+    _assert_computes_like(model, trainer.model, load_processing_class("tiny-causal-lm"))
 
 
 def test_full_model_run_saves_a_plain_checkpoint(tiny_dpo_args, tmp_path):
-    dpo_recipe["main"]([*tiny_dpo_args, "--use_peft", "false"])
+    trainer = dpo_recipe["main"]([*tiny_dpo_args, "--use_peft", "false"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     reference = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm"))
     changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters())]
     assert any(changed)
-    assert _generate(model, load_processing_class(tmp_path / "out")).shape[1] > 0
+    _assert_computes_like(model, trainer.model, load_processing_class(tmp_path / "out"))
 
 
 def test_resume_continues_from_the_last_checkpoint(tiny_dpo_args, tmp_path):
