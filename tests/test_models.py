@@ -82,7 +82,9 @@ def test_tiny_qwen2_vl_runs_images_and_frames():
     batch = processor(text=[text], images=[image], return_tensors="pt")
     n_image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
     merge = model.config.vision_config.spatial_merge_size ** 2
-    assert n_image_tokens == int(batch["image_grid_thw"].prod()) // merge > 0
+    # 64×48 resizes to 56×56 (multiples of 28, within min_pixels = 56²): 4×4 patches of 14, merged 2×2 into 4 tokens.
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] and merge == 4
+    assert n_image_tokens == 4
     other = processor(text=[text], images=[Image.new("RGB", (64, 48), (10, 10, 200))], return_tensors="pt")
     with torch.no_grad():
         logits, other_logits = model(**batch).logits, model(**other).logits
