@@ -387,3 +387,37 @@ def test_fractional_logging_steps_compute_the_rejected_kl_on_logging_steps_only(
     trainer.train()
     assert calls == [1, 2, 2, 3, 4, 4]  # chosen KL every step, rejected KL on steps 2 and 4
     assert [e["step"] for e in trainer.state.log_history if "kl/rejected" in e] == [2, 4]
+
+
+def test_vlm_pairs_whose_phrases_are_cut_at_collation_are_reported(tmp_path, caplog):
+    """Vision rows are tokenised and truncated by TRL's collator: a pair left without a phrase token there is an
+    error naming its row, or (drop_unaligned) removed from the batch and counted."""
+    processor = load_processing_class("tiny-qwen2-vl")
+    image = [Image.new("RGB", (56, 56), (255, 0, 0))]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    short = {"images": image, "prompt": prompt,
+             "chosen": [{"role": "assistant", "content": "It is <MASK>red</MASK>."}],
+             "rejected": [{"role": "assistant", "content": "It is <MASK>green</MASK>."}]}
+    long = {**short, "chosen": [{"role": "assistant", "content": "Well, I would say that it is <MASK>red</MASK>."}],
+            "rejected": [{"role": "assistant", "content": "Well, I would say that it is <MASK>green</MASK>."}]}
+    dataset = Dataset.from_list([short, long])
+
+    def trainer(max_length, **config):
+        args = RRPOConfig(output_dir=str(tmp_path / "vlm"), max_length=max_length,
+                          **{**COMMON, "per_device_train_batch_size": 2, **config})
+        return RRPOTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=args,
+                           train_dataset=dataset, processing_class=processor)
+
+    probe = trainer(None)
+    phrase_ids = probe.data_collator([probe.train_dataset[i] for i in range(2)])["phrase_ids"]
+    first = [int((ids > 0).nonzero()[0]) for ids in phrase_ids]  # chosen short, chosen long, rejected ...
+    max_length = max(first[0], first[2]) + 1  # keeps a phrase token of the short pair, none of the long one
+    assert min(first[1], first[3]) >= max_length
+    with pytest.raises(ValueError, match=r"rows \[1\] have no phrase token left .*max_length="):
+        cut = trainer(max_length)
+        cut.data_collator([cut.train_dataset[i] for i in range(2)])
+    with caplog.at_level(logging.WARNING, logger="prefalign.trainers.rrpo"):
+        dropping = trainer(max_length, drop_unaligned=True)
+        batch = dropping.data_collator([dropping.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape[0] == 2 and (batch["phrase_ids"] > 0).any(-1).all()  # the short pair only
+    assert "dropped pairs at rows [1]" in caplog.text
