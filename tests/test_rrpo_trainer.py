@@ -233,6 +233,21 @@ def test_precomputed_reference_is_the_initial_model_not_the_live_policy(tmp_path
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_precomputed_reference_with_lora_is_the_base_model(tmp_path, pairs, tokenizer):
+    """LoRA with precompute_ref_log_probs=True: the stored per-token values are the base model's (adapter disabled),
+    so the loss on a batch equals the float64 brute force with the adapter disabled as reference."""
+    args = RRPOConfig(output_dir=str(tmp_path), alpha=0.0, beta=0.7, precompute_ref_log_probs=True, **COMMON)
+    trainer = RRPOTrainer(load_model("tiny-causal-lm"), args=args, train_dataset=pairs, processing_class=tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = _first_batch(trainer)
+    assert batch["ref_token_logps"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch)
+        expected = _brute_force_loss(trainer.model, None, batch, beta=0.7, alpha=0.0)
+    assert abs(expected.item() - math.log(2)) > 1e-3
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_pairs_without_a_phrase_token_are_reported(tmp_path, tokenizer, caplog):
     """Empty tags and whitespace-only differences are errors naming the rows, or counted drops."""
     good = {"prompt": "Q?", "chosen": "It is <MASK>red</MASK>.", "rejected": "It is <MASK>blue</MASK>."}
