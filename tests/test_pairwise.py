@@ -14,6 +14,7 @@ from datasets import Dataset
 
 from data_builders.verdicts import build_verdict_examples
 from prefalign.data import PreferenceDataError, load_preference_dataset
+from prefalign.judges.judge import message_text
 from prefalign.losses import pairwise_reward, round_robin_rewards
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
@@ -138,6 +139,34 @@ def test_verdict_builder_both_orders_labels_swapped_nothing_lost(pairs):
         build_verdict_examples(Dataset.from_list(broken))
 
 
+def _hand_verdict_eval(model, tokenizer, prepared) -> tuple[float, dict[str, float]]:
+    """Eval loss and verdict metrics by hand from plain forwards over prepared verdict rows: the loss is the mean
+    cross-entropy of the verdict token; P(#1 ≻ #2) = sigmoid(z("1") − z("2")) at the same position."""
+    one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
+    losses, probs, truth, by_pair = [], [], [], {}
+    model.eval()  # as the trainer evaluates (no dropout)
+    for row in prepared:
+        position, label = next((i, label) for i, label in enumerate(row["labels"]) if label != -100)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"][:position]])).logits[0, -1].double()
+        losses.append(-torch.log_softmax(logits, -1)[label].item())
+        probs.append(sigmoid((logits[one] - logits[two]).item()))
+        truth.append(row["verdict"] == "1")
+        by_pair.setdefault(row["pair_index"], {})[truth[-1]] = probs[-1]  # True: the better response is #1
+    n, pairs = len(probs), [p for p in by_pair.values() if len(p) == 2]
+    bins = {}
+    for p, t in zip(probs, truth):
+        bins.setdefault(min(int(p * 10), 9), []).append((p, t))
+    return sum(losses) / n, {
+        "eval_accuracy": sum((p > 0.5) == t for p, t in zip(probs, truth)) / n,
+        "eval_brier": sum((p - t) ** 2 for p, t in zip(probs, truth)) / n,
+        "eval_position_consistency": sum((p[True] > 0.5) != (p[False] > 0.5) for p in pairs) / len(pairs),
+        "eval_pair_accuracy": sum(0.5 * (p[True] + 1 - p[False]) > 0.5 for p in pairs) / len(pairs),
+        "eval_ece": sum(len(b) / n * abs(sum(p for p, _ in b) / len(b) - sum(t for _, t in b) / len(b))
+                        for b in bins.values()),
+    }
+
+
 def test_rm_trainer_loss_is_verdict_cross_entropy(tmp_path, pairs, tokenizer):
     verdicts = build_verdict_examples(pairs)
     model = load_model("tiny-causal-lm")
@@ -146,30 +175,12 @@ def test_rm_trainer_loss_is_verdict_cross_entropy(tmp_path, pairs, tokenizer):
     trainer = PairwiseRMTrainer(model, args=args, train_dataset=verdicts, eval_dataset=verdicts,
                                 processing_class=tokenizer)
     one, two = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "2"))
-    expected_losses, probs = [], []
     for row, source in zip(trainer.train_dataset, verdicts):
         kept = [(i, label) for i, label in enumerate(row["labels"]) if label != -100]
         assert kept == [(kept[0][0], one if source["verdict"] == "1" else two)]  # one label: the verdict token
-        with torch.no_grad():  # cross-entropy of the verdict token, from a plain forward
-            logits = model(input_ids=torch.tensor([row["input_ids"][: kept[0][0]]])).logits[0, -1].double()
-        expected_losses.append(-torch.log_softmax(logits, -1)[kept[0][1]].item())
-        probs.append(sigmoid((logits[one] - logits[two]).item()))  # P(#1 ≻ #2)
+    expected_loss, expected = _hand_verdict_eval(model, tokenizer, trainer.eval_dataset)
     metrics = trainer.evaluate()
-    assert metrics["eval_loss"] == pytest.approx(sum(expected_losses) / len(expected_losses), rel=1e-4)
-    # The verdict metrics by hand from the same forwards: rows 2i (chosen first, "1") and 2i + 1 (chosen second)
-    truth = [v["verdict"] == "1" for v in verdicts]
-    n, pairs = len(probs), range(0, len(probs), 2)
-    bins = {}
-    for p, t in zip(probs, truth):
-        bins.setdefault(min(int(p * 10), 9), []).append((p, t))
-    expected = {
-        "eval_accuracy": sum((p > 0.5) == t for p, t in zip(probs, truth)) / n,
-        "eval_brier": sum((p - t) ** 2 for p, t in zip(probs, truth)) / n,
-        "eval_position_consistency": sum((probs[a] > 0.5) != (probs[a + 1] > 0.5) for a in pairs) / len(pairs),
-        "eval_pair_accuracy": sum(0.5 * (probs[a] + 1 - probs[a + 1]) > 0.5 for a in pairs) / len(pairs),
-        "eval_ece": sum(len(b) / n * abs(sum(p for p, _ in b) / len(b) - sum(t for _, t in b) / len(b))
-                        for b in bins.values()),
-    }
+    assert metrics["eval_loss"] == pytest.approx(expected_loss, rel=1e-4)
     assert {k: metrics[k] for k in expected} == pytest.approx(expected, abs=1e-5)
 
 
@@ -269,14 +280,20 @@ def test_pairwise_ppo_steps_on_embedded_model(tmp_path):
     recipe = runpy.run_path(str(REPO / "recipes" / "pairwise_ppo.py"))["main"]
     trainer = recipe(["--max_steps", "2", "--max_train_samples", "2", "--num_generations", "2",
                       "--per_device_train_batch_size", "2", "--max_completion_length", "12",
-                      "--output_dir", str(tmp_path), "--save_strategy", "no"])
+                      "--anchor_keep_truncated", "true", "--output_dir", str(tmp_path), "--save_strategy", "no"])
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    assert len(logs) == 2
-    for entry in logs:
-        assert math.isfinite(entry["reward"]) and 0.0 <= entry["reward"] <= 1.0
-        assert math.isfinite(entry["kl"]) and entry["kl"] >= 0.0
-        assert 0.0 <= entry["pairwise/win_rate"] <= 1.0 and "clip_ratio/region_mean" in entry
-    assert logs[1]["kl"] > 0.0  # the policy moved away from the reference after one step
+    assert len(logs) == 2 and "clip_ratio/region_mean" in logs[1]
+    # The last step's completions (TRL keeps them in _logs), rewarded by hand against their greedy anchors
+    anchors = {message_text(p): a for p, a in zip(trainer.train_dataset["prompt"],
+                                                  trainer.train_dataset["reference_anchor"])}
+    prompts, completions = list(trainer._logs["prompt"]), list(trainer._logs["completion"])
+    rewards = [_by_hand(trainer.reward_model, q, y, anchors[message_text(q)]) for q, y in zip(prompts, completions)]
+    assert len(rewards) == 2
+    assert logs[1]["reward"] == pytest.approx(sum(rewards) / 2, abs=1e-5)
+    assert logs[1]["pairwise/win_rate"] == sum(r > 0.5 for r in rewards) / 2
+    assert list(trainer._logs["advantages"]) == pytest.approx([r - 0.5 for r in rewards], abs=1e-5)
+    assert logs[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the LoRA policy still equals the reference
+    assert logs[1]["kl"] > 1e-6  # the policy moved away from the reference after one step
 
 
 @pytest.mark.slow
@@ -286,7 +303,8 @@ def test_pairwise_rm_recipe_on_embedded_model(tmp_path):
                       "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path), "--save_strategy", "no"])
     evals = [e for e in trainer.state.log_history if "eval_position_consistency" in e]
     assert len(evals) == 1  # after training (train() starts a new log history, after the "before" evaluation)
-    assert 0.0 <= evals[0]["eval_accuracy"] <= 1.0 and math.isfinite(evals[0]["eval_ece"])
+    _, expected = _hand_verdict_eval(trainer.model, trainer.processing_class, trainer.eval_dataset)
+    assert {k: evals[0][k] for k in expected} == pytest.approx(expected, abs=1e-5)
     assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
