@@ -120,6 +120,31 @@ def _cross_pairs(definitions, tmp_path, **options):
     return build_cross_prompt_pairs(items_from_preference_pairs(definitions), cache_dir=tmp_path, **options)
 
 
+def _eval_metrics_by_hand(trainer) -> dict[str, float]:
+    """The pooled evaluation metrics in plain loops over every eval pair, from the model's rewards: win accuracy,
+    mean |d| on ties, and over single items (each item once, at its first appearance) the population std of the
+    good items' rewards and the AUC as the fraction of (good, bad) item pairs ordered right, ties counting ½."""
+    trainer.model.eval()
+    wins, ties, items = [], [], {}
+    for batch in trainer.get_eval_dataloader():
+        with torch.no_grad():
+            rewards = trainer.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).logits.squeeze(-1).double().tolist()
+        n = len(rewards) // 2
+        for i in range(n):
+            a, b = rewards[i], rewards[n + i]
+            (ties if batch["is_tie"][i] else wins).append(a - b)
+            for item, label, reward in ((batch["chosen_item"][i], batch["chosen_label"][i], a),
+                                        (batch["rejected_item"][i], batch["rejected_label"][i], b)):
+                items.setdefault(int(item), (int(label), reward))
+    good = [r for label, r in items.values() if label == 1]
+    bad = [r for label, r in items.values() if label == 0]
+    mean_good = sum(good) / len(good)
+    return {"win_accuracy": sum(d > 0 for d in wins) / len(wins), "tie_abs_diff": sum(map(abs, ties)) / len(ties),
+            "good_reward_std": math.sqrt(sum((r - mean_good) ** 2 for r in good) / len(good)),
+            "auc": sum((g > b) + 0.5 * (g == b) for g in good for b in bad) / (len(good) * len(bad))}
+
+
 def test_query_attention_head_trains_saves_and_loads(tmp_path, tokenizer, definitions):
     pairs = _cross_pairs(definitions, tmp_path / "pairs")
     args = WinTieRewardConfig(output_dir=str(tmp_path / "qa"), reward_head="query_attention", head_layers=[0, -1],
@@ -131,7 +156,10 @@ def test_query_attention_head_trains_saves_and_loads(tmp_path, tokenizer, defini
     trainer.train()
     assert not torch.equal(before, head.readout[2].weight)  # the head is trained
     metrics = trainer.evaluate()
-    assert {"eval_auc", "eval_win_accuracy", "eval_tie_abs_diff", "eval_good_reward_std"} <= set(metrics)
+    expected = _eval_metrics_by_hand(trainer)
+    assert expected["tie_abs_diff"] > 0 and 0 < expected["auc"] < 1  # both pair kinds, good and bad items
+    for key, value in expected.items():
+        assert metrics[f"eval_{key}"] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     trainer.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "reward_head.safetensors").is_file()
 
@@ -162,15 +190,19 @@ def test_vision_reward_model_on_tiny_qwen2_vl(tmp_path, reward_head):
     pairs = build_cross_prompt_pairs(_image_items(), cache_dir=tmp_path / "pairs")
     assert len(pairs[0]["chosen_images"]) == 1
     args = WinTieRewardConfig(output_dir=str(tmp_path / "vlm"), max_steps=2, reward_head=reward_head,
-                              head_layers=[-2, -1], head_num_heads=4, **COMMON)
+                              head_layers=[-2, -1], head_num_heads=4, train_sampling_strategy="sequential", **COMMON)
     trainer = WinTieRewardTrainer("tiny-qwen2-vl", args=args, train_dataset=pairs, processing_class=processor)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["pixel_values"].shape[0] > 0 and batch["image_grid_thw"].shape[0] == 8  # one image per side
-    trainer.train()
-    assert math.isfinite(trainer.state.log_history[-2]["loss"])
-    trainer.save_model(str(tmp_path / "saved"))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values",
                                                        "image_grid_thw", "mm_token_type_ids")}
+    with torch.no_grad():  # the first step's loss, by hand from the untrained model's rewards on the first batch
+        rewards = trainer.model(**inputs).logits.squeeze(-1).double().tolist()
+    expected = [softplus(-(a - b)) + (softplus(a - b) if tie else 0.0)
+                for a, b, tie in zip(rewards[:4], rewards[4:], batch["is_tie"].tolist())]
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(sum(expected) / 4, rel=1e-4)
+    trainer.save_model(str(tmp_path / "saved"))
     loaded = load_reward_model(str(tmp_path / "saved")).eval()
     trainer.model.eval()
     with torch.no_grad():
