@@ -123,22 +123,31 @@ def test_k1_alpha_equal_beta_is_trl_dpo_with_the_anchor_as_chosen(tmp_path, sour
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+def _sequence_logps(model, batch, row) -> torch.Tensor:
+    """Summed completion-token log-prob of one row of a batch, from full logits in float64, the row on its own."""
+    length = int(batch["attention_mask"][row].sum())
+    ids = batch["input_ids"][row, :length].unsqueeze(0)
+    logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+    token_logps = logits.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logps * batch["completion_mask"][row, 1:length]).sum()
+
+
+def _brute_force_gaps(policy, ref, batch, k, beta, alpha) -> list[torch.Tensor]:
+    """Per prompt, (β/K)·Σ_i [log π(y_i) − log π_ref(y_i)] − α·[log π(y_l) − log π_ref(y_l)] (METHODS.md §3)."""
+    n = batch["input_ids"].shape[0] // (k + 1)
+    gaps = []
+    for b in range(n):
+        anchor = sum(_sequence_logps(policy, batch, b * k + i) - _sequence_logps(ref, batch, b * k + i).detach()
+                     for i in range(k))
+        negative = _sequence_logps(policy, batch, n * k + b) - _sequence_logps(ref, batch, n * k + b).detach()
+        gaps.append(beta / k * anchor - alpha * negative)
+    return gaps
+
+
 def _brute_force_loss(policy, ref, batch, k, beta, alpha) -> torch.Tensor:
     """METHODS.md §3 from full logits in float64, sequence by sequence, summing completion-token log-probs."""
-    def sequence_logps(model, row):
-        length = int(batch["attention_mask"][row].sum())
-        ids = batch["input_ids"][row, :length].unsqueeze(0)
-        logits = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
-        token_logps = logits.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)
-        return (token_logps * batch["completion_mask"][row, 1:length]).sum()
-
-    n = batch["input_ids"].shape[0] // (k + 1)
-    losses = []
-    for b in range(n):
-        anchor = sum(sequence_logps(policy, b * k + i) - sequence_logps(ref, b * k + i).detach() for i in range(k))
-        negative = sequence_logps(policy, n * k + b) - sequence_logps(ref, n * k + b).detach()
-        losses.append(-torch.nn.functional.logsigmoid(beta / k * anchor - alpha * negative))
-    return torch.stack(losses).mean()
+    gaps = _brute_force_gaps(policy, ref, batch, k, beta, alpha)
+    return torch.stack([-torch.nn.functional.logsigmoid(gap) for gap in gaps]).mean()
 
 
 def test_k3_loss_and_gradients_match_a_float64_brute_force_in_one_forward(tmp_path, source, tokenizer):
@@ -185,8 +194,19 @@ def test_peft_reference_is_the_base_model_and_training_moves(tmp_path, source, t
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy = reference
-    assert logs[0]["rewards/gap"] == 0.0 and logs[-1]["rewards/gap"] > 0
+    assert logs[0]["rewards/gap"] == 0.0
     assert logs[-1]["rewards/gap"] == pytest.approx(logs[-1]["rewards/anchors"] - logs[-1]["rewards/negative"])
+    # the trained adapter against the base model (adapter disabled), by brute force on the first batch
+    model, batch = trainer.model.eval(), _first_batch(trainer)
+    def base(**kwargs):
+        with model.disable_adapter():
+            return model(**kwargs)
+
+    with torch.no_grad():
+        trainer.compute_loss(model, batch)
+        gap = torch.stack(_brute_force_gaps(model, base, batch, 2, args.beta, args.alpha)).mean().item()
+    assert abs(gap) > 1e-3  # the adapter moved the policy
+    assert trainer._metrics["eval"]["rewards/gap"][-1] == pytest.approx(gap, rel=1e-4)
 
 
 def test_online_refresh_samples_the_batch_prompts_from_the_policy(tmp_path, source, tokenizer, monkeypatch):
@@ -196,8 +216,9 @@ def test_online_refresh_samples_the_batch_prompts_from_the_policy(tmp_path, sour
 
     def fake_generate(model, processing_class, prompts, num_return_sequences, **kwargs):
         calls.append((model, list(prompts), num_return_sequences, kwargs["seed"]))
-        return [[f"Fresh anchor {len(calls)}.{i}.{j}" for j in range(num_return_sequences)]
-                for i in range(len(prompts))]
+        texts = [[f"Fresh anchor {len(calls)}.{i}.{j}" for j in range(num_return_sequences)]
+                 for i in range(len(prompts))]
+        return texts, [[True] * num_return_sequences for _ in prompts]
 
     monkeypatch.setattr(d2o_module, "generate", fake_generate)
     losses = {}
@@ -248,7 +269,7 @@ def test_config_refuses_dpo_loss_options():
 RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
                "--max_train_samples", "8", "--train_sampling_strategy", "sequential", "--warmup_steps", "0",
                "--learning_rate", "1e-2", "--anchor_max_new_tokens", "6", "--anchor_warmup_steps", "1",
-               "--anchor_refresh_steps", "1"]
+               "--anchor_refresh_steps", "1", "--anchor_keep_truncated", "true"]  # the tiny model never ends
 
 
 @pytest.mark.multiproc
