@@ -94,7 +94,7 @@ class RRPOConfig(DPOConfig):
         - honoured: `beta` (β above), `max_length` / `truncation_mode` (a pair must keep at least one phrase token,
           on either side, after truncation: otherwise an error naming the row, or a counted drop with
           `drop_unaligned`), `precompute_ref_log_probs` (α = 0 only: the reference's per-token log-probs are stored
-          and read back), `router_aux_loss_coef` (the MoE load-balancing loss is added, as in TRL's DPOTrainer),
+          and read back; no reference is kept, so the `kl/*` metrics are not logged), `router_aux_loss_coef` (the MoE load-balancing loss is added, as in TRL's DPOTrainer),
           `disable_dropout`, `pad_to_multiple_of`, `dataset_num_proc`, `precompute_ref_batch_size`.
         - refused when not at their defaults, because RRPO's objective does not use them (`RRPO_UNUSED_DPO_FIELDS`):
           `loss_type`, `loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
