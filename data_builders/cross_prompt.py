@@ -7,7 +7,10 @@ keeps ITS OWN prompt, so `chosen` and `rejected` are full conversations (TRL's i
 says which loss term applies; a win pair's good item is `chosen`.
 
 Pair indices are drawn with numpy (balanced over items, deterministic for a seed) and the rows are written to an
-Arrow file batch by batch, so a million items build without one Python object per pair.
+Arrow file batch by batch, so a million items build without one Python object per pair. The output is written under
+a temporary name and renamed when complete, so an interrupted build leaves no partial file; as the pairing is
+deterministic for a seed, running the same command again gives exactly the uninterrupted output (see
+docs/builders.md).
 
     prefalign build cross-prompt --output pairs.parquet [--items wordnet-definitions] [--pairs-per-item 2]
         [--tie-ratio 0.5] [--max-pairs N] [--seed 0] [--allow-same-prompt] [--bad-bad-ties]
@@ -26,6 +29,8 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, Value
 from tqdm.auto import tqdm
+
+from prefalign.files import save_dataset
 
 logger = logging.getLogger("prefalign.data_builders.cross_prompt")
 
@@ -291,12 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         items = items_from_preference_pairs(items)
     pairs = build_cross_prompt_pairs(items, args.pairs_per_item, args.tie_ratio, args.max_pairs, args.seed,
                                      args.allow_same_prompt, args.bad_bad_ties, args.batch_size)
-    if args.output.suffix == ".jsonl":
-        pairs.to_json(str(args.output), lines=True, force_ascii=False)
-    elif args.output.suffix == ".parquet":
-        pairs.to_parquet(str(args.output))
-    else:
-        pairs.save_to_disk(str(args.output))
+    save_dataset(pairs, args.output)
     counts = ", ".join(f"{n} {name}" for name, n in pair_kind_counts(pairs).items())
     print(f"{args.output}: {len(pairs)} pairs from {len(items)} items ({counts})")
 

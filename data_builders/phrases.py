@@ -1,17 +1,24 @@
 """Phrase-level preference pairs for RRPO: `<MASK>…</MASK>` tags, token-level diffs, per-token phrase ids.
 
 A phrase pair (y+, y−) differs only in a few sub-sequences ("phrases"); phrase k of y+ is paired with phrase k of y−
-(shared/specs/METHODS.md, section 2). This module parses and writes the tags, derives phrases by a diff where there
+(arXiv:2504.12083, docs/methods/rrpo.md). This module parses and writes the tags, derives phrases by a diff where there
 are no tags, maps character spans to the token ids TRL's DPOTrainer trains on, and builds phrase pairs from the
 embedded WordNet definitions, by swapping phrases between definitions or by rewriting them with a causal LM.
 
     prefalign build phrases --split train --output phrases.jsonl [--n-phrases 1] [--source swap|model]
+
+The output is written under a temporary name and renamed when complete. With `--source model` the rewrites are
+generated greedily in shards of `--shard-size` prompts, each saved in `<output>.shards/` when complete, so an
+interrupted build resumes at the first missing shard and writes exactly the uninterrupted output (resuming with other
+settings is refused; `--overwrite` starts again). A rewrite cut off at `--max-new-tokens` is dropped and counted
+(`--keep-truncated` keeps it); the rewriting model, given by name, runs on the process's device.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import hashlib
 import json
 import logging
 import random
@@ -20,10 +27,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 
+from prefalign.files import ShardStore, check_settings, write_jsonl
+from prefalign.generation import generate, load_for_generation
 from prefalign.phrases import (
     Span,
     alignment_problem,
@@ -136,25 +143,28 @@ def _donor_phrases(texts: list[str]) -> dict[int, list[str]]:
     return grouped
 
 
-def _generate_rewrites(
-    model: Any, processing_class: Any, prompts: list[str], batch_size: int, max_new_tokens: int
-) -> list[str]:
-    """Greedy answers of a causal LM to single-turn user prompts, generated in left-padded batches."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    rewrites = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="Rewriting definitions", unit="batch"):
-        messages = [[{"role": "user", "content": p}] for p in prompts[start : start + batch_size]]
-        texts = processing_class.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(
-            model.device
-        )
-        with torch.no_grad():
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        rewrites += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return rewrites
+def _generate_rewrites(model: Any, processing_class: Any, prompts: list[str], batch_size: int, max_new_tokens: int,
+                       store: ShardStore | None, shard_size: int) -> tuple[list[str], list[bool]]:
+    """Greedy answers of a causal LM to single-turn user prompts and whether each ended before ``max_new_tokens``;
+    with a ``store``, in shards saved as they finish (finished shards are read back, not generated again)."""
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    if store is None:
+        texts, finished = generate(model, processing_class, messages, do_sample=False, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, return_finished=True, desc="Rewriting definitions")
+        return [t[0] for t in texts], [f[0] for f in finished]
+    rewrites, ended = [], []
+    num_shards = -(-len(prompts) // shard_size)
+    for shard in range(num_shards):
+        if not store.path(shard).exists():
+            part = messages[shard * shard_size : (shard + 1) * shard_size]
+            texts, finished = generate(model, processing_class, part, do_sample=False, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, return_finished=True,
+                                       desc=f"Rewriting definitions, shard {shard + 1}/{num_shards}")
+            store.save(shard, {"rewrites": [t[0] for t in texts], "finished": [f[0] for f in finished]})
+        saved = store.load(shard)
+        rewrites += saved["rewrites"]
+        ended += saved["finished"]
+    return rewrites, ended
 
 
 def _model_pairs(
@@ -164,18 +174,20 @@ def _model_pairs(
     processing_class: Any,
     batch_size: int,
     max_new_tokens: int,
-) -> list[tuple[str, str]]:
-    """Rewrite each text with a causal LM and tag the phrases where the rewrite differs."""
-    from prefalign.models import load_model, load_processing_class
-
-    if isinstance(model, str):
-        processing_class = processing_class or load_processing_class(model)
-        model = load_model(model)
-    if processing_class is None:
-        raise ValueError("pass processing_class along with a loaded model")
-    model.eval()
+    store: ShardStore | None = None,
+    shard_size: int = 64,
+) -> tuple[list[tuple[str, str]], list[bool]]:
+    """Rewrite each text with a causal LM and tag the phrases where the rewrite differs; also whether each rewrite
+    ended before ``max_new_tokens``."""
     prompts = [REWRITE_INSTRUCTION.format(word=word, definition=text) for word, text in zip(words, texts)]
-    rewrites = _generate_rewrites(model, processing_class, prompts, batch_size, max_new_tokens)
+    if store is None or store.missing(-(-len(prompts) // shard_size)):
+        if isinstance(model, str):
+            model, loaded_processing_class = load_for_generation(model)
+            processing_class = processing_class or loaded_processing_class
+        if processing_class is None:
+            raise ValueError("pass processing_class along with a loaded model")
+    rewrites, finished = _generate_rewrites(model, processing_class, prompts, batch_size, max_new_tokens, store,
+                                            shard_size)
     pairs = []
     for text, rewrite in zip(texts, rewrites):
         chosen_spans, rejected_spans = diff_phrases(text, rewrite)
@@ -183,7 +195,7 @@ def _model_pairs(
         if not shares_text or sum(e - s for s, e in chosen_spans) == len(text):
             chosen_spans, rejected_spans = [], []  # a complete rewrite is no phrase pair: reported as no phrase
         pairs.append((tag_phrases(text, chosen_spans), tag_phrases(rewrite, rejected_spans)))
-    return pairs
+    return pairs, finished
 
 
 def build_phrase_pairs(
@@ -196,6 +208,10 @@ def build_phrase_pairs(
     processing_class: Any = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    keep_truncated: bool = False,
+    cache_dir: str | Path | None = None,
+    shard_size: int = 64,
+    overwrite: bool = False,
 ) -> Dataset:
     """Phrase-level pairs from correct answers: `rejected` is `chosen` with phrases swapped (or LM-rewritten), tagged.
 
@@ -204,7 +220,10 @@ def build_phrase_pairs(
     (`model`: a short name, hub id or path, or a loaded model with `processing_class`) to change one fact, greedily
     in batches of `batch_size`, and tags the differing phrases found by `diff_phrases`. Both sides carry
     `<MASK>…</MASK>` tags; other columns are kept and `phrase_source` is added. Rows whose phrases cannot be aligned
-    are logged and, with `drop_unaligned`, dropped; otherwise a ValueError names them.
+    are logged and, with `drop_unaligned`, dropped; otherwise a ValueError names them. Rewrites cut off at
+    `max_new_tokens` are dropped and counted unless `keep_truncated`. `cache_dir` (model source): where finished
+    shards of `shard_size` rewrites are kept, so an interrupted build resumes (settings stored there, a mismatch
+    refused unless `overwrite`).
     """
     if source not in ("swap", "model"):
         raise ValueError(f"unknown phrase source {source!r}: expected 'swap' or 'model'")
@@ -218,12 +237,27 @@ def build_phrase_pairs(
     if source == "swap":
         rng, donors = random.Random(seed), _donor_phrases(texts)
         pairs = [_swap_phrases(text, donors, n_phrases, rng) for text in texts]
+        finished = [True] * len(pairs)
     else:
         words = [row.get("word") or _prompt_text(row["prompt"]) for row in rows]
-        pairs = _model_pairs(texts, words, model, processing_class, batch_size, max_new_tokens)
+        store = None
+        if cache_dir is not None:
+            store = ShardStore(cache_dir)
+            if overwrite:
+                store.clear()
+            model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+            settings = dict(model=str(model_name), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            shard_size=shard_size, num_rows=len(rows),
+                            texts_sha256=hashlib.sha256(json.dumps([texts, words]).encode()).hexdigest())
+            check_settings(store.folder / "settings.json", settings, what=store.folder)
+        pairs, finished = _model_pairs(texts, words, model, processing_class, batch_size, max_new_tokens, store,
+                                       shard_size)
 
-    output, problems, short = [], [], 0
-    for index, (row, (chosen, rejected)) in enumerate(zip(rows, pairs)):
+    output, problems, short, truncated = [], [], 0, 0
+    for index, (row, (chosen, rejected), ended) in enumerate(zip(rows, pairs, finished)):
+        if not ended and not keep_truncated:
+            truncated += 1
+            continue
         problem = alignment_problem(chosen, rejected)
         if problem is not None:
             problems.append((index, row.get("word", ""), problem))
@@ -232,13 +266,15 @@ def build_phrase_pairs(
         new_row = {**row, "chosen": with_completion_text(row["chosen"], chosen), "rejected": with_completion_text(row["chosen"], rejected)}
         output.append({**new_row, "phrase_source": source})
     logger.info(
-        "built %d phrase pairs from %d rows (source=%s): %d unaligned, %d with fewer than %d phrase(s)",
+        "built %d phrase pairs from %d rows (source=%s): %d unaligned, %d with fewer than %d phrase(s), %d rewrites "
+        "cut off at max_new_tokens dropped",
         len(output),
         len(rows),
         source,
         len(problems),
         short,
         n_phrases,
+        truncated,
     )
     if problems:
         kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(p.split(" (")[0] for *_, p in problems).most_common())
@@ -270,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=DEFAULT_REWRITE_MODEL, help="causal LM for --source model")
     parser.add_argument("--batch-size", type=int, default=8, help="generation batch size for --source model")
     parser.add_argument("--drop-unaligned", action="store_true", help="drop rows whose phrases cannot be aligned")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest rewrite for --source model (64)")
+    parser.add_argument("--keep-truncated", action="store_true",
+                        help="keep rewrites cut off at --max-new-tokens (default: drop, counted)")
+    parser.add_argument("--shard-size", type=int, default=64, help="rewrites per resumable shard (--source model)")
+    parser.add_argument("--overwrite", action="store_true", help="start the rewrites again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -282,11 +323,15 @@ def main(argv: list[str] | None = None) -> None:
         drop_unaligned=args.drop_unaligned,
         model=args.model,
         batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        keep_truncated=args.keep_truncated,
+        cache_dir=args.output.with_name(args.output.name + ".shards") if args.source == "model" else None,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", encoding="utf-8") as f:
-        for row in pairs:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_jsonl(args.output, iter(pairs))
+    if args.source == "model":
+        ShardStore(args.output.with_name(args.output.name + ".shards")).clear()
     phrase_counts = Counter(len(parse_phrase_tags(completion_text(c))[1]) for c in pairs["chosen"])
     counts = ", ".join(f"{n} with {k} phrase(s)" for k, n in sorted(phrase_counts.items()))
     print(f"{args.output}: {len(pairs)} of {len(dataset)} rows ({counts}), {len(dataset) - len(pairs)} dropped")

@@ -1,4 +1,4 @@
-"""Verdict examples for a pairwise generative reward model (Pairwise-RL, METHODS.md §5), from any preference data.
+"""Verdict examples for a pairwise generative reward model (Pairwise-RL, docs/methods/pairwise_rl.md), from pairs.
 
     prefalign build verdicts --dataset wordnet-definitions --output verdicts.jsonl
     python -m data_builders.verdicts --dataset pairs.jsonl --split train --output verdicts/train.jsonl
@@ -8,6 +8,8 @@ then rejected shown first with the verdict "2" (labels swapped), so the RM learn
 a conversational prompt-completion example for SFT: `prompt` = the judge conversation, `completion` = the assistant's
 verdict; `verdict`, `pair_index` (the source row), `chosen_first`, `question`, `response_1`, `response_2` are kept for
 evaluation. Rows are validated first (missing columns, empty completions, chosen == rejected name row and column).
+The output is written under a temporary name and renamed when complete: an interrupted build leaves no partial file,
+and running it again gives exactly the uninterrupted output (the build is deterministic).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.files import save_dataset
 from prefalign.judges.judge import message_text
 from prefalign.trainers.pairwise_rm import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
 
@@ -65,16 +68,12 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--drop-invalid", action="store_true", help="drop (and count) invalid pairs instead of stopping")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    output = Path(args.output)
+    if output.suffix not in (".jsonl", ".parquet"):
+        parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
     dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     built = build_verdict_examples(dataset, drop_invalid=args.drop_invalid)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".parquet":
-        built.to_parquet(str(output))
-    elif output.suffix == ".jsonl":
-        built.to_json(str(output), lines=True, force_ascii=False)
-    else:
-        parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
+    save_dataset(built, output)
     print(f"wrote {len(built)} verdict examples from {len(dataset)} pairs to {output}")
     return built
 

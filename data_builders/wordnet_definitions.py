@@ -7,7 +7,6 @@ another word of the same part of speech. Rebuild the committed files with `pytho
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 import prefalign
+from prefalign import files
 
 DEFAULT_OUTPUT_DIR = Path(prefalign.__file__).parent / "embedded" / "wordnet-definitions"
 POS_FILES = {"noun": "data.noun", "verb": "data.verb", "adjective": "data.adj", "adverb": "data.adv"}
@@ -156,10 +156,9 @@ def build_wordnet_definitions(
 
 
 def write_jsonl(dataset: Dataset, path: Path) -> None:
-    """Write a dataset as JSON lines, one row per line, keys in column order."""
-    with path.open("w", encoding="utf-8") as f:
-        for row in dataset:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Write a dataset as JSON lines, one row per line, keys in column order, atomically (a temporary file renamed
+    when complete, so an interrupted build leaves the previous file in place)."""
+    files.write_jsonl(path, iter(dataset))
 
 
 def main(argv: list[str] | None = None) -> None:

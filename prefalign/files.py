@@ -99,6 +99,28 @@ def check_settings(settings_file: str | Path, settings: dict, overwrite: bool = 
         write_json(settings_file, settings)
 
 
+def save_dataset(dataset: Any, path: str | Path) -> Path:
+    """Write a ``datasets.Dataset`` to ``path`` atomically: ``.jsonl`` (JSON lines), ``.parquet``, or otherwise a
+    ``save_to_disk`` folder; written under a temporary name beside ``path``, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        if path.suffix == ".jsonl":
+            dataset.to_json(str(tmp), lines=True, force_ascii=False)
+        elif path.suffix == ".parquet":
+            dataset.to_parquet(str(tmp))
+        else:
+            dataset.save_to_disk(str(tmp))
+        replace_path(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
 class ShardStore:
     """A folder of finished shards, ``shard-00000.json`` ..., each written atomically: a shard file exists only when
     its work is complete, so a restarted build redoes exactly the missing shards."""
