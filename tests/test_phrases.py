@@ -399,7 +399,7 @@ def test_build_phrase_pairs_model_source_tags_rewrites(wordnet, monkeypatch, cap
         "Something else entirely",  # shares nothing: unaligned
         texts[3].rstrip(".") + " and a lot more.",  # insertion at the end
     ]
-    monkeypatch.setattr(phrases, "_generate_rewrites", lambda *args: rewrites)
+    monkeypatch.setattr(phrases, "_generate_rewrites", lambda *args: (rewrites, [True] * len(rewrites)))
     model = SimpleNamespace(eval=lambda: None)
     with pytest.raises(
         ValueError,
@@ -423,7 +423,8 @@ def test_build_phrase_pairs_model_source_runs_a_real_model(wordnet, caplog):
     with caplog.at_level(logging.INFO, logger="prefalign.data_builders.phrases"):
         try:
             pairs = build_phrase_pairs(
-                rows, source="model", model="tiny-causal-lm", batch_size=2, max_new_tokens=8, drop_unaligned=True
+                rows, source="model", model="tiny-causal-lm", batch_size=2, max_new_tokens=8, drop_unaligned=True,
+                keep_truncated=True,  # the tiny random model never ends a rewrite
             )
         except ValueError as error:  # the random model's garbage may align no row at all: reported, not kept
             assert "no row of 3 gave an aligned phrase pair" in str(error)
