@@ -234,11 +234,6 @@ def _log_truncated(finished: list[list[bool]], max_new_tokens: int, desc: str) -
                     sum(len(flags) for flags in finished), max_new_tokens)
 
 
-def drop_truncated(finished: Sequence[Sequence[bool]], keep_truncated: bool = False) -> list[bool]:
-    """Which prompts to keep: those whose every answer finished (all, with ``keep_truncated``)."""
-    return [keep_truncated or all(flags) for flags in finished]
-
-
 def _count_new_tokens(new: torch.Tensor, end_ids: torch.Tensor) -> int:
     """Generated tokens up to and including each sequence's first end token (the rest is padding)."""
     ended = torch.zeros(new.shape[0], dtype=torch.bool)

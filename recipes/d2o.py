@@ -10,8 +10,9 @@ where the rejected answer is another word's definition (its `chosen` column is n
 carry `anchors`, K anchors per prompt are sampled once from the untrained (reference) model into
 <output_dir>/anchors/<split>.jsonl: every process samples its share of each shard on its own device and the main
 process writes; later runs with the same settings reuse that file, and an interrupted build resumes. Prompts with an
-anchor cut off at `anchor_max_new_tokens` are dropped and counted (`--anchor_keep_truncated true` keeps them). Under DeepSpeed ZeRO-3 build the anchors first (`prefalign build anchors`) and pass the
-file as --dataset_name: the model is partitioned at load time and cannot sample here.
+anchor cut off at `anchor_max_new_tokens` are dropped and counted (`--anchor_keep_truncated true` keeps them).
+Under DeepSpeed ZeRO-3 build the anchors first (`prefalign build anchors`) and pass the file as --dataset_name: the
+model is partitioned at load time and cannot sample here (refused at start otherwise).
 After `anchor_warmup_steps` the trainer samples new anchors from the policy every `anchor_refresh_steps` steps.
 Defaults: recipes/configs/d2o.yaml. Output: a LoRA adapter (or full model) in output_dir.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Dataset
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import ModelConfig
 
 from data_builders.negatives import build_anchors
@@ -38,6 +40,10 @@ def with_anchors(dataset: Dataset, split: str, model, processing_class, args: D2
     """The rows with K anchors each: as given, or sampled from ``model`` once and cached under output_dir."""
     if "anchors" in dataset.column_names:
         return dataset
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("d2o: under DeepSpeed ZeRO-3 the model is partitioned at load time and cannot sample the "
+                         "anchors; build them first (`prefalign build anchors --output anchors.jsonl ...`) and pass "
+                         "the file as --dataset_name")
     path = Path(args.output_dir) / "anchors" / f"{split}.jsonl"
     # Every process samples its share of each shard; the main process writes the shards and the file.
     return build_anchors(dataset, path, model=model, processing_class=processing_class, num_anchors=args.num_anchors,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
 from data_builders.delta import DEFAULT_LADDER, build_delta_pairs
@@ -55,6 +56,10 @@ class DeltaArguments:
 def delta_pairs(data_args: DataArguments, delta_args: DeltaArguments, split: str, limit: int | None,
                 loaded_models: dict, processing_class, args: DPOConfig):
     """One split of delta pairs built from the prompts of ``data_args.dataset_name``, cached under output_dir."""
+    if is_deepspeed_zero3_enabled():
+        raise ValueError("delta_dpo: under DeepSpeed ZeRO-3 the models are partitioned at load time and cannot "
+                         "generate the pairs; build them first (`prefalign build delta --output pairs ...`) and pass "
+                         "--build_pairs false --dataset_name pairs")
     prompts = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
     # Every process generates its share of each shard; the main process writes the shards and the pairs.
     pairs = build_delta_pairs(prompts, Path(args.output_dir) / "delta-pairs", delta_args.ladder,

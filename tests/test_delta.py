@@ -307,3 +307,17 @@ def test_embedded_model_greedy_over_hot_sampling(tmp_path):
         assert row["chosen_decoding"]["do_sample"] is False and row["rejected_decoding"] == dict(
             do_sample=True, temperature=1.5, top_p=1.0, top_k=0, max_new_tokens=16)
         assert row["chosen_model"] == row["rejected_model"] == name
+
+
+def test_recipe_refuses_to_generate_pairs_under_zero3(monkeypatch):
+    """Under ZeRO-3 the models are partitioned at load: generating the pairs is refused at start, with the way out."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("delta_dpo_recipe", REPO / "recipes" / "delta_dpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setattr(recipe, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="build them first.*--build_pairs false"):
+        recipe.delta_pairs(recipe.DataArguments(), recipe.DeltaArguments(), "train", 2, {}, None, None)

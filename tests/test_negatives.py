@@ -161,3 +161,17 @@ def test_command_line(tmp_path, capsys):
                     "--model", "tiny-causal-lm", "-K", "2", "--max-new-tokens", "4", "--keep-truncated"])
     assert "wrote 3 rows with 2 anchors each" in capsys.readouterr().out
     assert [len(r["anchors"]) for r in _rows(out)] == [2, 2, 2]
+
+
+def test_d2o_recipe_refuses_to_sample_anchors_under_zero3(negatives_rows, monkeypatch):
+    """Under ZeRO-3 the policy is partitioned at load: sampling anchors in the recipe is refused at start."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("d2o_recipe", REPO / "recipes" / "d2o.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setattr(recipe, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="build them first"):
+        recipe.with_anchors(negatives_rows, "train", None, None, None)
