@@ -3,6 +3,7 @@ its eval metrics by hand, each pairwise-PPO advantage by hand through the traine
 
 import copy
 import itertools
+import json
 import math
 import runpy
 import subprocess
@@ -309,20 +310,31 @@ def test_pairwise_rm_recipe_on_embedded_model(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_pairwise_ppo_recipe_two_processes(tmp_path):
-    """2 CPU processes: greedy anchors shared out across ranks (anchor), then round-robin groups that span ranks."""
+def test_pairwise_ppo_recipe_two_processes(tmp_path, tokenizer):
+    """2 CPU processes: greedy anchors shared out across ranks (anchor), then round-robin groups that span ranks.
+    The last step's advantages (and the logged mean reward for anchors) equal rewards recomputed by hand in this
+    process with the same tiny RM, from the completions rank 0 gathered."""
     common = ["--model_name_or_path", "tiny-causal-lm", "--reward_model_name_or_path", "tiny-causal-lm",
               "--max_steps", "2", "--max_train_samples", "8", "--max_completion_length", "8", "--save_steps", "2",
-              "--anchor_keep_truncated", "true"]  # the tiny model's greedy anchors never end
+              "--anchor_keep_truncated", "true"]
+    rm = PairwiseRewardModel(load_model("tiny-causal-lm"), tokenizer, batch_size=2)
     for advantage, per_device in (("anchor", "4"), ("round_robin", "2")):  # 2 × 2 completions = one group of 4
         out = tmp_path / advantage
-        subprocess.run([*accelerate_launch("ddp.yaml"), "recipes/pairwise_ppo.py",
+        subprocess.run([*accelerate_launch("ddp.yaml"), "tests/pairwise_ppo_dump.py",
                         *common, "--advantage", advantage, "--per_device_train_batch_size", per_device,
                         "--output_dir", str(out)], cwd=REPO, check=True)
         logs = [e for e in log_history(out) if "loss" in e]
-        assert len(logs) == 2 and all(math.isfinite(e["reward"]) and math.isfinite(e["kl"]) for e in logs)
-        if advantage == "round_robin":
-            assert [e["reward"] for e in logs] == pytest.approx([0.5, 0.5], abs=1e-6)  # group mean of round robin
+        last = json.loads((out / "last_step.json").read_text())
+        prompts, completions = last["prompts"], last["completions"]
+        if advantage == "anchor":
+            assert len(completions) == 8  # 2 processes × 4
+            rewards = [_by_hand(rm, q, y, a) for q, y, a in zip(prompts, completions, last["anchors"])]
+            assert logs[-1]["reward"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-5)
+            assert logs[-1]["pairwise/win_rate"] == sum(r > 0.5 for r in rewards) / len(rewards)
         else:
-            assert all(0.0 <= e["pairwise/win_rate"] <= 1.0 for e in logs)
-        assert (out / "adapter_model.safetensors").is_file()
+            assert len(completions) == 4 and len(set(prompts)) == 1  # one group, 2 completions from each rank
+            rewards = [sum(_by_hand(rm, prompts[i], completions[i], completions[j]) for j in range(4) if j != i) / 3
+                       for i in range(4)]
+        assert last["advantages"] == pytest.approx([r - 0.5 for r in rewards], abs=1e-5)
+        assert max(abs(r - 0.5) for r in rewards) > 1e-4  # the rewards are not all ½: the check is not vacuous
+        assert len(logs) == 2 and (out / "adapter_model.safetensors").is_file()
