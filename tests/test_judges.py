@@ -1,4 +1,4 @@
-"""TrustJudge (METHODS.md §6) against hand-computed values and naive one-forward-per-answer computations."""
+"""TrustJudge (arXiv:2509.21117) against hand-computed values and naive one-forward-per-answer computations."""
 
 import copy
 import itertools

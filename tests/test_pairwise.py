@@ -1,4 +1,4 @@
-"""Pairwise-RL (METHODS.md §5): the pairwise reward by hand, the verdict builder, the RM trainer's verdict-only loss,
+"""Pairwise-RL (arXiv:2504.04950): the pairwise reward by hand, the verdict builder, the RM trainer's verdict-only loss,
 its eval metrics by hand, each pairwise-PPO advantage by hand through the trainer, and recipe runs."""
 
 import copy

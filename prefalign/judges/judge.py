@@ -1,4 +1,5 @@
-"""TrustJudge: a distribution-aware LLM-as-a-judge that reads the judge's probabilities (METHODS.md §6).
+"""TrustJudge: a distribution-aware LLM-as-a-judge that reads the judge's probabilities (arXiv:2509.21117,
+docs/methods/trustjudge.md).
 
     judge = TrustJudge(load_model("smollm2-135m-instruct"), load_processing_class("smollm2-135m-instruct"))
     judge.score(["What is 2+2?"], ["4"])                 # expected score on 1..100
@@ -96,7 +97,7 @@ class Verdict:
     verdict: str
     """"first" (A better), "second" (B better) or "tie", by the judge's ``pairwise_mode``."""
     merged: dict[str, float]
-    """m[k] = P1(k) + P2(swap k), in [0, 2] (METHODS.md §6), whatever the mode."""
+    """m[k] = P1(k) + P2(swap k), in [0, 2] (docs/methods/trustjudge.md), whatever the mode."""
     probs_order1: dict[str, float]
     """Verdict distribution judging (A, B), renormalised over first/second/tie."""
     probs_order2: dict[str, float]
@@ -149,7 +150,7 @@ def message_images(value: Any) -> list:
 
 
 class TrustJudge:
-    """Distribution-aware LLM-as-a-judge over any causal LM or VLM (METHODS.md §6).
+    """Distribution-aware LLM-as-a-judge over any causal LM or VLM (arXiv:2509.21117, docs/methods/trustjudge.md).
 
     Parameters that control the score:
         scale: (low, high) inclusive integer scale Θ; default (1, 100), the paper's fine-grained scale.

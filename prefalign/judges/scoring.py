@@ -1,4 +1,4 @@
-"""TrustJudge arithmetic as pure functions over probabilities (METHODS.md §6): no model, no tensors.
+"""TrustJudge arithmetic as pure functions over probabilities (arXiv:2509.21117): no model, no tensors.
 
 Pointwise: ``expected_score`` (TrustJudge), ``geval_score``, ``softmax_weighted_score`` and ``discrete_score`` (the
 top-1 baseline) turn P(score) into one number. Pairwise: verdict distributions map "first" / "second" / "tie" to a
@@ -30,7 +30,7 @@ def _checked(score_probs: Mapping, name: str) -> dict:
 
 
 def renormalised(score_probs: Mapping[int, float]) -> dict[int, float]:
-    """P(s) = p(s) / Σ_{s′∈Θ} p(s′) over the given scores Θ (METHODS.md §6); raises if every p(s) is 0."""
+    """P(s) = p(s) / Σ_{s′∈Θ} p(s′) over the given scores Θ (TrustJudge); raises if every p(s) is 0."""
     probs = _checked(score_probs, "renormalised")
     total = math.fsum(probs.values())
     if total <= 0:
