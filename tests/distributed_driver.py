@@ -56,9 +56,11 @@ TRAINERS = {
     "disentangled_anchored": ("dpo_disentangled", ["--disentangle", "anchored", "--chosen_anchor", "0.5",
                                                    "--rejected_anchor", "-0.5", "--entanglement_steps", "0",
                                                    "--max_train_samples", "12"], 4),
+    "delta": ("delta_dpo", ["--build_pairs", "false", "--max_train_samples", "12"], 4),  # TRL's sigmoid_norm, β 5
     "pairwise_rm": ("pairwise_rm", ["--max_train_samples", "6", "--do_eval", "false", "--max_length", "256"], 4),
     "pairwise_ppo": ("pairwise_ppo", [*PPO, "--anchor_column", "chosen"], 8),  # anchors from the data
-    "pairwise_ppo_greedy_anchor": ("pairwise_ppo", [*PPO, "--anchor_max_new_tokens", "8"], 8),  # generated first
+    "pairwise_ppo_greedy_anchor": ("pairwise_ppo", [*PPO, "--anchor_max_new_tokens", "8", "--anchor_keep_truncated",
+                                                    "true"], 8),  # generated first (the tiny model never ends one)
 }
 
 
