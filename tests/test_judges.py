@@ -325,21 +325,6 @@ def test_vlm_judge_with_an_image_equals_naive_forwards():
                                rtol=1e-5, atol=1e-7)
 
 
-def test_compare_is_symmetric_under_swapping_the_responses(tiny):
-    """compare(p, A, B) and compare(p, B, A): swapped verdicts and merged values, for every pairwise mode."""
-    model, tokenizer = tiny
-    for mode in ("likelihood", "ppl", "baseline"):
-        judge = TrustJudge(model, tokenizer, pairwise_mode=mode)
-        ab, ba = judge.compare_pairs([PROMPTS[0]] * 2, RESPONSES[:2], RESPONSES[1::-1])
-        swap = {"first": "second", "second": "first", "tie": "tie"}
-        assert ba.verdict == swap[ab.verdict]
-        assert ba.merged == pytest.approx({k: ab.merged[swap[k]] for k in ab.merged}, abs=1e-6)
-        assert ba.margin == pytest.approx(-ab.margin, abs=1e-6)
-    # the likelihood verdict is the merge of the two orders' distributions
-    assert ab.verdict in ("first", "second", "tie") and sum(ab.probs_order1.values()) == pytest.approx(1.0)
-    assert merge_pairwise(ab.probs_order1, ab.probs_order2)[1] == pytest.approx(ab.merged)
-
-
 def _hand_verdict_probs(model, tokenizer, question: str, first: str, second: str) -> dict[str, float]:
     """P(first/second/tie better) judging (first, second): raw p of 'A]]', 'B]]', 'C]]' from plain forwards,
     renormalised over the three verdicts."""
@@ -350,6 +335,42 @@ def _hand_verdict_probs(model, tokenizer, question: str, first: str, second: str
     raw = _hand_raw_probs(model, context, {k: _hand_answer(tokenizer, label) for k, label in
                                            zip(("first", "second", "tie"), "ABC")})
     return {k: v / math.fsum(raw.values()) for k, v in raw.items()}
+
+
+def test_compare_by_hand_and_symmetric_under_swapping_the_responses(tiny):
+    """compare(q, A, B) for every pairwise mode against plain forwards: each order's verdict distribution, the merge
+    m[k] = P1(k) + P2(swap k), the perplexities and each mode's verdict by hand (this pair gets three different
+    verdicts); compare(q, B, A) swaps verdicts and merged values."""
+    model, tokenizer = tiny
+    question, a, b = PROMPTS[2], RESPONSES[0], RESPONSES[2]
+    swap = {"first": "second", "second": "first", "tie": "tie"}
+    label = {"first": "A", "second": "B", "tie": "C"}
+    template = JudgeTemplate()
+    p1 = _hand_verdict_probs(model, tokenizer, question, a, b)
+    p2 = _hand_verdict_probs(model, tokenizer, question, b, a)
+    merged = {k: p1[k] + p2[swap[k]] for k in p1}
+    top1, top2 = max(p1, key=p1.get), max(p2, key=p2.get)
+    ppl = []  # each order's output is its top verdict's answer (3 tokens): perplexity exp(−log p / 3)
+    for first, second, top in ((a, b, top1), (b, a, top2)):
+        text = template.pairwise.format(question=question, response_a=first, response_b=second,
+                                        instruction=template.pairwise_direct)
+        raw = _hand_raw_probs(model, _hand_context(tokenizer, text, "Verdict:"), {0: _hand_answer(tokenizer, label[top])})
+        ppl.append(raw[0] ** (-1 / 3))
+    expected = {"likelihood": max(merged, key=merged.get),
+                "ppl": top1 if ppl[0] < ppl[1] else swap[top2],  # the lower-perplexity order decides
+                "baseline": top1 if top1 == swap[top2] else "tie"}
+    assert sorted(merged.values())[-1] - sorted(merged.values())[-2] > 1e-2  # the argmax is well defined
+    assert sorted(expected.values()) == ["first", "second", "tie"]  # the three modes really differ here
+    for mode in ("likelihood", "ppl", "baseline"):
+        judge = TrustJudge(model, tokenizer, pairwise_mode=mode)
+        ab, ba = judge.compare_pairs([question] * 2, [a, b], [b, a])
+        assert ab.probs_order1 == pytest.approx(p1, rel=1e-5) and ab.probs_order2 == pytest.approx(p2, rel=1e-5)
+        assert ab.merged == pytest.approx(merged, rel=1e-5)
+        assert [ab.ppl_order1, ab.ppl_order2] == pytest.approx(ppl, rel=1e-5)
+        assert ab.verdict == expected[mode], mode
+        assert ba.verdict == swap[ab.verdict]
+        assert ba.merged == pytest.approx({k: ab.merged[swap[k]] for k in ab.merged}, abs=1e-6)
+        assert ba.margin == pytest.approx(-ab.margin, abs=1e-6)
 
 
 def test_reward_adapter_by_hand_from_real_forwards(tiny):
