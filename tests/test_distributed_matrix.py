@@ -3,8 +3,9 @@
 One `accelerate launch` of tests/distributed_driver.py per (backend, mode) trains every trainer in turn through its
 recipe (module-scoped, launched on first use); one plain process per mode is the reference. For each combination:
 - rank 0's logged losses equal one process on the same rows (2 processes × 2 rows = 1 process × 4 rows, sequential
-  sampler) within 1e-5, and so do the in-memory logits of a fixed input at the end of training (within 1e-3);
-  pairwise PPO samples its completions per rank, so there the first step's KL must be 0 (policy = reference);
+  sampler) within 1e-5 (delta learning, β = 5: 1e-4), and so do the in-memory logits of a fixed input at the end
+  of training (within 1e-3); pairwise PPO samples its completions per rank, so there the first step's KL must be 0
+  (policy = reference) and grow after;
 - the saved output, reloaded with plain transformers/peft (the query-attention head through `load_reward_model`,
   which reads its `reward_head.json`), gives the in-memory model's logits.
 Combinations a trainer cannot run are refused at start-up with a message (REFUSED), never hang: the launch has a
@@ -37,6 +38,9 @@ REFUSED = {  # (trainer, backend): part of the start-up message
     ("disentangled_pngd", "zero3"): "pngd takes per-response gradients of whole weights",
     ("pairwise_ppo_greedy_anchor", "zero3"): "cannot generate the reference anchors before training",
 }
+# Delta learning trains with the paper's β = 5, 50× the others' 0.1: summation-order noise in its full fine-tune
+# reaches 2e-5 by step 2 (every other trainer agrees to 3e-6).
+LOSS_ATOL = {"delta": 1e-4}
 CASES = [(t, b, m) for t in TRAINERS for b in BACKENDS for m in MODES]
 
 
@@ -98,7 +102,7 @@ def test_two_processes(trainer, backend, mode, launched):
     if trainer in SAMPLED:
         assert record["kl"][0] == 0.0 and record["kl"][1] > 0.0  # step 1: policy = reference; then it moved
     else:
-        assert losses == pytest.approx(reference["losses"], abs=1e-5)
+        assert losses == pytest.approx(reference["losses"], abs=LOSS_ATOL.get(trainer, 1e-5))
         if record["kl"][0] is not None:  # RRPO's token-wise KL, gathered over ranks
             assert record["kl"] == pytest.approx(reference["kl"], rel=1e-4, abs=1e-6)
         one_process = torch.load(Path(reference["output_dir"]) / "in_memory_logits.pt")
