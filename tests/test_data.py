@@ -508,3 +508,19 @@ def test_win_tie_trainer_refuses_long_pairs_instead_of_dropping_them_silently(ti
                             processing_class=tiny_tokenizer)
     assert str(error.value).startswith("train dataset: 3 of 6 pairs (1 win, 2 tie) are longer than max_length=64")
     assert problem_lines(error.value) == [(1, "chosen"), (4, "rejected"), (5, "chosen"), (5, "rejected")]
+
+
+def test_judge_resume_names_the_malformed_line_of_its_output(tmp_path):
+    from prefalign.judges.cli import main as judge_cli
+
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(standard_rows()[:2], data)
+    command = ["score", "--data", str(data), "--judge-model", "tiny-causal-lm", "--scale", "1", "3"]
+    judge_cli(command)
+    output = tmp_path / "pairs.judge-score.jsonl"
+    lines = output.read_text().splitlines()
+    lines[1] = lines[1][:-1] + " "  # line 2 loses its closing brace; the same size, so the commit record still holds
+    output.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(PreferenceDataError) as error:
+        judge_cli(command)
+    assert str(error.value) == f"{output}:2:{len(lines[1]) + 1}: invalid JSON: Expecting ',' delimiter"

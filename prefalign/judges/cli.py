@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prefalign.data import load_preference_dataset
+from prefalign.data import iter_json_lines, load_preference_dataset
 from prefalign.judges.consistency import ConsistencyReport, judge_consistency
 from prefalign.judges.judge import MODES, PAIRWISE_MODES, STYLES, TrustJudge
 from prefalign.models import DEFAULT_CAUSAL_LM, load_model, load_processing_class
@@ -171,7 +171,7 @@ def _committed_rows(output: Path, rows: list[dict]) -> list[dict]:
                        "are judged again", output, size - committed)
         with open(output, "r+b") as f:
             f.truncate(committed)
-    done = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    done = list(iter_json_lines(output))
     for line_number, result in enumerate(done, 1):
         index = result["row"]
         if index < len(rows) and result.get("prompt") != rows[index]["prompt"]:
@@ -209,8 +209,7 @@ def _judge_rows(judge: TrustJudge, args: argparse.Namespace, rows: list[dict], c
 def _summary(path: Path, tolerance: float) -> dict:
     """The consistency counts and rates over every row of a consistency output file."""
     report = ConsistencyReport()
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in iter_json_lines(path):
         verdicts = {tuple(int(x) for x in key.split("-")): v for key, v in row["verdicts"].items()}
         report.add(row["scores"], verdicts, tolerance)
     return report.summary()
