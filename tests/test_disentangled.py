@@ -14,6 +14,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from prefalign.data import load_preference_dataset
+from prefalign.diagnostics import GradientEntanglementCallback
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer, strip_phrase_tags
 
@@ -189,12 +190,17 @@ RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--
 
 @pytest.mark.parametrize("disentangle", ["pngd", "token_mask", "anchored"])
 def test_recipe_runs_each_mode_with_the_callback(tmp_path, disentangle):
-    recipe["main"]([*RECIPE_ARGS, "--disentangle", disentangle, "--per_device_train_batch_size", "4",
-                    "--output_dir", str(tmp_path / "out")])
+    from test_diagnostics import _brute_force_stats
+
+    trainer = recipe["main"]([*RECIPE_ARGS, "--disentangle", disentangle, "--per_device_train_batch_size", "4",
+                              "--output_dir", str(tmp_path / "out")])
     logged = [e for e in log_history(tmp_path / "out") if "loss" in e]
     start = 2 * math.log(2) if disentangle == "anchored" else math.log(2)  # LoRA starts at the reference: z = 0
     assert len(logged) == 3 and logged[0]["loss"] == pytest.approx(start, abs=1e-5)
-    assert all(math.isfinite(e["entanglement/cos"]) for e in logged)
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradientEntanglementCallback)]
+    final = _brute_force_stats(trainer.model, callback.batch)  # step 3 was measured on the final weights
+    for key in ("inner", "norm_w_sq", "norm_l_sq", "cos", "logps_chosen"):
+        assert logged[-1][f"entanglement/{key}"] == pytest.approx(final[key], rel=1e-3, abs=1e-6), key
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
@@ -216,9 +222,14 @@ def test_pngd_two_processes_match_one(tmp_path):
 @pytest.mark.slow
 def test_recipe_defaults_on_the_embedded_model(tmp_path):
     """The default config (embedded SmolLM2, wordnet-phrases untagged, pngd, callback on), two steps."""
-    recipe["main"](["--max_steps", "2", "--logging_steps", "2", "--entanglement_steps", "2", "--save_steps", "2",
-                    "--max_train_samples", "8", "--max_eval_samples", "4",
-                    "--output_dir", str(tmp_path / "out")])
-    entry = [e for e in log_history(tmp_path / "out") if "loss" in e][0]
-    assert math.isfinite(entry["loss"]) and math.isfinite(entry["entanglement/inner"])
-    assert entry["pngd/grad_norm_chosen"] > 0
+    from test_diagnostics import _brute_force_stats
+
+    trainer = recipe["main"](["--max_steps", "2", "--logging_steps", "1", "--entanglement_steps", "2",
+                              "--save_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4",
+                              "--output_dir", str(tmp_path / "out")])
+    first, last = [e for e in log_history(tmp_path / "out") if "loss" in e]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA starts at the reference: DPO's value at z = 0
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradientEntanglementCallback)]
+    final = _brute_force_stats(trainer.model, callback.batch)  # step 2 was measured on the final weights
+    for key in ("inner", "norm_w_sq", "norm_l_sq", "cos"):
+        assert last[f"entanglement/{key}"] == pytest.approx(final[key], rel=1e-3, abs=1e-6), key
