@@ -236,16 +236,19 @@ def test_precomputed_reference_is_the_initial_model_not_the_live_policy(tmp_path
 def test_precomputed_reference_with_lora_is_the_base_model(tmp_path, pairs, tokenizer):
     """LoRA with precompute_ref_log_probs=True: the stored per-token values are the base model's (adapter disabled),
     so the loss on a batch equals the float64 brute force with the adapter disabled as reference."""
-    args = RRPOConfig(output_dir=str(tmp_path), alpha=0.0, beta=0.7, precompute_ref_log_probs=True, **COMMON)
-    trainer = RRPOTrainer(load_model("tiny-causal-lm"), args=args, train_dataset=pairs, processing_class=tokenizer,
+    args = RRPOConfig(output_dir=str(tmp_path), alpha=0.0, beta=0.7, precompute_ref_log_probs=True,
+                      **{**COMMON, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8})
+    trainer = RRPOTrainer(load_model("tiny-causal-lm"), args=args, train_dataset=pairs, eval_dataset=pairs,
+                          processing_class=tokenizer,
                           peft_config=LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    batch = _first_batch(trainer)
+    batch = _first_batch(trainer)  # all 8 pairs
     assert batch["ref_token_logps"].shape == batch["input_ids"].shape
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch)
         expected = _brute_force_loss(trainer.model, None, batch, beta=0.7, alpha=0.0)
     assert abs(expected.item() - math.log(2)) > 1e-3
     assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(expected.item(), abs=1e-5)  # eval columns precomputed too
 
 
 def test_pairs_without_a_phrase_token_are_reported(tmp_path, tokenizer, caplog):
@@ -436,3 +439,17 @@ def test_vlm_pairs_whose_phrases_are_cut_at_collation_are_reported(tmp_path, cap
         batch = dropping.data_collator([dropping.train_dataset[i] for i in range(2)])
     assert batch["input_ids"].shape[0] == 2 and (batch["phrase_ids"] > 0).any(-1).all()  # the short pair only
     assert "dropped pairs at rows [1]" in caplog.text
+
+
+def test_vlm_evaluate_on_a_raw_dataset(tmp_path):
+    """A raw (tagged) vision dataset given to evaluate() gets its phrase spans: same loss as the same rows given
+    at initialisation, and not log 2 (the policy differs from the reference)."""
+    processor = load_processing_class("tiny-qwen2-vl")
+    rows = Dataset.from_list(_vlm_rows(with_video=False))
+    args = RRPOConfig(output_dir=str(tmp_path / "vlm"), max_length=None, per_device_eval_batch_size=4,
+                      **{**COMMON, "per_device_train_batch_size": 2})
+    trainer = RRPOTrainer(perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl"),
+                          args=args, train_dataset=rows, eval_dataset=rows, processing_class=processor)
+    at_init = trainer.evaluate()["eval_loss"]
+    assert abs(at_init - math.log(2)) > 1e-3
+    assert trainer.evaluate(eval_dataset=rows)["eval_loss"] == pytest.approx(at_init, abs=1e-6)
