@@ -37,6 +37,7 @@ REFUSED = [
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "assistant_only_loss", True),
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "packing", True),
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "eval_packing", True),
+    ("PairwiseRMTrainer", PairwiseRMConfig, {}, "dataset_kwargs", {"skip_prepare_dataset": True}),
     *[("PairwisePPOTrainer", PairwisePPOConfig, {"advantage": advantage, **PPO}, field, value)
       for advantage in ("anchor", "round_robin")
       for field, value in {"scale_rewards": "none", "reward_weights": [2.0],
@@ -177,6 +178,30 @@ def verdicts():
 def _rm_trainer(tmp_path, model, tokenizer, verdicts, **config):
     args = PairwiseRMConfig(output_dir=str(tmp_path), shuffle_dataset=False, **{**COMMON, **config})
     return PairwiseRMTrainer(model, args=args, train_dataset=verdicts, processing_class=tokenizer)
+
+
+def test_pairwise_rm_refuses_image_data(tmp_path, tokenizer, verdicts):
+    """SFTTrainer skips dataset preparation for image data, which would skip keeping the verdict token alone."""
+    with_images = verdicts.add_column("images", [[] for _ in range(len(verdicts))])
+    with pytest.raises(NotImplementedError, match="image columns"):
+        _rm_trainer(tmp_path, load_model("tiny-causal-lm"), tokenizer, with_images)
+
+
+@pytest.mark.parametrize("disentangle", ["pngd", "anchored"])
+def test_disentangled_precomputed_reference_gives_the_live_loss(tmp_path, tokenizer, pairs, disentangle):
+    """`precompute_ref_log_probs` is honoured: the loss with stored reference log-probs equals the live one."""
+    policy, ref = perturbed_copy(load_model("tiny-causal-lm"), scale=0.2), load_model("tiny-causal-lm")
+    losses = []
+    for precompute in (False, True):
+        args = DisentangledDPOConfig(output_dir=str(tmp_path / str(precompute)), disentangle=disentangle,
+                                     precompute_ref_log_probs=precompute, train_sampling_strategy="sequential",
+                                     **COMMON)
+        trainer = DisentangledDPOTrainer(policy, ref, args=args, train_dataset=pairs, processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("ref_chosen_logps" in batch) is precompute
+        losses.append(_loss(trainer, batch))
+    assert abs(losses[0] - math.log(2)) > 1e-3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 def test_pairwise_rm_adds_the_router_aux_loss(tmp_path, tokenizer, verdicts):

@@ -196,7 +196,9 @@ class PairwiseRMConfig(SFTConfig):
         refused at start: `packing=True` and `eval_packing=True` (a packed sequence holds several verdicts, and
             only each example's first completion token is kept), `completion_only_loss=False` (the loss would
             start at the prompt's first token) and `assistant_only_loss=True` (the loss is on the verdict token
-            whatever the assistant mask says). See docs/methods/pairwise_rl.md.
+            whatever the assistant mask says), `dataset_kwargs={"skip_prepare_dataset": True}` (the verdict-only
+            labels are made in the preparation). Image data is refused too (SFT skips the preparation for it).
+            See docs/methods/pairwise_rl.md.
     """
 
     calibration_bins: int = field(default=10, metadata={"help": "Bins of P(#1 ≻ #2) for the calibration error."})
@@ -208,11 +210,14 @@ class PairwiseRMConfig(SFTConfig):
         bad = [f"{name}={getattr(self, name)!r}" for name, refused in
                (("packing", True), ("eval_packing", True), ("completion_only_loss", False))
                if getattr(self, name) is refused]
+        if (self.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            bad.append(f"dataset_kwargs={self.dataset_kwargs!r}")
         if bad:
             raise ValueError(f"PairwiseRMTrainer does not support these inherited SFTConfig settings: "
                              f"{', '.join(bad)}. The loss is kept on each example's verdict token, the first "
                              "completion token: packing would put several verdicts in one sequence, and "
-                             "completion_only_loss=False would start the loss at the prompt.")
+                             "completion_only_loss=False would start the loss at the prompt; "
+                             "skip_prepare_dataset would skip keeping the verdict token alone.")
 
 
 class PairwiseRMTrainer(SFTTrainer):
@@ -224,6 +229,9 @@ class PairwiseRMTrainer(SFTTrainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if isinstance(dataset, Dataset):
                 _check_verdict_columns(dataset, name)
+                if {"image", "images"} & set(dataset.column_names):
+                    raise NotImplementedError(f"PairwiseRMTrainer: {name} has image columns; SFTTrainer skips the "
+                                              "preparation that keeps the loss on the verdict token for image data")
         super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
                          optimizers=optimizers)
