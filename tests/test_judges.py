@@ -1,6 +1,5 @@
 """TrustJudge (arXiv:2509.21117) against hand-computed values and naive one-forward-per-answer computations."""
 
-import copy
 import itertools
 import json
 import math
@@ -572,11 +571,40 @@ def test_cli_killed_and_resumed_writes_exactly_the_rows_of_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_embedded_judge_scores_lie_in_the_scale_and_separate_different_answers():
-    model, tokenizer = load_model("smollm2-135m-instruct"), load_processing_class("smollm2-135m-instruct")
+def test_embedded_judge_against_plain_forwards_on_its_real_tokenizer():
+    """SmolLM2-135M (its tokenizer: '[[' merged with the space, digits split, ']]' one token): on 1..5 every mode by
+    hand from the raw p(s) of plain forwards; on 1..100 the raw p of one-, two- and three-digit scores by hand, and
+    the correct answer gets the highest expected score."""
+    model, tokenizer = load_model("smollm2-135m-instruct").eval(), load_processing_class("smollm2-135m-instruct")
     prompts = ["What is the capital of France?"] * 3
     answers = ["The capital of France is Paris.", "asdf qwer zxcv", "I like turtles."]
-    scores = TrustJudge(model, tokenizer, batch_size=3).score(prompts, answers)
-    assert all(1 <= s <= 100 for s in scores) and max(scores) - min(scores) > 0.5
-    five = TrustJudge(copy.copy(model), tokenizer, scale=(1, 5), mode="discrete").score(prompts, answers)
-    assert all(s in (1, 2, 3, 4, 5) for s in five)
+    prefix = tokenizer("Rating: [[", add_special_tokens=False)["input_ids"]
+
+    def answer_ids(label: str) -> list[int]:
+        ids = tokenizer(f"Rating: [[{label}]]", add_special_tokens=False)["input_ids"]
+        assert ids[: len(prefix)] == prefix
+        return ids[len(prefix):]
+
+    assert tokenizer.convert_ids_to_tokens(answer_ids("85")) == ["8", "5", "]]"]
+    for (low, high), checked, items in (((1, 5), range(1, 6), 3), ((1, 100), (8, 85, 100), 1)):
+        template = JudgeTemplate()
+        hand = []
+        for q, r in zip(prompts[:items], answers[:items]):
+            text = template.pointwise.format(question=q, response=r, low=low, high=high,
+                                             instruction=template.pointwise_direct)
+            hand.append(_hand_raw_probs(model, _hand_context(tokenizer, text, "Rating:"),
+                                        {s: answer_ids(str(s)) for s in checked}))
+        judge = TrustJudge(model, tokenizer, scale=(low, high), batch_size=3)
+        raw = judge.score_probabilities(prompts, answers)
+        for got, p in zip(raw, hand):
+            assert [got[s] for s in checked] == pytest.approx([p[s] for s in checked], rel=1e-4)
+        if high == 5:
+            for mode, by_hand in [("expected", lambda p: sum(s * v for s, v in p.items()) / sum(p.values())),
+                                  ("geval", lambda p: sum(s * v for s, v in p.items())),
+                                  ("discrete", lambda p: float(max(p, key=p.get)))]:
+                judge.mode = mode
+                assert [judge.score_from_distribution(p) for p in raw] == pytest.approx(
+                    [by_hand(p) for p in hand], rel=1e-4), mode
+        else:
+            scores = [judge.score_from_distribution(p) for p in raw]
+            assert scores[0] == max(scores) and scores[0] - min(scores) > 0.5  # Paris is rated highest
