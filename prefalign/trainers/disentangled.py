@@ -41,7 +41,9 @@ class DisentangledDPOConfig(DPOConfig):
         disentangle (`str`, defaults to `"pngd"`): which objective.
             - `"pngd"` (§4(a)): the update is c·(g_w/‖g_w‖ − g_l/‖g_l‖) per pair, with g = ∇ log π(y) and
               c = β·sigmoid(−β·z) DPO's weight; the logged loss is DPO's. The two gradient norms of every pair are
-              measured by a forward and backward of each response on its own (1.76× a DPO step on CPU). Normalised
+              measured by a forward and backward of each response on its own (1.76× a DPO step on CPU); their
+              inner products are summed parameter by parameter, so the extra memory is the pair's two gradients
+              (no flat copies). Normalised
               PER PAIR, on each process before the gradient all-reduce: the update is then a mean over pairs of
               per-pair terms, so gradient accumulation and data parallelism give exactly the gradient of the whole
               batch, and every pair keeps the first-order guarantee of §4(a) (a per-batch normalisation would make
