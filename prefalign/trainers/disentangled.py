@@ -43,11 +43,11 @@ class DisentangledDPOConfig(DPOConfig):
               c = β·sigmoid(−β·z) DPO's weight; the logged loss is DPO's. The two gradient norms of every pair are
               measured by a forward and backward of each response on its own (1.76× a DPO step on CPU); their
               inner products are summed parameter by parameter, so the extra memory is the pair's two gradients
-              (no flat copies). Normalised
-              PER PAIR, on each process before the gradient all-reduce: the update is then a mean over pairs of
-              per-pair terms, so gradient accumulation and data parallelism give exactly the gradient of the whole
-              batch, and every pair keeps the first-order guarantee of §4(a) (a per-batch normalisation would make
-              the update depend on how the batch is split, and needs a second all-reduce after accumulation).
+              (no flat copies). Normalised PER PAIR, on each process before the gradient all-reduce: the update
+              is then a mean over pairs of per-pair terms, so gradient accumulation and data parallelism give
+              exactly the gradient of the whole batch, and every pair keeps the first-order guarantee of §4(a) (a
+              per-batch normalisation would make the update depend on how the batch is split, and needs a second
+              all-reduce after accumulation).
             - `"token_mask"` (§4(b)): DPO's margin summed over the tokens where chosen and rejected differ (a
               token-level diff of the two completions' token ids); shared tokens get `shared_token_weight`.
             - `"anchored"` (§4(c)): −logsigmoid(β·Σlr(y_w) − γ_w) − logsigmoid(−β·Σlr(y_l) − γ_l).
