@@ -133,7 +133,7 @@ def _sequence_logps(model, batch, row) -> torch.Tensor:
 
 
 def _brute_force_gaps(policy, ref, batch, k, beta, alpha) -> list[torch.Tensor]:
-    """Per prompt, (β/K)·Σ_i [log π(y_i) − log π_ref(y_i)] − α·[log π(y_l) − log π_ref(y_l)] (METHODS.md §3)."""
+    """Per prompt, (β/K)·Σ_i [log π(y_i) − log π_ref(y_i)] − α·[log π(y_l) − log π_ref(y_l)] (docs/methods/d2o.md)."""
     n = batch["input_ids"].shape[0] // (k + 1)
     gaps = []
     for b in range(n):
@@ -145,7 +145,7 @@ def _brute_force_gaps(policy, ref, batch, k, beta, alpha) -> list[torch.Tensor]:
 
 
 def _brute_force_loss(policy, ref, batch, k, beta, alpha) -> torch.Tensor:
-    """METHODS.md §3 from full logits in float64, sequence by sequence, summing completion-token log-probs."""
+    """The D²O loss (docs/methods/d2o.md) from full logits in float64, sequence by sequence, summed log-probs."""
     gaps = _brute_force_gaps(policy, ref, batch, k, beta, alpha)
     return torch.stack([-torch.nn.functional.logsigmoid(gap) for gap in gaps]).mean()
 
