@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.data import iter_json_lines, load_preference_dataset
+from prefalign.files import check_settings, write_json
 from prefalign.judges.consistency import ConsistencyReport, judge_consistency
 from prefalign.judges.judge import MODES, PAIRWISE_MODES, STYLES, TrustJudge
 from prefalign.models import DEFAULT_CAUSAL_LM, load_model, load_processing_class
@@ -109,16 +110,6 @@ def progress_path(output: Path) -> Path:
     return output.with_name(output.name + ".progress")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _settings(args: argparse.Namespace, columns: list[str]) -> dict[str, Any]:
     """The settings that change the rows of this command's output (a resumed run must use the same)."""
     settings: dict[str, Any] = dict(command=args.command, judge_model=args.judge_model, split=args.split,
@@ -138,23 +129,16 @@ def _settings(args: argparse.Namespace, columns: list[str]) -> dict[str, Any]:
 
 def _start(output: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume an output made with other settings (or by something else); record the settings."""
-    companions = (settings_path(output), progress_path(output), output.with_suffix(".summary.json"))
     if overwrite:
-        for path in (output, *companions):
+        for path in (output, settings_path(output), progress_path(output), output.with_suffix(".summary.json")):
             path.unlink(missing_ok=True)
-    if output.exists():
-        if not settings_path(output).exists():
-            raise SystemExit(f"prefalign judge: {output} exists but has no settings ({settings_path(output).name}): "
-                             "it was not made by this command; pass --overwrite to replace it, or another --output")
-        previous = json.loads(settings_path(output).read_text())
-        changed = [f"{key}: {previous.get(key)!r} → {value!r}" for key, value in settings.items()
-                   if previous.get(key) != value]
-        changed += [f"{key}: {value!r} → (unset)" for key, value in previous.items() if key not in settings]
-        if changed:
-            raise SystemExit(f"prefalign judge: {output} was made with other settings ({'; '.join(changed)}); pass "
-                             "--overwrite to start again, or the same settings to resume")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(settings_path(output), json.dumps(settings, indent=2) + "\n")
+    if output.exists() and not settings_path(output).exists():
+        raise SystemExit(f"prefalign judge: {output} exists but has no settings ({settings_path(output).name}): it "
+                         "was not made by this command; pass --overwrite to replace it, or another --output")
+    try:
+        check_settings(settings_path(output), settings, what=str(output))
+    except ValueError as error:
+        raise SystemExit(f"prefalign judge: {error}") from None
 
 
 def _committed_rows(output: Path, rows: list[dict]) -> list[dict]:
@@ -182,7 +166,7 @@ def _committed_rows(output: Path, rows: list[dict]) -> list[dict]:
 
 def _commit(output: Path, size: int) -> None:
     """Record that the first ``size`` bytes of ``output`` are complete result lines (flushed to disk)."""
-    _write_atomic(progress_path(output), json.dumps({"bytes": size}) + "\n")
+    write_json(progress_path(output), {"bytes": size})
 
 
 def _judge_rows(judge: TrustJudge, args: argparse.Namespace, rows: list[dict], columns: list[str]) -> list[dict]:
@@ -266,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"results: {output}")
     if args.command == "consistency":
         summary = _summary(output, args.tolerance)
-        _write_atomic(output.with_suffix(".summary.json"), json.dumps(summary, indent=2) + "\n")
+        write_json(output.with_suffix(".summary.json"), summary)
         for key, value in summary.items():
             print(f"{key:34s} {value:.4f}" if isinstance(value, float) else f"{key:34s} {value}")
 
