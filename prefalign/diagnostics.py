@@ -113,16 +113,21 @@ def pair_gradient_stats(model, inputs: dict, params: list[torch.Tensor] | None =
 
 def _gradient_products(grad_w: Sequence[torch.Tensor | None], grad_l: Sequence[torch.Tensor | None]
                        ) -> tuple[float, float, float]:
-    """⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖² of two per-parameter gradients (None: zero), summed parameter by parameter in
+    """⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖² of two per-parameter gradients (None: zero), one parameter at a time and summed in
     float64, so the peak memory is the two gradients themselves (no flat copy of either)."""
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.dtype in (torch.float32, torch.float64):  # in place of a product tensor
+            return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+        return torch.sum(a.double() * b.double())  # half precision: one parameter's upcast copy at a time
+
     inner = norm_w_sq = norm_l_sq = 0.0
     for g_w, g_l in zip(grad_w, grad_l, strict=True):
         if g_w is not None:
-            norm_w_sq = norm_w_sq + torch.sum(g_w * g_w, dtype=torch.float64)
+            norm_w_sq = norm_w_sq + dot(g_w, g_w)
         if g_l is not None:
-            norm_l_sq = norm_l_sq + torch.sum(g_l * g_l, dtype=torch.float64)
+            norm_l_sq = norm_l_sq + dot(g_l, g_l)
         if g_w is not None and g_l is not None:
-            inner = inner + torch.sum(g_w * g_l, dtype=torch.float64)
+            inner = inner + dot(g_w, g_l)
     return float(inner), float(norm_w_sq), float(norm_l_sq)
 
 
