@@ -4,7 +4,7 @@
     ... --train-prompts 64 --steps 32 -K 8 --json out.json                          # bigger
     ... --model tiny-causal-lm --steps 2 --eval-rows 8                              # smoke test
 
-Setting (METHODS.md §3): only human negatives are known. Train prompts come from wordnet-definitions/train, with
+Setting (docs/methods/d2o.md): only human negatives are known. Train prompts come from wordnet-definitions/train, with
 rejected = another word's definition (the human negative); their true definitions are never used for training.
 K anchors per prompt are sampled once from the untrained model (temperature 0.8, top-p 0.9; cached in --workdir).
   - untrained: the embedded model as it is.

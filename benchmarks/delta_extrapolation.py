@@ -1,4 +1,4 @@
-"""Delta learning's controlled experiment (METHODS.md §7, arXiv:2507.06187, the toy study) on CPU: does preference
+"""Delta learning's controlled experiment (docs/methods/delta.md, arXiv:2507.06187, the toy study) on CPU: does preference
 tuning on "k+1 over k" pairs push a countable feature BEYOND k+1, where SFT on the same chosen answers does not?
 
 The feature is the number of Markdown bullet points in an answer. Prompts ask about a WordNet word ("... Answer with

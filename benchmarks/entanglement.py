@@ -1,4 +1,4 @@
-"""Likelihood displacement on high-overlap pairs: TRL DPO against the three margin-disentangled modes (METHODS.md §4).
+"""Likelihood displacement on high-overlap pairs: TRL DPO against the three margin-disentangled modes (docs/methods/disentangled.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/entanglement.py                    # embedded model, ~10 min, 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/entanglement.py --model tiny-causal-lm --steps 4 --eval-pairs 8

@@ -1,4 +1,4 @@
-"""TrustJudge's experiment (METHODS.md §6) on real candidate answers: score-comparison and pairwise-transitivity
+"""TrustJudge's experiment (docs/methods/trustjudge.md) on real candidate answers: score-comparison and pairwise-transitivity
 inconsistency of the discrete 5-point baseline vs TrustJudge's expected 100-point score + likelihood aggregation.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_consistency.py                 # embedded judge, 6 × 5 answers

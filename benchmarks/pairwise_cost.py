@@ -1,4 +1,4 @@
-"""Cost of Pairwise-RL (METHODS.md §5) against a scalar reward model: per-completion reward cost and PPO step time.
+"""Cost of Pairwise-RL (docs/methods/pairwise_rl.md) against a scalar reward model: per-completion reward cost and PPO step time.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pairwise_cost.py                 # embedded model, a few CPU minutes
     ... --steps 5 -K 8 --max-new-tokens 32                                          # bigger

@@ -1,4 +1,4 @@
-"""Win-rate against the anchor before/after a few pairwise-PPO steps, on held-out WordNet prompts (METHODS.md §5).
+"""Win-rate against the anchor before/after a few pairwise-PPO steps, on held-out WordNet prompts (docs/methods/pairwise_rl.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pairwise_winrate.py               # embedded model, a few CPU minutes
     ... --steps 40 --train-prompts 128 --heldout 64                                 # longer
@@ -11,7 +11,7 @@ on wordnet-definitions/train prompts; held-out prompts come from wordnet-definit
 Before and after training, the policy samples one answer per held-out prompt (same seed and temperature as in
 training), and each answer is judged against the greedy reference answer of that prompt:
   - by the pairwise RM: win-rate = fraction with position-consistent r > ½, and the mean r;
-  - by TrustJudge (prefalign.judges, the same base model, two-order likelihood verdicts, METHODS.md §6) as a
+  - by TrustJudge (prefalign.judges, the same base model, two-order likelihood verdicts, docs/methods/trustjudge.md) as a
     cross-check with another prompt format and a tie option: wins / ties / losses.
 The RM is also the training reward, so its win-rate measures optimisation; TrustJudge's measures transfer.
 """

@@ -1,4 +1,4 @@
-"""Cross-prompt win/tie pairs from single-item labels, for win-tie reward modelling (SoliReward, METHODS.md §1).
+"""Cross-prompt win/tie pairs from single-item labels, for win-tie reward modelling (SoliReward, docs/methods/wintie.md).
 
 Each input item is ONE response with a binary label: {prompt, completion, label ∈ {0, 1}} (TRL's unpaired preference
 format, text or chat; `image`/`images`/`video` columns ride along). Pairs are built ACROSS prompts: a good item

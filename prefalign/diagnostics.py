@@ -1,4 +1,4 @@
-"""Diagnostics that measure training: gradient entanglement of the chosen and rejected log-probs (METHODS.md §4).
+"""Diagnostics that measure training: gradient entanglement of the chosen and rejected log-probs (docs/methods/disentangled.md).
 
 For a margin loss m(h_w(log π(y_w)) − h_l(log π(y_l))) with c = −m′ > 0, d_w = h_w′, d_l = h_l′, one gradient step of
 size η changes the log-probs, to first order, by
@@ -26,7 +26,7 @@ _LENGTH_NORMALISED_LOSSES = {"ipo", "sigmoid_norm"}
 
 
 def entanglement_stats(grad_w: torch.Tensor, grad_l: torch.Tensor, d_w: float = 1.0, d_l: float = 1.0) -> dict:
-    """⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖², cosine and whether each first-order condition of METHODS.md §4 holds, from two
+    """⟨g_w,g_l⟩, ‖g_w‖², ‖g_l‖², cosine and whether each first-order condition of docs/methods/disentangled.md holds, from two
     flat gradient vectors; d_w, d_l are h′ of each side (1 for summed log-probs, 1/|y| for length-normalised ones).
 
     Keys: `inner`, `norm_w_sq`, `norm_l_sq`, `cos` (0 when a gradient is zero) as floats; `chosen_up`
@@ -132,7 +132,7 @@ def _gradient_products(grad_w: Sequence[torch.Tensor | None], grad_l: Sequence[t
 
 
 class GradientEntanglementCallback(TrainerCallback):
-    """Logs gradient entanglement (METHODS.md §4) on a fixed probe batch every ``every_n_steps`` optimizer steps.
+    """Logs gradient entanglement (docs/methods/disentangled.md) on a fixed probe batch every ``every_n_steps`` optimizer steps.
 
     Works with TRL's DPOTrainer and its subclasses (prefalign's RRPOTrainer, DisentangledDPOTrainer). Register it
     with ``GradientEntanglementCallback(probe_rows).attach(trainer)``: the probe rows (any format the trainer trains

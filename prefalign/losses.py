@@ -1,7 +1,7 @@
 """Every prefalign objective as a pure function over tensors.
 
 No trainer state, no I/O, no model calls: inputs are log-probs, logits, rewards and masks; outputs are tensors.
-This module imports only torch and is the single place where the maths of ``shared/specs/METHODS.md`` lives.
+This module imports only torch and is the single place where the maths lives (explained per method in ``docs/methods/``).
 Losses are returned per pair (shape [B]) for the caller to average, unless a docstring says otherwise.
 """
 
@@ -37,7 +37,7 @@ def kl_terms(policy_logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RRPO — METHODS.md §2
+# RRPO — docs/methods/rrpo.md
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -79,7 +79,7 @@ def rrpo_loss(
 ) -> torch.Tensor:
     """RRPO loss per pair: per-token log-probs and phrase ids [B,T+] / [B,T−], chosen_kl [B] → [B].
 
-    Refined Regularized Preference Optimization (arXiv:2504.12083, METHODS.md §2; official code
+    Refined Regularized Preference Optimization (arXiv:2504.12083, docs/methods/rrpo.md; official code
     github pritamqu/RRPO, llava/losses.py, class RRPO):
         u = Σ_k [r(x, y+_k) − r(x, y−_k)] = β·(Σ_{t in a phrase of y+} lr_t − Σ_{t in a phrase of y−} lr_t)
         L = −logsigmoid(u) + α·D_TKL(x, y+)
@@ -99,7 +99,7 @@ def rrpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Win-tie Bradley–Terry (SoliReward) — METHODS.md §1
+# Win-tie Bradley–Terry (SoliReward) — docs/methods/wintie.md
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -114,7 +114,7 @@ def win_tie_bt_loss(
 ) -> torch.Tensor:
     """Win-tie Bradley–Terry loss, the MEAN over pairs: rewards [B], is_tie [B] (bool) → scalar.
 
-    SoliReward (arXiv:2512.22170, METHODS.md §1; official code github lian700/SoliReward,
+    SoliReward (arXiv:2512.22170, docs/methods/wintie.md; official code github lian700/SoliReward,
     solireward/trainer/loss.py). With d = r(a) − r(b), where a is the good side of a win pair, margin m ≥ 0
     (a float or a per-pair tensor [B]) and label smoothing ε:
         win pair:  L_win = −(1−ε)·logsigmoid(d − m) − ε·logsigmoid(−d − m)
@@ -134,7 +134,7 @@ def win_tie_bt_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# D²O — METHODS.md §3
+# D²O — docs/methods/d2o.md
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -148,7 +148,7 @@ def d2o_loss(
 ) -> torch.Tensor:
     """D²O loss per prompt: summed sequence log-probs of K anchors [B,K] and of the negative [B] → [B].
 
-    Distributional Dispreference Optimization (arXiv:2403.03419, METHODS.md §3):
+    Distributional Dispreference Optimization (arXiv:2403.03419, docs/methods/d2o.md):
         L = −logsigmoid( (β/K)·Σ_{i=1..K} [log π_θ(y_i|x) − log π_r−(y_i|x)] − α·[log π_θ(y_l|x) − log π_r+(y_l|x)] )
     with y_1..y_K self-generated anchors, y_l the human negative, ``ref_anchor_logps`` = log π_r− and
     ``ref_negative_logps`` = log π_r+. Every log-prob is a SUM over the response's tokens, and the anchor term is
@@ -169,14 +169,14 @@ def d2o_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pairwise-RL — METHODS.md §5
+# Pairwise-RL — docs/methods/pairwise_rl.md
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def pairwise_reward(logits_fwd: torch.Tensor, logits_bwd: torch.Tensor) -> torch.Tensor:
     """Position-consistent pairwise reward of y against an anchor y*, in [0, 1]: verdict logits [B,2], [B,2] → [B].
 
-    Pairwise-RL (arXiv:2504.04950, METHODS.md §5): with P(#1 ≻ #2) = sigmoid(z_first − z_second) from the two verdict
+    Pairwise-RL (arXiv:2504.04950, docs/methods/pairwise_rl.md): with P(#1 ≻ #2) = sigmoid(z_first − z_second) from the two verdict
     logits (columns: first-better, second-better),
         r(y) = ½ · [ P(y ≻ y* | order (y, y*)) + 1 − P(y* ≻ y | order (y*, y)) ]
     where ``logits_fwd`` shows y first and ``logits_bwd`` shows the anchor y* first. A response against itself gives
@@ -210,7 +210,7 @@ def round_robin_rewards(pair_rewards: torch.Tensor, num_generations: int) -> tor
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Margin-disentangled objectives (gradient entanglement) — METHODS.md §4
+# Margin-disentangled objectives (gradient entanglement) — docs/methods/disentangled.md
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -225,7 +225,7 @@ def pngd_loss(
 ) -> torch.Tensor:
     """Pairwise normalised gradient descent per pair: summed log-probs [B] and gradient norms [B] → [B].
 
-    Gradient entanglement (arXiv:2410.13828, METHODS.md §4(a)). The VALUE is DPO's −logsigmoid(β·z) with
+    Gradient entanglement (arXiv:2410.13828, docs/methods/disentangled.md, design (a)). The VALUE is DPO's −logsigmoid(β·z) with
     z = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)); the GRADIENT is −c·(g_w/‖g_w‖ − g_l/‖g_l‖)
     with c = −m′ = β·sigmoid(−β·z), g = ∇ log π(y), ‖g‖ the given norms (treated as constants), so a descent step moves
     along c·(g_w/‖g_w‖ − g_l/‖g_l‖). To first order Δ log π(y_w) = η·c·‖g_w‖·(1 − cos) ≥ 0 and
@@ -251,7 +251,7 @@ def masked_margin_loss(
 ) -> torch.Tensor:
     """DPO loss over a token mask per pair: per-token log-probs and mask weights [B,T+] / [B,T−] → [B].
 
-    Sparsity-regularised token masking (arXiv:2410.13828, METHODS.md §4(b)): r(y) = Σ_t m_t·lr_t with
+    Sparsity-regularised token masking (arXiv:2410.13828, docs/methods/disentangled.md, design (b)): r(y) = Σ_t m_t·lr_t with
     lr_t = log π_θ − log π_ref, and L = −logsigmoid(β·(r(y_w) − r(y_l))). A mask of 1 on every response token is DPO;
     a sparse mask (the tokens where the two responses differ) leaves out the shared tokens that entangle the two
     gradients. The λ‖m‖₁ penalty of a learned mask is constant for a fixed mask and is therefore not part of this loss.
@@ -277,7 +277,7 @@ def anchored_loss(
 ) -> torch.Tensor:
     """Separate anchored terms per pair: summed log-probs [B] → [B].
 
-    METHODS.md §4(c) (arXiv:2410.13828): L = −logsigmoid(β·Σlr(y_w) − γ_w) − logsigmoid(−β·Σlr(y_l) − γ_l), so that
+    docs/methods/disentangled.md, design (c) (arXiv:2410.13828): L = −logsigmoid(β·Σlr(y_w) − γ_w) − logsigmoid(−β·Σlr(y_l) − γ_l), so that
     "chosen up" and "rejected down" are each specified on their own rather than only through their gap. With
     γ_w = γ_l = 0 (the defaults) this is TRL 1.16's `loss_type="bco_pair"`.
     """

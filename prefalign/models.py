@@ -139,7 +139,7 @@ def load_model(
 
 
 class PilQwen2VLProcessor(Qwen2VLProcessor):
-    """Qwen2-VL processor without the video processor, which needs torchvision (see ENVIRONMENT.md).
+    """Qwen2-VL processor without the video processor, which needs torchvision (not installable beside the CPU torch build used here).
 
     Videos are passed as lists of frames and go through the image processor.
     """

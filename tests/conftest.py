@@ -1,4 +1,4 @@
-"""Shared test setup: one CPU thread (see ENVIRONMENT.md), offline, and helpers to run recipes."""
+"""Shared test setup: one CPU thread (2-thread tiny-model steps were 20–50× slower and erratic on 2 cores), offline, and helpers to run recipes."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""D²O (METHODS.md §3) against independent computations: the loss by hand in float64, TRL's own DPO for K = 1 and
+"""D²O (docs/methods/d2o.md) against independent computations: the loss by hand in float64, TRL's own DPO for K = 1 and
 α = β, a float64 brute force from full logits through the trainer, PEFT and precomputed references, online anchor
 refresh, the recipe in 1 and 2 processes, and (slow) the embedded model learning to avoid held-out negatives."""
 
@@ -31,7 +31,7 @@ def _logsigmoid(x: float) -> float:
 
 
 def test_loss_by_hand_k1_and_k3_with_unequal_lengths():
-    """Per-token log-probs of responses of different lengths, summed by hand, then METHODS.md §3 in plain floats."""
+    """Per-token log-probs of responses of different lengths, summed by hand, then docs/methods/d2o.md in plain floats."""
     beta, alpha = 0.3, 0.2
     # prompt 0: K = 3 anchors of 2, 4 and 1 tokens; negative of 3 tokens. prompt 1: other values.
     policy_tokens = [[[-1.0, -2.0], [-0.5, -0.5, -1.5, -0.25], [-3.0]], [[-0.1, -0.2], [-2.0], [-1.0, -1.0, -1.0]]]

@@ -1,4 +1,4 @@
-"""Delta learning (METHODS.md §7): the ladder pairing rule, drops counted, resumable shards, TRL's `sigmoid_norm` loss
+"""Delta learning (docs/methods/delta.md): the ladder pairing rule, drops counted, resumable shards, TRL's `sigmoid_norm` loss
 against the §7 formula in float64, the recipe, and (slow) pairs from the embedded model at two decoding settings."""
 
 import copy
@@ -213,11 +213,11 @@ def test_interrupted_build_resumes_to_exactly_the_uninterrupted_rows(tmp_path, t
         build_delta_pairs(dataset, tmp_path / "resumed", **{**kwargs, "seed": 1})
 
 
-# ---- the loss: TRL's sigmoid_norm is METHODS.md §7 ---------------------------------------------------------------
+# ---- the loss: TRL's sigmoid_norm is docs/methods/delta.md ---------------------------------------------------------------
 
 
 def _section7_loss(policy, ref, batch, beta: float) -> torch.Tensor:
-    """METHODS.md §7 in float64 from full logits: z = (mean logπ(y_c) − mean logπ(y_r)) − (same under the reference),
+    """docs/methods/delta.md in float64 from full logits: z = (mean logπ(y_c) − mean logπ(y_r)) − (same under the reference),
     the means over response tokens; L = −logsigmoid(β·z), averaged over the pairs."""
     mask = batch["completion_mask"][:, 1:].double()
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -1,4 +1,4 @@
-"""Gradient-entanglement diagnostics (METHODS.md §4) against hand computations, a hand-built softmax model whose real
+"""Gradient-entanglement diagnostics (docs/methods/disentangled.md) against hand computations, a hand-built softmax model whose real
 SGD steps are compared with the first-order prediction, and float64 brute force through real trainers."""
 
 import copy
@@ -109,7 +109,7 @@ def test_dpo_step_lowers_chosen_exactly_when_the_condition_says(extra_token, ent
 
 def test_pngd_step_raises_chosen_and_lowers_rejected_on_the_entangled_pair():
     """Where DPO lowers log π(y_w), one step along c·(g_w/‖g_w‖ − g_l/‖g_l‖) raises it and lowers log π(y_l), by
-    η·c·‖g‖·(1 − cos) to first order (METHODS.md §4(a))."""
+    η·c·‖g‖·(1 − cos) to first order (docs/methods/disentangled.md, design (a))."""
     model, beta, lr = Bigram(), 0.5, 1e-3
     rejected = [*CHOSEN, 2]
     reference = copy.deepcopy(model)

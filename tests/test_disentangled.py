@@ -1,4 +1,4 @@
-"""DisentangledDPOTrainer (METHODS.md §4) against independent computations: TRL's own DPO and bco_pair losses, a
+"""DisentangledDPOTrainer (docs/methods/disentangled.md) against independent computations: TRL's own DPO and bco_pair losses, a
 float64 brute force of the pngd direction, gradient accumulation, the recipe (1 and 2 processes)."""
 
 import math

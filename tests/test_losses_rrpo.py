@@ -1,4 +1,4 @@
-"""RRPO loss (METHODS.md §2) against hand computations and its limits."""
+"""RRPO loss (docs/methods/rrpo.md) against hand computations and its limits."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Win-tie reward modelling against independent computations: hand values from METHODS.md §1, TRL's own
+"""Win-tie reward modelling against independent computations: hand values from docs/methods/wintie.md, TRL's own
 RewardTrainer, brute-force AUC; save/load of the query-attention head; a tiny Qwen2-VL with images."""
 
 import math

@@ -61,7 +61,7 @@ def test_alpha_zero_all_tokens_as_phrase_equals_trl_dpo(tmp_path, pairs, tokeniz
 
 
 def _brute_force_loss(policy, ref, batch, beta, alpha) -> torch.Tensor:
-    """METHODS.md §2 from full logits in float64: −logsigmoid(u) + α·Σ_t KL(π_ref ‖ π_θ) on y+, mean over pairs.
+    """docs/methods/rrpo.md from full logits in float64: −logsigmoid(u) + α·Σ_t KL(π_ref ‖ π_θ) on y+, mean over pairs.
 
     ``ref`` is a model, or None for the PEFT policy with its adapter disabled."""
     mask = batch["completion_mask"][:, 1:].bool()

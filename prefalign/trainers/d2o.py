@@ -1,6 +1,6 @@
 """D²O: Distributional Dispreference Optimization (arXiv:2403.03419), a DPOTrainer that learns from human negatives
 only, against K self-generated anchors per prompt refreshed online. The loss is ``prefalign.losses.d2o_loss``
-(METHODS.md §3).
+(docs/methods/d2o.md).
 
 Data: rows {prompt, rejected, anchors} in TRL's standard (strings) or conversational (messages) format, where
 `rejected` is the human negative and `anchors` holds exactly `num_anchors` (K) responses sampled from the reference
@@ -10,7 +10,7 @@ Each step is ONE batched forward of the policy over B·(K+1) sequences, [the K a
 B−1, the B negatives], right-padded like TRL's [chosen; rejected] batches (with K = 1 the batch is exactly DPO's),
 plus one reference forward over the same batch (skipped with `precompute_ref_log_probs`). The reference is the
 `ref_model`, the base model with the adapter disabled under PEFT, or precomputed log-probs; it serves as both π_r−
-(anchors) and π_r+ (negative), METHODS.md's basic setting.
+(anchors) and π_r+ (negative), the paper's basic setting.
 
 Online anchors: from global step `anchor_warmup_steps` on, every `anchor_refresh_steps` steps, the prompts of that
 step's batch get K new anchors sampled from the current policy (`prefalign.generation.generate`), which replace
@@ -54,10 +54,10 @@ MAX_LISTED_PROBLEMS = 10
 class D2OConfig(DPOConfig):
     r"""Configuration for [`D2OTrainer`]: every [`~trl.DPOConfig`] field, plus the D²O ones below.
 
-    Defaults marked "reproduction" come from METHODS.md §3, which took them from a public reproduction of the paper
+    Defaults marked "reproduction" come from a public reproduction of the paper (see docs/methods/d2o.md)
     (not verified against the paper itself).
 
-    Parameters that control the loss (METHODS.md §3):
+    Parameters that control the loss (docs/methods/d2o.md):
         beta (`float`, defaults to `0.1`): β, scale of the anchor term (β/K)·Σ_i log-ratio(y_i). Reproduction.
         alpha (`float`, defaults to `0.1`): α, scale of the negative's log-ratio. Reproduction.
         num_anchors (`int`, defaults to `11`): K, self-generated anchors per prompt; every row must hold exactly K.
@@ -68,7 +68,7 @@ class D2OConfig(DPOConfig):
             anchors before online sampling starts. Reproduction.
         anchor_refresh_steps (`int`, defaults to `1`): after the warm-up, every this many steps the prompts of the
             batch get K anchors sampled from the current policy. 1 = every step (fully online); 0 = never (offline
-            D²O). Not given in METHODS.md; 1 is the fully online reading of the method.
+            D²O). Not given by the paper; 1 is the fully online reading of the method.
         anchor_temperature (`float`, defaults to `0.8`): sampling temperature. Reproduction.
         anchor_top_p (`float`, defaults to `0.9`): nucleus sampling threshold. Reproduction.
         anchor_max_new_tokens (`int`, defaults to `128`): longest sampled anchor, in tokens.

@@ -1,4 +1,4 @@
-"""Margin-disentangled preference optimisation (Gradient Entanglement, arXiv:2410.13828; METHODS.md §4): a DPOTrainer
+"""Margin-disentangled preference optimisation (Gradient Entanglement, arXiv:2410.13828; docs/methods/disentangled.md): a DPOTrainer
 whose update specifies the chosen and the rejected side separately, in one of three ways (`disentangle`):
 
 - "pngd": pairwise normalised gradient descent, ``prefalign.losses.pngd_loss`` (§4(a));
@@ -37,7 +37,7 @@ DISENTANGLED_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_wei
 class DisentangledDPOConfig(DPOConfig):
     r"""Configuration for [`DisentangledDPOTrainer`]: every [`~trl.DPOConfig`] field, plus the ones below.
 
-    Parameters that control the loss (METHODS.md §4):
+    Parameters that control the loss (docs/methods/disentangled.md):
         disentangle (`str`, defaults to `"pngd"`): which objective.
             - `"pngd"` (§4(a)): the update is c·(g_w/‖g_w‖ − g_l/‖g_l‖) per pair, with g = ∇ log π(y) and
               c = β·sigmoid(−β·z) DPO's weight; the logged loss is DPO's. The two gradient norms of every pair are
@@ -134,7 +134,7 @@ def differing_token_mask(input_ids: torch.Tensor, completion_mask: torch.Tensor,
 
 
 class DisentangledDPOTrainer(DPOTrainer):
-    """DPOTrainer with a margin-disentangled objective (METHODS.md §4): "pngd", "token_mask" or "anchored".
+    """DPOTrainer with a margin-disentangled objective (docs/methods/disentangled.md): "pngd", "token_mask" or "anchored".
 
     Data: TRL preference rows (standard or conversational; with images for "token_mask" and "anchored", and for
     "pngd" at the cost of one backward per response through the batch). The reference is the `ref_model`, the base

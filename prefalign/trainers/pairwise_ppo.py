@@ -1,4 +1,4 @@
-"""Pairwise PPO (Pairwise-RL, METHODS.md §5, arXiv:2504.04950): GRPOTrainer with the pairwise RM's probability of
+"""Pairwise PPO (Pairwise-RL, docs/methods/pairwise_rl.md, arXiv:2504.04950): GRPOTrainer with the pairwise RM's probability of
 beating an anchor as the reward.
 
 TRL 1.16 has no PPO trainer; GRPOTrainer has the rest of what the method needs: sampling, the clipped surrogate
@@ -19,7 +19,7 @@ reference policy (the model as given, before training) to every prompt, generate
 across processes) and kept in the data set's `reference_anchor` column for every epoch.
 
 Left out: the paper's learned value baseline with GAE. A critic would need its own model, optimizer and distributed
-wrapping next to TRL's loop, and the paper's critic conditioning is not public (METHODS.md §5). With a sequence-level
+wrapping next to TRL's loop, and the paper's critic conditioning is not public (docs/methods/pairwise_rl.md). With a sequence-level
 reward and no critic, GAE with γ = λ = 1 gives every token the sequence advantage, which is what GRPO's loss uses.
 """
 
@@ -55,7 +55,7 @@ GROUP_ADVANTAGE_FIELDS = ("scale_rewards", "reward_weights", "multi_objective_ag
 class PairwisePPOConfig(GRPOConfig):
     r"""Configuration for [`PairwisePPOTrainer`]: every [`~trl.GRPOConfig`] field, plus the ones below.
 
-    Parameters that control the reward and the advantage (METHODS.md §5; the paper's exact centring and anchor
+    Parameters that control the reward and the advantage (docs/methods/pairwise_rl.md; the paper's exact centring and anchor
     choice are not public, so both are options):
         advantage (`str`, defaults to `"anchor"`): `"anchor"`: r − ½, the anchor as baseline (r = ½ ties it);
             `"group"`: GRPO's group normalisation of r (honours `scale_rewards`); `"round_robin"`: no anchor, each
@@ -110,7 +110,7 @@ class PairwisePPOConfig(GRPOConfig):
 
 
 class PairwisePPOTrainer(GRPOTrainer):
-    """GRPOTrainer whose reward is a pairwise generative RM's position-consistent win probability (METHODS.md §5)."""
+    """GRPOTrainer whose reward is a pairwise generative RM's position-consistent win probability (docs/methods/pairwise_rl.md)."""
 
     def __init__(self, model: Any, reward_model: PairwiseRewardModel, args: PairwisePPOConfig,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,
@@ -222,7 +222,7 @@ class PairwisePPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        """TRL's rollout; then, for `anchor` and `round_robin`, the advantage r − ½ (METHODS.md §5)."""
+        """TRL's rollout; then, for `anchor` and `round_robin`, the advantage r − ½ (docs/methods/pairwise_rl.md)."""
         output = super()._generate_and_score_completions(inputs)
         if self.args.advantage == "group":
             return output

@@ -1,4 +1,4 @@
-"""Pairwise generative reward model (Pairwise-RL, METHODS.md §5, arXiv:2504.04950).
+"""Pairwise generative reward model (Pairwise-RL, docs/methods/pairwise_rl.md, arXiv:2504.04950).
 
 A causal LM is shown (question, response #1, response #2) in one user turn and answers with a verdict token, "1"
 (the first is better) or "2". P(#1 ≻ #2) = sigmoid(z_1 − z_2) from the two verdict tokens' logits at the first
@@ -78,7 +78,7 @@ def verdict_token_ids(processing_class: Any, labels: Sequence[str] = VERDICT_LAB
 
 
 class PairwiseRewardModel:
-    """A causal LM as a pairwise judge: verdict logits, P(#1 ≻ #2) and the position-consistent reward (METHODS.md §5).
+    """A causal LM as a pairwise judge: verdict logits, P(#1 ≻ #2) and the position-consistent reward (docs/methods/pairwise_rl.md).
 
     ``model``: a loaded causal LM (``PreTrainedModel`` or ``PeftModel``), trained by ``PairwiseRMTrainer`` or any
     instruct model. ``template``: the judge prompt with ``{question}``, ``{first}``, ``{second}`` (must be the one the

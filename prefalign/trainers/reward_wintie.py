@@ -1,6 +1,6 @@
 """Win-tie Bradley–Terry reward modelling (SoliReward, arXiv:2512.22170): a TRL RewardTrainer whose pairs may be ties,
 for text and vision reward models, with a last-token or query-attention reward head. The loss is
-``prefalign.losses.win_tie_bt_loss`` (METHODS.md §1).
+``prefalign.losses.win_tie_bt_loss`` (docs/methods/wintie.md).
 
 Data: TRL's implicit-prompt preference format — `chosen` and `rejected` are full conversations (or texts), each with
 ITS OWN prompt, as `data_builders.cross_prompt` builds them — plus a boolean `is_tie` column (absent: every pair is
@@ -52,7 +52,7 @@ VISION_COLUMNS = ("chosen_images", "rejected_images", "chosen_video", "rejected_
 class WinTieRewardConfig(RewardConfig):
     r"""Configuration for [`WinTieRewardTrainer`]: every [`~trl.RewardConfig`] field, plus the ones below.
 
-    Parameters that control the loss (METHODS.md §1):
+    Parameters that control the loss (docs/methods/wintie.md):
         margin (`float`, defaults to `0.0`): m ≥ 0 in −logsigmoid(d − m) (wins) and −logsigmoid(d − m)
             − logsigmoid(−d − m) (ties). The official SoliReward training script uses 3.0 (recipe default); its
             config default, and ours, is 0.0. A `margin` column (TRL's) replaces it pair by pair.
