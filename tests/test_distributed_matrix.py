@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ from prefalign.trainers.reward_wintie import HEAD_CONFIG, add_query_attention_he
 
 BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
 MODES = ("lora", "full")
-LAUNCH_TIMEOUT_S = 1800
+LAUNCH_TIMEOUT_S = 900  # one launch takes 1–2.5 min on 2 busy cores
 SAMPLED = {"pairwise_ppo", "pairwise_ppo_greedy_anchor"}  # completions sampled per rank: losses cannot match
 REFUSED = {  # (trainer, backend): part of the start-up message
     ("disentangled_pngd", "zero3"): "pngd takes per-response gradients of whole weights",
@@ -42,6 +43,20 @@ REFUSED = {  # (trainer, backend): part of the start-up message
 # reaches 2e-5 by step 2 (every other trainer agrees to 3e-6).
 LOSS_ATOL = {"delta": 1e-4}
 CASES = [(t, b, m) for t in TRAINERS for b in BACKENDS for m in MODES]
+
+
+def launch(command: list[str]) -> tuple[int, str]:
+    """(exit code, the output's tail) of ``command``; a run past LAUNCH_TIMEOUT_S (a hang) is killed with all its
+    processes and reported as exit code -9."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0] + f"\n(killed after {LAUNCH_TIMEOUT_S} s: the launch hung)"
+        return -9, output[-12000:]
+    return proc.returncode, output[-12000:]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +69,10 @@ def launched(tmp_path_factory):
             out = Path(keep) / f"{backend}-{mode}" if keep else tmp_path_factory.mktemp(f"{backend}-{mode}")
             if not (keep and (out / "done").is_file()):
                 launcher = [sys.executable] if backend == "one" else accelerate_launch(f"{backend}.yaml")
-                run = subprocess.run([*launcher, "tests/distributed_driver.py", "--mode", mode, "--output_dir",
-                                      str(out)], cwd=REPO, timeout=LAUNCH_TIMEOUT_S, capture_output=True, text=True)
-                results[backend, mode] = run.returncode, run.stdout[-4000:] + run.stderr[-8000:]
-                if run.returncode == 0:
+                code, output = launch([*launcher, "tests/distributed_driver.py", "--mode", mode, "--output_dir",
+                                       str(out)])
+                results[backend, mode] = code, output
+                if code == 0:
                     (out / "done").touch()
             if (out / "done").is_file():
                 results[backend, mode] = 0, json.loads((out / "results.json").read_text())
