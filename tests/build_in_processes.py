@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from tiny_models import register_tiny_models  # tests/ is this script's folder, first on sys.path
 
 from data_builders.delta import build_delta_pairs
 from data_builders.negatives import build_anchors
@@ -18,6 +19,7 @@ from prefalign.generation import load_for_generation
 
 
 def main(output: Path) -> None:
+    register_tiny_models()
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPUs: gloo, one process per rank
     model, tokenizer = load_for_generation("tiny-causal-lm")
     rows = load_preference_dataset("wordnet-definitions", split="test").select(range(7))

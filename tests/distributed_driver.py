@@ -29,7 +29,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tiny_models import register_tiny_models  # noqa: E402  (tests/ is this script's folder, first on sys.path)
+
 from prefalign.recipe_args import end_process_group  # noqa: E402
+
+register_tiny_models()  # the recipes run in this process, so the short names of the tiny models work
 
 FIXED_TEXT = "What does the word 'matrix' mean? A rectangular array of numbers."
 COMMON = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_strategy",

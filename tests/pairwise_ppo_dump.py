@@ -6,12 +6,15 @@ import runpy
 import sys
 from pathlib import Path
 
+from tiny_models import register_tiny_models  # tests/ is this script's folder, first on sys.path
+
 from prefalign.judges.judge import message_text
 from prefalign.recipe_args import end_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 
 if __name__ == "__main__":
+    register_tiny_models()  # the recipe runs in this process, so the short names of the tiny models work
     trainer = runpy.run_path(str(REPO / "recipes" / "pairwise_ppo.py"))["main"](sys.argv[1:])
     if trainer.accelerator.is_main_process:
         dataset = trainer.train_dataset

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, accelerate_launch, log_history, perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
+from tiny_models import tiny_model_path
 from trl import DPOConfig, DPOTrainer
 
 import prefalign.trainers.d2o as d2o_module
@@ -266,7 +267,7 @@ def test_config_refuses_dpo_loss_options():
 
 # ---- the recipe -------------------------------------------------------------------------------------------------
 
-RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
+RECIPE_ARGS = ["--model_name_or_path", tiny_model_path("tiny-causal-lm"), "--max_steps", "3", "--logging_steps", "1", "--save_steps", "3",
                "--max_train_samples", "8", "--train_sampling_strategy", "sequential", "--warmup_steps", "0",
                "--learning_rate", "1e-2", "--anchor_max_new_tokens", "6", "--anchor_warmup_steps", "1",
                "--anchor_refresh_steps", "1", "--anchor_keep_truncated", "true"]  # the tiny model never ends

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, accelerate_launch, log_history, perturbed_copy
 from datasets import Dataset
+from tiny_models import tiny_model_path
 from trl import DPOConfig, DPOTrainer
 
 from prefalign.data import load_preference_dataset
@@ -183,7 +184,7 @@ def test_config_rejects_what_it_cannot_do():
 # The recipe
 # ---------------------------------------------------------------------------------------------------------------
 
-RECIPE_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--max_steps", "3", "--logging_steps", "1",
+RECIPE_ARGS = ["--model_name_or_path", tiny_model_path("tiny-causal-lm"), "--max_steps", "3", "--logging_steps", "1",
                "--save_steps", "3", "--max_train_samples", "16", "--train_sampling_strategy", "sequential",
                "--warmup_steps", "0", "--learning_rate", "1e-2", "--entanglement_steps", "1"]
 

@@ -1,4 +1,5 @@
-"""Model loading: short names, the conversion cache, tiny factories, and the embedded real model (slow)."""
+"""Model loading: short names, the conversion cache, registered builders (the tiny test models), and the embedded real
+model (slow)."""
 
 import importlib.util
 from pathlib import Path
@@ -54,6 +55,26 @@ def test_build_cached_loses_race_gracefully(tmp_path, monkeypatch):
 def test_paths_and_hub_ids_pass_through(tmp_path):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_registered_builder_is_a_short_name_built_once(tmp_path, monkeypatch):
+    """A registered name resolves to its cache folder, built on first use only; a taken name is refused."""
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_BUILT_MODELS", dict(models._BUILT_MODELS))
+    calls = []
+
+    def build(folder: Path):
+        calls.append(folder)
+        folder.mkdir()
+
+    assert resolve_model_path("my-model") == "my-model"  # unknown: a hub id or path
+    models.register_model_builder("my-model", build)
+    models.register_model_builder("my-model", build)  # the same builder again: harmless
+    assert resolve_model_path("my-model") == resolve_model_path("my-model") == str(tmp_path / "my-model")
+    assert len(calls) == 1
+    for taken in ("my-model", models.DEFAULT_CAUSAL_LM, models.DEFAULT_REWARD_BACKBONE):
+        with pytest.raises(ValueError, match=f"short name '{taken}' is already taken"):
+            models.register_model_builder(taken, lambda folder: None)
 
 
 def test_tiny_causal_lm_loads_from_a_plain_path_and_chats():

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 from conftest import REPO, accelerate_launch
+from tiny_models import tiny_model_path
 
-DPO_ARGS = ["--model_name_or_path", "tiny-causal-lm", "--use_peft", "true", "--max_train_samples", "8",
+DPO_ARGS = ["--model_name_or_path", tiny_model_path("tiny-causal-lm"), "--use_peft", "true", "--max_train_samples", "8",
             "--per_device_train_batch_size", "4"]
 
 

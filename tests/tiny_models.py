@@ -1,7 +1,9 @@
-"""Tiny random models for fast tests: a Qwen2 causal LM and a Qwen2-VL, each with a locally trained tokenizer.
+"""Tiny random models, a test fixture: a Qwen2 causal LM and a Qwen2-VL, each with a locally trained tokenizer.
 
-They are built once into the prefalign cache (see ``prefalign.models.build_cached``) and then load by the short
-names ``tiny-causal-lm`` and ``tiny-qwen2-vl`` like any checkpoint. Weights are random (seed 0): only shapes,
+``register_tiny_models()`` (called by conftest.py, and by the test scripts that run in their own processes) makes
+``tiny-causal-lm`` and ``tiny-qwen2-vl`` short names of ``prefalign.models``: built once into the prefalign cache,
+then loaded like any checkpoint. A recipe launched in a subprocess does not run that registration: pass it
+``tiny_model_path(name)``, the built folder, instead of the short name. Weights are random (seed 0): only shapes,
 plumbing and maths are meaningful, never the text they generate.
 """
 
@@ -20,8 +22,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
-from prefalign.data import iter_json_lines
-from prefalign.models import PilQwen2VLProcessor
+from prefalign.data import EMBEDDED_DATASETS, iter_json_lines
+from prefalign.models import PilQwen2VLProcessor, build_cached, register_model_builder
 
 HIDDEN = 64
 VOCAB_SIZE = 1024
@@ -39,7 +41,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 
 def _training_texts() -> list[str]:
     """Text to fit the tiny tokenizer on: the embedded WordNet data set (real English)."""
-    folder = Path(__file__).parent / "embedded" / "wordnet-definitions"
+    folder = EMBEDDED_DATASETS["wordnet-definitions"]
     texts = []
     for path in sorted(folder.glob("*.jsonl")):
         for row in iter_json_lines(path):
@@ -98,3 +100,14 @@ def build_tiny_qwen2_vl(folder: Path) -> None:
 
 
 BUILDERS = {"tiny-causal-lm": build_tiny_causal_lm, "tiny-qwen2-vl": build_tiny_qwen2_vl}
+
+
+def register_tiny_models() -> None:
+    """Make ``tiny-causal-lm`` and ``tiny-qwen2-vl`` short names of ``prefalign.models`` in this process."""
+    for name, build in BUILDERS.items():
+        register_model_builder(name, build)
+
+
+def tiny_model_path(name: str) -> str:
+    """The folder of tiny model ``name`` (built into the cache on first use), for processes that do not register it."""
+    return str(build_cached(name, BUILDERS[name]))
