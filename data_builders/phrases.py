@@ -31,14 +31,13 @@ from datasets import Dataset
 
 from prefalign.files import ShardStore, check_settings, write_jsonl
 from prefalign.generation import generate, load_for_generation
+from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import (
     Span,
     alignment_problem,
-    completion_text,
     diff_phrases,
     parse_phrase_tags,
     tag_phrases,
-    with_completion_text,
 )
 
 logger = logging.getLogger("prefalign.data_builders.phrases")

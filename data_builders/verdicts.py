@@ -23,8 +23,8 @@ from datasets import Dataset
 
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.files import save_dataset
-from prefalign.judges.judge import message_text
-from prefalign.trainers.pairwise_rm import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
+from prefalign.messages import conversation_text
+from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
 
 logger = logging.getLogger("data_builders.verdicts")
 
@@ -37,7 +37,7 @@ def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, dr
         out: dict[str, list] = {k: [] for k in ("prompt", "completion", "verdict", "pair_index", "chosen_first",
                                                 "question", "response_1", "response_2")}
         for index, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
-            question, chosen, rejected = message_text(prompt), message_text(chosen), message_text(rejected)
+            question, chosen, rejected = conversation_text(prompt), conversation_text(chosen), conversation_text(rejected)
             for first, second, verdict in ((chosen, rejected, VERDICT_LABELS[0]), (rejected, chosen, VERDICT_LABELS[1])):
                 out["prompt"].append(verdict_prompt(question, first, second, template))
                 out["completion"].append([{"role": "assistant", "content": verdict}])

@@ -18,6 +18,8 @@ import pyarrow
 import pyarrow.parquet
 from datasets import Dataset, DatasetDict
 
+from prefalign.messages import content_text
+
 logger = logging.getLogger("prefalign.data")
 
 EMBEDDED_DATASETS = {name: Path(__file__).parent / "embedded" / name for name in ("wordnet-definitions", "wordnet-phrases")}
@@ -160,13 +162,6 @@ def load_preference_dataset(name_or_path: str, split: str | None = None,
     return data
 
 
-def _message_text(content: str | list) -> str:
-    """Return the text of a message's content: the string itself, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
-
-
 def _value_format(value: Any) -> str | None:
     """Return "standard" for a string, "conversational" for a list of messages, None for anything else."""
     if isinstance(value, str):
@@ -183,7 +178,7 @@ def _is_empty(value: str | list) -> bool:
     """Whether a completion has no text: a blank string, no messages, or only blank messages."""
     if isinstance(value, str):
         return not value.strip()
-    return all(not _message_text(m["content"]).strip() for m in value)
+    return all(not content_text(m["content"]).strip() for m in value)
 
 
 def _prompt_token_counts(prompts: list, conversational: bool, processing_class: Any) -> list[int]:

@@ -263,28 +263,3 @@ def alignment_problem(chosen: str, rejected: str) -> str | None:
     if not any(start < end for start, end in spans):
         return "no phrase token: every phrase is empty or whitespace"
     return None
-
-
-def completion_text(completion: str | list) -> str:
-    """The text of a completion: the string, or its last message's content (a string or one text part)."""
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"]
-    if isinstance(content, str):
-        return content
-    texts = [part["text"] for part in content if part.get("type") == "text"]
-    if len(texts) != 1:
-        raise ValueError(f"expected one text part in the completion, got {len(texts)}")
-    return texts[0]
-
-
-def with_completion_text(completion: str | list, text: str) -> str | list:
-    """``completion`` in the same format, holding ``text``."""
-    if isinstance(completion, str):
-        return text
-    content = completion[-1]["content"]
-    if not isinstance(content, str):
-        content = [{**part, "text": text} if part.get("type") == "text" else part for part in content]
-    else:
-        content = text
-    return [*completion[:-1], {**completion[-1], "content": content}]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tiny_models import register_tiny_models  # tests/ is this script's folder, first on sys.path
 
-from prefalign.judges.judge import message_text
+from prefalign.messages import conversation_text
 from prefalign.recipe_args import end_process_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,10 +19,10 @@ if __name__ == "__main__":
     if trainer.accelerator.is_main_process:
         dataset = trainer.train_dataset
         column = trainer.args.anchor_column or "reference_anchor"  # absent for round_robin: no anchors
-        anchors = ({message_text(p): message_text(a) for p, a in zip(dataset["prompt"], dataset[column])}
+        anchors = ({conversation_text(p): conversation_text(a) for p, a in zip(dataset["prompt"], dataset[column])}
                    if column in dataset.column_names else {})
-        prompts = [message_text(p) for p in trainer._logs["prompt"]]
+        prompts = [conversation_text(p) for p in trainer._logs["prompt"]]
         (Path(trainer.args.output_dir) / "last_step.json").write_text(json.dumps({
-            "prompts": prompts, "completions": [message_text(c) for c in trainer._logs["completion"]],
+            "prompts": prompts, "completions": [conversation_text(c) for c in trainer._logs["completion"]],
             "anchors": [anchors.get(p) for p in prompts], "advantages": list(trainer._logs["advantages"])}))
     end_process_group()

@@ -15,16 +15,16 @@ from datasets import Dataset
 
 from data_builders.verdicts import build_verdict_examples
 from prefalign.data import PreferenceDataError, load_preference_dataset
-from prefalign.judges.judge import message_text
 from prefalign.losses import pairwise_reward, round_robin_rewards
+from prefalign.messages import conversation_text
 from prefalign.models import load_model, load_processing_class
+from prefalign.templates import verdict_prompt
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
 from prefalign.trainers.pairwise_rm import (
     PairwiseRewardModel,
     PairwiseRMConfig,
     PairwiseRMTrainer,
     verdict_metrics,
-    verdict_prompt,
 )
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
@@ -285,10 +285,10 @@ def test_pairwise_ppo_steps_on_embedded_model(tmp_path):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and "clip_ratio/region_mean" in logs[1]
     # The last step's completions (TRL keeps them in _logs), rewarded by hand against their greedy anchors
-    anchors = {message_text(p): a for p, a in zip(trainer.train_dataset["prompt"],
+    anchors = {conversation_text(p): a for p, a in zip(trainer.train_dataset["prompt"],
                                                   trainer.train_dataset["reference_anchor"])}
     prompts, completions = list(trainer._logs["prompt"]), list(trainer._logs["completion"])
-    rewards = [_by_hand(trainer.reward_model, q, y, anchors[message_text(q)]) for q, y in zip(prompts, completions)]
+    rewards = [_by_hand(trainer.reward_model, q, y, anchors[conversation_text(q)]) for q, y in zip(prompts, completions)]
     assert len(rewards) == 2
     assert logs[1]["reward"] == pytest.approx(sum(rewards) / 2, abs=1e-5)
     assert logs[1]["pairwise/win_rate"] == sum(r > 0.5 for r in rewards) / 2

@@ -9,7 +9,7 @@ from prefalign.judges.consistency import (
     transitivity_counts,
     triple_inconsistency,
 )
-from prefalign.judges.judge import JudgeTemplate, TrustJudge, Verdict
+from prefalign.judges.judge import TrustJudge, Verdict
 from prefalign.judges.rewards import JudgeReward, label_pairs, pair_action, relabel_pairs
 from prefalign.judges.scoring import (
     VERDICTS,
@@ -25,6 +25,7 @@ from prefalign.judges.scoring import (
     swap_verdict,
     top_verdict,
 )
+from prefalign.templates import JudgeTemplate
 
 __all__ = [
     "VERDICTS", "ConsistencyReport", "JudgeReward", "JudgeTemplate", "TrustJudge", "Verdict", "baseline_verdict",

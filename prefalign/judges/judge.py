@@ -37,6 +37,8 @@ from prefalign.judges.scoring import (
     renormalised,
     softmax_weighted_score,
 )
+from prefalign.messages import conversation_text, embedded_images
+from prefalign.templates import JudgeTemplate
 
 logger = logging.getLogger("prefalign.judges")
 
@@ -44,50 +46,6 @@ MODES = ("expected", "geval", "softmax_weighted", "discrete")
 STYLES = ("direct", "reason_then_score")
 PAIRWISE_MODES = ("likelihood", "ppl", "baseline")
 MAX_SCALE_SIZE = 1000
-
-
-@dataclass(frozen=True)
-class JudgeTemplate:
-    """The judge's prompts and answer format. ``{question}``, ``{response}`` / ``{response_a}``, ``{response_b}``,
-    ``{low}``, ``{high}`` and ``{instruction}`` are filled in; the instructions must ask for the format
-    ``<marker> <open>LABEL<close>`` that the judge's probabilities are read from."""
-
-    pointwise: str = (
-        "Please act as an impartial judge and evaluate the quality of the response to the user question below. "
-        "Consider helpfulness, relevance, accuracy and level of detail. Rate the response on a scale of {low} to "
-        "{high}, where {low} is the worst and {high} the best.\n\n[Question]\n{question}\n\n"
-        "[The Start of the Response]\n{response}\n[The End of the Response]\n\n{instruction}"
-    )
-    """Pointwise prompt."""
-    pairwise: str = (
-        "Please act as an impartial judge and compare the two responses to the user question below. Consider "
-        "helpfulness, relevance, accuracy and level of detail; do not let the order or the length of the responses "
-        "influence you.\n\n[Question]\n{question}\n\n[The Start of Response A]\n{response_a}\n"
-        "[The End of Response A]\n\n[The Start of Response B]\n{response_b}\n[The End of Response B]\n\n{instruction}"
-    )
-    """Pairwise prompt."""
-    pointwise_direct: str = 'Reply with the rating only, strictly in this format: "Rating: [[N]]".'
-    """Pointwise instruction, ``direct`` style."""
-    pointwise_reason: str = ("First explain your evaluation in one or two sentences, then give the rating strictly "
-                             'in this format: "Rating: [[N]]".')
-    """Pointwise instruction, ``reason_then_score`` style."""
-    pairwise_direct: str = ('Reply with the verdict only, strictly in this format: "Verdict: [[A]]" if response A '
-                            'is better, "Verdict: [[B]]" if response B is better, "Verdict: [[C]]" for a tie.')
-    """Pairwise instruction, ``direct`` style."""
-    pairwise_reason: str = ("First compare the responses in one or two sentences, then give the verdict strictly in "
-                            'this format: "Verdict: [[A]]" if response A is better, "Verdict: [[B]]" if response B '
-                            'is better, "Verdict: [[C]]" for a tie.')
-    """Pairwise instruction, ``reason_then_score`` style."""
-    score_marker: str = "Rating:"
-    """Text before the score; a rationale is cut where the judge writes it."""
-    verdict_marker: str = "Verdict:"
-    """Text before the verdict."""
-    open: str = "[["
-    """Opening delimiter of the answer."""
-    close: str = "]]"
-    """Closing delimiter; its probability is part of every answer's probability."""
-    verdict_labels: tuple[str, str, str] = ("A", "B", "C")
-    """Labels of first better, second better, tie."""
 
 
 @dataclass(frozen=True)
@@ -120,33 +78,6 @@ class _Reading:
     probs: dict[Any, float]
     output_logprob: float
     output_tokens: int
-
-
-def message_text(value: Any) -> str:
-    """Plain text of a prompt or response: a string, or messages (one message: its text; several: "role: text")."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "content" in value:
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(m, dict) and "content" in m for m in value):
-        raise TypeError(f"expected a string or a list of {{'role', 'content'}} messages, got {value!r:.80}")
-
-    def text(content: Any) -> str:
-        if isinstance(content, str):
-            return content
-        return "".join(part.get("text") or "" for part in content if isinstance(part, dict))
-
-    if len(value) == 1:
-        return text(value[0]["content"])
-    return "\n\n".join(f"{m.get('role', 'user')}: {text(m['content'])}" for m in value)
-
-
-def message_images(value: Any) -> list:
-    """Image objects embedded in a conversational prompt's parts (``{"type": "image", "image": ...}``)."""
-    if not isinstance(value, list):
-        return []
-    return [part["image"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), list)
-            for part in m["content"] if isinstance(part, dict) and part.get("type") == "image" and "image" in part]
 
 
 class TrustJudge:
@@ -227,7 +158,7 @@ class TrustJudge:
         t = self.template
         instruction = t.pointwise_reason if self.style == "reason_then_score" else t.pointwise_direct
         prompts, responses, images = self._checked(prompts, responses, images)
-        texts = [t.pointwise.format(question=message_text(p), response=message_text(r), low=self.scale[0],
+        texts = [t.pointwise.format(question=conversation_text(p), response=conversation_text(r), low=self.scale[0],
                                     high=self.scale[1], instruction=instruction) for p, r in zip(prompts, responses)]
         return [reading.probs for reading in self._read(texts, images, t.score_marker, self.score_candidates,
                                                         self.score_labels)]
@@ -266,7 +197,7 @@ class TrustJudge:
         instruction = t.pairwise_reason if self.style == "reason_then_score" else t.pairwise_direct
         texts = []
         for p, a, b in zip(prompts, responses_a, responses_b):
-            question, a, b = message_text(p), message_text(a), message_text(b)
+            question, a, b = conversation_text(p), conversation_text(a), conversation_text(b)
             texts += [t.pairwise.format(question=question, response_a=first, response_b=second,
                                         instruction=instruction) for first, second in ((a, b), (b, a))]
         readings = self._read(texts, [im for im in images for _ in range(2)], t.verdict_marker,
@@ -286,7 +217,7 @@ class TrustJudge:
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
         merged = [list(images[i] or []) if images is not None else [] for i in range(len(prompts))]
-        merged = [explicit + message_images(p) for explicit, p in zip(merged, prompts)]
+        merged = [explicit + embedded_images(p) for explicit, p in zip(merged, prompts)]
         if any(merged) and not self.is_vlm:
             raise ValueError("images were given but the judge's processing class has no image processor; "
                              "load a VLM judge (e.g. tiny-qwen2-vl) with its processor")

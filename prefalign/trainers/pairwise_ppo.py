@@ -38,8 +38,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
 from prefalign.generation import generate
-from prefalign.judges.judge import message_text
 from prefalign.losses import round_robin_rewards
+from prefalign.messages import conversation_text
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
@@ -241,6 +241,6 @@ def _check_anchors(dataset: Dataset, column: str, name: str) -> None:
     if column not in dataset.column_names:
         raise ValueError(f"{name}: anchor column {column!r} not found (present: {dataset.column_names}); set "
                          "anchor_column to the reference-answer column, or to None for greedy reference anchors")
-    empty = [row for row, value in enumerate(dataset[column]) if not message_text(value).strip()]
+    empty = [row for row, value in enumerate(dataset[column]) if not conversation_text(value).strip()]
     if empty:
         raise ValueError(f"{name}: {len(empty)} row(s) with an empty anchor in column {column!r}: rows {empty[:10]}")

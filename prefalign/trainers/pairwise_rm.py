@@ -33,26 +33,13 @@ from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
 
 from prefalign.generation import prompt_token_ids
-from prefalign.judges.judge import message_text
 from prefalign.losses import pairwise_reward
+from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.pairwise_rm")
 
-VERDICT_LABELS = ("1", "2")
-PAIRWISE_PROMPT = (
-    "Compare the two responses to the question below and decide which one is better: more correct, more helpful "
-    "and more relevant. Do not let the order or the length of the responses influence you.\n\n"
-    "[Question]\n{question}\n\n[Response #1]\n{first}\n\n[Response #2]\n{second}\n\n"
-    "Which response is better? Answer with the number only: 1 or 2."
-)
 VERDICT_COLUMNS = ("prompt", "completion", "verdict", "pair_index")
-
-
-def verdict_prompt(question: Any, first: Any, second: Any, template: str = PAIRWISE_PROMPT) -> list[dict[str, str]]:
-    """The judge conversation (one user message) for (question, response #1, response #2); strings or messages."""
-    text = template.format(question=message_text(question), first=message_text(first), second=message_text(second))
-    return [{"role": "user", "content": text}]
 
 
 def verdict_token_ids(processing_class: Any, labels: Sequence[str] = VERDICT_LABELS) -> list[int]:

@@ -3,7 +3,6 @@ and a token-wise KL penalty. The loss is ``prefalign.losses.rrpo_loss``; see doc
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections import Counter
@@ -13,32 +12,26 @@ from typing import Any
 import torch
 from datasets import Dataset, DatasetDict, IterableDataset, Value
 from transformers.trainer_utils import IntervalStrategy
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import maybe_gather_lm_head_ctx, use_adapter
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from prefalign.data import video_frames_as_images
 from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import phrase_rewards, rrpo_loss
-from prefalign.phrases import (
-    completion_text,
-    pair_phrase_spans,
-    phrase_token_ids,
-    rendered_phrase_ids,
-    with_completion_text,
-)
+from prefalign.messages import completion_text, with_completion_text
+from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.preference import PreferenceTrainer
 
 logger = logging.getLogger("prefalign.trainers.rrpo")
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps", "phrase_ids"}
 ROW_COLUMN = "rrpo_row"  # each pair's row in the dataset as given, to name it in messages
 
 # DPOConfig fields that change the stock DPO loss but are not part of RRPO's objective: refused when not default.
 RRPO_UNUSED_DPO_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                           "label_smoothing", "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha",
-                          "ref_model_sync_steps", "padding_free", "label_smoothing_factor")
+                          "ref_model_sync_steps", "label_smoothing_factor")
 
 # Config attributes with which transformers models transform the logits after the backbone, each with the values
 # that leave them unchanged ("hidden_size": neutral when equal to the config's hidden size). RRPO's KL applies the LM
@@ -95,12 +88,13 @@ class RRPOConfig(DPOConfig):
           on either side, after truncation: otherwise an error naming the row, or a counted drop with
           `drop_unaligned`), `precompute_ref_log_probs` (α = 0 only: the reference's per-token log-probs are stored
           and read back; no reference is kept, so the `kl/*` metrics are not logged), `router_aux_loss_coef` (the MoE load-balancing loss is added, as in TRL's DPOTrainer),
-          `disable_dropout`, `pad_to_multiple_of`, `dataset_num_proc`, `precompute_ref_batch_size`.
+          `disable_dropout`, `pad_to_multiple_of`, `dataset_num_proc`, `precompute_ref_batch_size`, `padding_free` (text
+          batches packed without padding; the KL and phrase ids are computed on the unpacked values, equal to the
+          padded ones).
         - refused when not at their defaults, because RRPO's objective does not use them (`RRPO_UNUSED_DPO_FIELDS`):
           `loss_type`, `loss_weights`, `ld_alpha`, `f_divergence_type`, `f_alpha_divergence_coef`,
           `label_smoothing`, `use_weighting`, `discopop_tau`, `sync_ref_model`, `ref_model_mixup_alpha`,
-          `ref_model_sync_steps` (the reference is fixed), `padding_free` (TRL 1.16 disables it) and
-          `label_smoothing_factor` (transformers' label smoother never runs in a DPO loss).
+          `ref_model_sync_steps` (the reference is fixed) and `label_smoothing_factor` (transformers' label smoother never runs in a DPO loss).
 
     The paper's runs use lr 5e-6, one epoch, LoRA r=128, lora_alpha=256; `learning_rate` defaults to 5e-6 here.
     """
@@ -245,28 +239,12 @@ class _PhraseIdsCollator:
         return self._collate([e for i, e in enumerate(examples) if i not in empty])
 
 
-class _LastHiddenState:
-    """Context manager capturing the backbone's last hidden state during a fused-head forward."""
-
-    def __init__(self, model):
-        self.backbone = model.base_model
-
-    def __enter__(self):
-        self.value = None
-        self.handle = self.backbone.register_forward_hook(lambda module, args, out: setattr(self, "value",
-                                                                                              out.last_hidden_state))
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 def _is_frozen_linear(module: torch.nn.Module) -> bool:
     """A plain linear LM head with no trainable parameter (LoRA leaves the head frozen; a reference always is)."""
     return type(module) is torch.nn.Linear and not any(p.requires_grad for p in module.parameters())
 
 
-class RRPOTrainer(DPOTrainer):
+class RRPOTrainer(PreferenceTrainer):
     """DPOTrainer with the RRPO loss: phrase-level refined rewards plus a token-wise KL on the chosen response.
 
     Data: TRL preference rows (standard or conversational, text or with images) whose chosen/rejected completions
@@ -305,7 +283,6 @@ class RRPOTrainer(DPOTrainer):
         check_unscaled_logits(self.accelerator.unwrap_model(self.model).config)
         if self.ref_model is not None:
             check_unscaled_logits(self.accelerator.unwrap_model(self.ref_model).config)
-        self._zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
 
     def _phrase_collator(self) -> _PhraseIdsCollator:
         """The data collator, wrapped (once) to add phrase ids and precomputed per-token reference log-probs."""
@@ -380,15 +357,10 @@ class RRPOTrainer(DPOTrainer):
         """Per-token reference log-probs of the completion tokens (TRL's reference forward: ref model, or adapter
         disabled, under autocast), chosen and rejected, each [B, W]: left-aligned and zero-padded to the width W of
         the dataset being precomputed, so TRL's precompute can stack them. RRPO needs them per token, not summed."""
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
+        log_probs = self.reference_log_probs(inputs, model).per_token
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              self._reference_context(), self.accelerator.autocast()):
-            log_probs = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
         shift_mask = completion_mask[:, 1:]
-        return _completion_values(log_probs[:, -shift_mask.size(1):], shift_mask.bool(), self._ref_width).chunk(2)
+        return _completion_values(log_probs, shift_mask.bool(), self._ref_width).chunk(2)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """TRL's precompute (cached, distributed), storing per-token reference log-probs as `ref_chosen_logps` /
@@ -401,6 +373,10 @@ class RRPOTrainer(DPOTrainer):
             raise ValueError(f"the cached reference log-probs of the {name} dataset are sums, not per token: clear "
                              "the datasets cache (or change the data) and run again")
         return dataset
+
+    def prepare_for_collation(self, dataset, name: str):
+        """A raw dataset made ready for the phrase collator: phrase spans (vision) or TRL's tokenisation (text)."""
+        return self._vision_spans(dataset) if self._is_vision_dataset else super().prepare_for_collation(dataset, name)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """TRL's evaluate; a raw vision dataset first gets its phrase spans (text datasets get them in
@@ -439,13 +415,6 @@ class RRPOTrainer(DPOTrainer):
             return step % max(1, int(self.state.logging_steps)) == 0 or (step == 1 and self.args.logging_first_step)
         return self.args.logging_strategy == IntervalStrategy.EPOCH  # an epoch's last step is not known here
 
-    def _reference_context(self):
-        """Adapter disabled (or the 'ref' adapter) when the reference is the PEFT base model."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
-            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return contextlib.nullcontext()
-
     def _token_kl(self, policy, reference, hidden, ref_hidden, mask) -> torch.Tensor:
         """Σ_t KL(π_ref ‖ π_θ) per row [B] from the two models' last hidden states [B,T,H] at the masked positions."""
         head, ref_head = policy.get_output_embeddings(), reference.get_output_embeddings()
@@ -455,53 +424,44 @@ class RRPOTrainer(DPOTrainer):
                                             ref_head.bias, chunk_size=self.args.kl_chunk_size)
         # A trained head: checkpointed chunks through the head modules. Under ZeRO-3 every rank must call the
         # sharded heads equally often, so all ranks pad to the longest sequence and skip no chunk.
-        if self._zero3:
+        if self.zero3:
             length = hidden.size(1)
             pad = int(self.accelerator.gather(torch.tensor([length], device=mask.device)).max()) - length
             hidden, ref_hidden = (torch.nn.functional.pad(h, (0, 0, 0, pad)) for h in (hidden, ref_hidden))
             mask = torch.nn.functional.pad(mask, (0, pad))
 
         def reference_head(h: torch.Tensor) -> torch.Tensor:
-            with self._reference_context():
+            with self.reference_context():
                 return ref_head(h)
 
         return chunked_token_kl(hidden, ref_hidden, head, reference_head, mask,
                                 chunk_size=max(1, self.args.kl_chunk_size // hidden.size(0)),
-                                skip_empty_chunks=not self._zero3)
+                                skip_empty_chunks=not self.zero3)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        seq_len = completion_mask.size(1) - 1
-        shift_mask = completion_mask[:, 1:].bool()
+        shift_mask = inputs["completion_mask"][:, 1:].bool()
         shift_phrase_ids = inputs["phrase_ids"][:, 1:]
-        batch_size = completion_mask.size(0) // 2
+        batch_size = shift_mask.size(0) // 2
+        live_reference = not self.precompute_ref_logps
+        policy = self.sequence_log_probs(model, inputs, hidden_states=live_reference,
+                                         router_aux_loss=self.aux_loss_enabled)
+        per_token_logps = policy.per_token
 
-        policy = self.accelerator.unwrap_model(self.model)
-        policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        # MoE: the policy returns its router logits and `aux_loss` (the reference forward does not need them)
-        policy_kwargs = {**model_kwargs, "output_router_logits": True} if self.aux_loss_enabled else model_kwargs
-        with _LastHiddenState(policy) as policy_hidden:
-            outputs = model(**policy_kwargs, labels=labels, fused_lm_head=True)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
-
-        if self.precompute_ref_logps:  # α = 0 (checked by RRPOConfig): per-token values stored before training
+        if not live_reference:  # α = 0 (checked by RRPOConfig): per-token values stored before training
             ref_per_token_logps = inputs["ref_token_logps"][:, 1:].to(per_token_logps.dtype)
             chosen_kl = rejected_kl = None
         else:
-            reference = policy if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
-            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-                with self._reference_context(), _LastHiddenState(reference) as ref_hidden:
-                    ref_model = self.model if self.ref_model is None else self.ref_model
-                    ref_outputs = ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-            ref_per_token_logps = ref_outputs.log_probs[:, -seq_len:]
+            reference = self.reference_log_probs(inputs, hidden_states=True)
+            ref_per_token_logps = reference.per_token
+            policy_module = self.accelerator.unwrap_model(self.model)
+            policy_module = policy_module.get_base_model() if hasattr(policy_module, "get_base_model") \
+                else policy_module
+            ref_module = policy_module if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
 
             def kl(rows: slice) -> torch.Tensor:  # hidden state t predicts token t+1: the last one predicts nothing
-                return self._token_kl(policy, reference, policy_hidden.value[rows, :-1][:, -seq_len:],
-                                      ref_hidden.value[rows, :-1][:, -seq_len:], shift_mask[rows])
+                return self._token_kl(policy_module, ref_module, policy.hidden[rows, :-1],
+                                      reference.hidden[rows, :-1], shift_mask[rows])
 
             chosen_kl = kl(slice(0, batch_size))
             with torch.no_grad():
@@ -514,20 +474,15 @@ class RRPOTrainer(DPOTrainer):
         losses = rrpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_phrase_ids,
                            rejected_phrase_ids, chosen_logps.new_zeros(batch_size) if chosen_kl is None else chosen_kl,
                            beta=self.beta, alpha=self.args.alpha)
-        loss = losses.mean()
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach())
-                                                   .mean().item())
+        loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         # Metrics: TRL's sequence-level ones, then phrase-level rewards, KL and phrase-token counts.
         with torch.no_grad():
             self._log_metrics(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                               chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses)
         if return_outputs:  # TRL's prediction_step reads `.logits`, which the fused head does not build
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
+            return loss, self.logits_outputs(model, inputs)
+        return loss
 
     def _log_metrics(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                      chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses):
@@ -557,8 +512,7 @@ class RRPOTrainer(DPOTrainer):
             per_pair["kl/chosen"] = chosen_kl
         if rejected_kl is not None:
             per_pair["kl/rejected"] = rejected_kl
-        for name, value in per_pair.items():
-            metrics[name].append(gather(value.detach().float()).mean().item())
+        self.log_means(mode, per_pair)
         wins = gather(((phrase_chosen > phrase_rejected) & both).sum().float()).sum()
         counted = gather(both.sum().float()).sum()
         metrics["phrase_rewards/phrase_accuracies"].append((wins / counted.clamp(min=1)).item())
