@@ -3,6 +3,8 @@
     accelerate launch recipes/reward_wintie.py                                  # MiniLM + WordNet items, CPU
     accelerate launch recipes/reward_wintie.py --tie_ratio 0 --margin 0         # plain Bradley–Terry, no ties
     accelerate launch recipes/reward_wintie.py --reward_head query_attention    # SoliReward's query-attention head
+    accelerate launch recipes/reward_wintie.py --loss_type mann_whitney --margin 0  # MW loss on single items
+    accelerate launch recipes/reward_wintie.py --pair_mining dbpm --num_train_epochs 3 --max_steps -1  # noisy pairs
     accelerate launch recipes/reward_wintie.py --model_name_or_path tiny-qwen2-vl --dataset_name pairs/  # a VLM
     prefalign train reward_wintie ...                                           # the same script
 
@@ -34,14 +36,21 @@ class CrossPromptArguments:
     pair_seed: int = field(default=0, metadata={"help": "Seed of the pairing."})
 
 
-def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_text: bool, seed: int):
-    """Load one split and turn it into cross-prompt win/tie pairs (unless it already is)."""
+def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_text: bool, seed: int,
+                       items_only: bool = False):
+    """Load one split and turn it into cross-prompt win/tie pairs (unless it already is), or with `items_only`
+    into single items {prompt, completion, label} for the Mann–Whitney loss."""
     data = load_preference_dataset(data_args.dataset_name, split=split, max_samples=limit)
     if "is_tie" in data.column_names:
+        if items_only:
+            raise ValueError(f"{data_args.dataset_name}: loss_type='mann_whitney' needs single items or preference "
+                             "pairs, not cross-prompt pairs (it has an 'is_tie' column)")
         return data
     if "completion" not in data.column_names:
         data = validate_preference_dataset(data, drop_invalid=data_args.drop_invalid)
         data = items_from_preference_pairs(data, as_text=as_text)
+    if items_only:
+        return data
     return build_cross_prompt_pairs(data, pair_args.pairs_per_item, pair_args.tie_ratio, seed=seed,
                                     bad_bad_ties=pair_args.bad_bad_ties)
 
@@ -59,12 +68,22 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
 
     # Data: a backbone without a chat template (MiniLM) reads the conversations as plain text.
     as_text = getattr(processing_class, "chat_template", None) is None
+    items = training_args.loss_type == "mann_whitney"
     train_dataset = cross_prompt_pairs(data_args, pair_args, data_args.dataset_train_split,
-                                       data_args.max_train_samples, as_text, pair_args.pair_seed)
+                                       data_args.max_train_samples, as_text, pair_args.pair_seed, items)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         eval_dataset = cross_prompt_pairs(data_args, pair_args, data_args.dataset_test_split,
-                                          data_args.max_eval_samples, as_text, pair_args.pair_seed + 1)
+                                          data_args.max_eval_samples, as_text, pair_args.pair_seed + 1, items)
+    if items:  # the trainer checks the items' lengths (an error naming the rows)
+        trainer = WinTieRewardTrainer(model, args=training_args, train_dataset=train_dataset,
+                                      eval_dataset=eval_dataset, processing_class=processing_class,
+                                      peft_config=peft_config)
+        trainer.accelerator.print(f"Training on {len(train_dataset)} single items (Mann–Whitney loss)")
+        train_and_save(trainer)
+        if eval_dataset is not None:
+            trainer.accelerator.print(f"Held-out: auc {trainer.evaluate()['eval_auc']:.3f}")
+        return trainer
     # Pairs over max_length (which TRL would drop uncounted): an error naming them, or with --drop_invalid counted.
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     train_dataset = check_reward_pair_lengths(train_dataset, tokenizer, training_args.max_length, data_args.drop_invalid,

@@ -239,3 +239,98 @@ def test_non_boolean_is_tie_is_refused(tmp_path, tokenizer, definitions):
     with pytest.raises(ValueError, match="column 'is_tie': expected true/false"):
         WinTieRewardTrainer("tiny-causal-lm", args=WinTieRewardConfig(output_dir=str(tmp_path), **COMMON),
                             train_dataset=data, processing_class=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss_type="mann_whitney": single items with good/bad labels (docs/methods/noisy_pairs.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mw_by_hand(rewards: list[float], labels: list[int], groups: list[int] | None):
+    """Mean of −logsigmoid(r_g − r_b) = log(1 + exp(−(r_g − r_b))) over good–bad pairs of a group, in float64 loops;
+    and the number of groups with no good or no bad item."""
+    groups = groups or [0] * len(rewards)
+    terms = [math.log1p(math.exp(-(rewards[g] - rewards[b]))) for g in range(len(rewards)) for b in range(len(rewards))
+             if labels[g] == 1 and labels[b] == 0 and groups[g] == groups[b]]
+    without = sum(1 for group in set(groups)
+                  if {labels[i] for i in range(len(labels)) if groups[i] == group} != {0, 1})
+    return (sum(terms) / len(terms) if terms else 0.0), without
+
+
+@pytest.mark.parametrize("grouping", ["batch", "prompt"])
+def test_mann_whitney_trainer_loss_and_counts_by_hand(tmp_path, tokenizer, definitions, grouping):
+    """Each training batch's loss equals the MW loss by hand over the model's rewards; groups without a good or a bad
+    item are counted in `groups_without_pairs`; training moves the weights."""
+    items = items_from_preference_pairs(definitions)  # 16 items: each prompt one good and one bad
+    args = WinTieRewardConfig(output_dir=str(tmp_path), loss_type="mann_whitney", mann_whitney_groups=grouping,
+                              **{**COMMON, "per_device_train_batch_size": 6})
+    trainer = WinTieRewardTrainer(load_reward_model("tiny-causal-lm"), args=args, train_dataset=items,
+                                  processing_class=tokenizer)
+    prompts = items["prompt"]
+    seen_without, seen_pairs = [], []
+    for batch in trainer.get_train_dataloader():
+        rows = batch["row_index"].tolist()
+        assert batch["label"].tolist() == [items["label"][r] for r in rows]
+        with torch.no_grad():
+            rewards = trainer.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).logits.squeeze(-1).double().tolist()
+        groups = [prompts.index(prompts[r]) for r in rows] if grouping == "prompt" else None
+        expected, without = _mw_by_hand(rewards, batch["label"].tolist(), groups)
+        trainer.model.train()
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            got = trainer.compute_loss(trainer.model, dict(batch)).item()
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert trainer._metrics["train"]["groups_without_pairs"] == [without]
+        seen_without.append(without)
+        seen_pairs.append(trainer._metrics["train"]["num_pairs"][0])
+    if grouping == "prompt":
+        assert sum(seen_without) > 0  # some prompt has only one of its two items in a batch
+    else:
+        assert all(n > 0 for n in seen_pairs)
+
+
+def test_mann_whitney_eval_auc_pooled_against_brute_force(tmp_path, tokenizer, definitions):
+    items = items_from_preference_pairs(definitions)
+    args = WinTieRewardConfig(output_dir=str(tmp_path), loss_type="mann_whitney", per_device_eval_batch_size=5,
+                              **COMMON)
+    trainer = WinTieRewardTrainer(load_reward_model("tiny-causal-lm"), args=args, train_dataset=items,
+                                  eval_dataset=items, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    trainer.model.eval()
+    good, bad = [], []
+    for batch in trainer.get_eval_dataloader():
+        with torch.no_grad():
+            rewards = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for reward, label in zip(rewards.squeeze(-1).double().tolist(), batch["label"].tolist()):
+            (good if label == 1 else bad).append(reward)
+    assert len(good) == len(bad) == 8
+    brute = sum((g > b) + 0.5 * (g == b) for g in good for b in bad) / 64
+    assert metrics["eval_auc"] == pytest.approx(brute)
+
+
+def test_mann_whitney_refuses_pair_settings_and_bad_labels(tmp_path, tokenizer, definitions):
+    with pytest.raises(ValueError, match="margin=3.0"):
+        WinTieRewardConfig(output_dir=str(tmp_path), loss_type="mann_whitney", margin=3.0, **COMMON)
+    items = items_from_preference_pairs(definitions)
+    items = items.remove_columns("label").add_column("label", [1, 0, 2] + [0] * 13)
+    with pytest.raises(ValueError, match="row 2, column 'label'"):
+        WinTieRewardTrainer("tiny-causal-lm", args=WinTieRewardConfig(output_dir=str(tmp_path),
+                                                                      loss_type="mann_whitney", **COMMON),
+                            train_dataset=items, processing_class=tokenizer)
+
+
+def test_recipe_trains_mann_whitney_on_single_items(tmp_path):
+    """The recipe's `--loss_type mann_whitney` splits the pairs into items (chosen good, rejected bad) and trains."""
+    import runpy
+    from pathlib import Path
+
+    recipe = runpy.run_path(str(Path(__file__).parents[1] / "recipes" / "reward_wintie.py"))
+    trainer = recipe["main"](["--model_name_or_path", "tiny-causal-lm", "--output_dir", str(tmp_path / "out"),
+                              "--loss_type", "mann_whitney", "--margin", "0", "--max_train_samples", "6",
+                              "--max_eval_samples", "4", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                              "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1"])
+    assert trainer.train_dataset.num_rows == 12 and trainer.train_dataset["label"] == [1, 0] * 6
+    assert trainer.state.global_step == 2
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert all("groups_without_pairs" in e and "num_pairs" in e for e in logged)
