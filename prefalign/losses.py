@@ -123,6 +123,15 @@ def win_tie_bt_loss(
     The tie term is symmetric in a and b, minimal at d = 0 with value 2·softplus(m) and zero gradient there.
     Defaults m = 0, w_win = w_tie = 1, ε = 0: with no ties this is TRL's RewardTrainer loss.
     """
+    return win_tie_bt_pair_losses(rewards_a, rewards_b, is_tie, margin, win_weight, tie_weight,
+                                  label_smoothing).mean()
+
+
+def win_tie_bt_pair_losses(rewards_a: torch.Tensor, rewards_b: torch.Tensor, is_tie: torch.Tensor,
+                           margin: float | torch.Tensor = 0.0, win_weight: float = 1.0, tie_weight: float = 1.0,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
+    """Each pair's term of ``win_tie_bt_loss`` [B] (w_win·L_win or w_tie·L_tie), before the mean; the per-pair
+    loss that noisy-pair mining records for reward models (docs/methods/noisy_pairs.md)."""
     if not rewards_a.shape == rewards_b.shape == is_tie.shape or rewards_a.dim() != 1:
         raise ValueError(f"win_tie_bt_loss: expected three [B] tensors, got rewards_a {tuple(rewards_a.shape)}, "
                          f"rewards_b {tuple(rewards_b.shape)}, is_tie {tuple(is_tie.shape)}")
@@ -130,7 +139,7 @@ def win_tie_bt_loss(
     up, down = F.logsigmoid(d - margin), F.logsigmoid(-d - margin)
     win = -(1.0 - label_smoothing) * up - label_smoothing * down
     tie = -up - down
-    return torch.where(is_tie.bool(), tie_weight * tie, win_weight * win).mean()
+    return torch.where(is_tie.bool(), tie_weight * tie, win_weight * win)
 
 
 # ---------------------------------------------------------------------------------------------------------------
