@@ -19,6 +19,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from prefalign.trainers.preference import completion_log_probs
+
 logger = logging.getLogger("prefalign.diagnostics")
 
 _TEXT_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps", "phrase_ids"}
@@ -52,9 +54,8 @@ def _stats_from_products(inner: float, norm_w_sq: float, norm_l_sq: float, d_w: 
 
 def _summed_logps(model, model_kwargs: dict, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Σ over completion tokens of log π, per row [N], through TRL's fused LM head (no [N,L,V] logits kept)."""
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
-    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True, use_cache=False)
-    return outputs.log_probs[:, -(input_ids.size(1) - 1):].sum(-1)
+    inputs = {**model_kwargs, "input_ids": input_ids, "completion_mask": completion_mask}
+    return completion_log_probs(model, inputs).per_token.sum(-1)
 
 
 def _row_logps_and_gradients(model, inputs: dict, rows: Sequence[int], params: list[torch.Tensor]
@@ -171,11 +172,9 @@ class GradientEntanglementCallback(TrainerCallback):
         if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise NotImplementedError("GradientEntanglementCallback needs whole weights: DeepSpeed ZeRO-3 shards them")
         probe = self.probe_dataset
-        if not getattr(trainer, "_is_vision_dataset", False) and "chosen_ids" not in probe.column_names:
-            from prefalign.trainers.rrpo import RRPOTrainer, add_phrase_spans
-
-            if isinstance(trainer, RRPOTrainer):
-                probe = add_phrase_spans(probe, trainer.processing_class, trainer.args.drop_unaligned, "probe")
+        if hasattr(trainer, "prepare_for_collation"):  # prefalign's trainers: their own data steps (RRPO's phrases)
+            probe = trainer.prepare_for_collation(probe, "probe")
+        elif not getattr(trainer, "_is_vision_dataset", False) and "chosen_ids" not in probe.column_names:
             probe = trainer._prepare_dataset(probe, trainer.processing_class, trainer.args, "probe")
         if len(probe) == 0:
             raise ValueError("GradientEntanglementCallback: no probe pair is left after the trainer's preparation")

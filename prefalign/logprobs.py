@@ -1,9 +1,11 @@
-"""Shared tensor plumbing for the trainers: the full-vocabulary token-wise KL computed from hidden states in chunks.
+"""Shared tensor plumbing for the trainers: the full-vocabulary token-wise KL computed from hidden states in chunks,
+and padding-free packing of a padded batch (and unpacking of per-token values back to the padded layout).
 
 Everything here works on tensors and callables; the objectives themselves live in ``prefalign.losses``.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -107,3 +109,97 @@ def frozen_head_token_kl(
                                             None if ref_bias is None else ref_bias.detach(), chunk_size,
                                             torch.is_grad_enabled())
     return per_position.new_zeros(mask.shape[0]).index_add(0, rows, per_position)
+
+
+@dataclass
+class PackedBatch:
+    """Sequences of a padded batch packed into rows without padding between them (``pack_sequences``).
+
+    ``input_ids``, ``position_ids`` (restarting at 0 per sequence) and ``labels`` (−100 on prompt tokens, on each
+    sequence's first token and on the filler at the end of a row) are [R, W]; ``row``, ``column`` give, for every real
+    token of the padded batch in order, its packed place, and ``padded_row``, ``padded_column`` its padded place.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    row: torch.Tensor
+    column: torch.Tensor
+    padded_row: torch.Tensor
+    padded_column: torch.Tensor
+    padded_shape: tuple[int, int]
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of at most ``capacity`` tokens (first-fit decreasing; ``None``: one
+    bin). A length above the capacity gets a bin of its own."""
+    if capacity is None:
+        return [list(range(len(lengths)))]
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[index] <= free:
+                bins[b].append(index)
+                room[b] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            room.append(max(capacity, lengths[index]) - lengths[index])
+    return [sorted(b) for b in bins]
+
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                   capacity: int | None, pad_token_id: int = 0) -> PackedBatch:
+    """Pack the real tokens (``attention_mask`` set, contiguous per row) of a padded batch [N, L] into rows of at most
+    ``capacity`` tokens (first-fit decreasing; ``None``: a single row), each sequence keeping its order and restarting
+    its positions at 0, so that a causal model given ``position_ids`` and no attention mask attends within each
+    sequence only. Labels are the input ids on completion tokens, −100 elsewhere and on each sequence's first token."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1).tolist()
+    bins = first_fit_decreasing(lengths, capacity)
+    width = max(sum(lengths[i] for i in b) for b in bins)
+    device = input_ids.device
+    packed_ids = torch.full((len(bins), width), pad_token_id, dtype=input_ids.dtype, device=device)
+    labels = torch.full((len(bins), width), -100, dtype=input_ids.dtype, device=device)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long, device=device)
+    starts = mask.long().argmax(-1).tolist()
+    row = torch.empty(int(sum(lengths)), dtype=torch.long)
+    column = torch.empty_like(row)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()[:-1]]) if lengths else torch.zeros(0)
+    for b, members in enumerate(bins):
+        at = 0
+        for i in members:
+            n, s = lengths[i], starts[i]
+            packed_ids[b, at:at + n] = input_ids[i, s:s + n]
+            seq_labels = input_ids[i, s:s + n].masked_fill(completion_mask[i, s:s + n] == 0, -100)
+            labels[b, at:at + n] = seq_labels
+            labels[b, at] = -100
+            position_ids[b, at:at + n] = torch.arange(n, device=device)
+            o = int(offsets[i])
+            row[o:o + n] = b
+            column[o:o + n] = torch.arange(at, at + n)
+            at += n
+        position_ids[b, at:] = torch.arange(width - at, device=device)  # the filler is a sequence of its own
+    padded_row, padded_column = mask.nonzero(as_tuple=True)
+    return PackedBatch(packed_ids, position_ids, labels, row.to(device), column.to(device), padded_row,
+                       padded_column, tuple(input_ids.shape))
+
+
+def unpack_per_token(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """Per-token values of a packed forward [R, W−1] (entry j scores token j+1) → the padded layout [N, L−1] (entry t
+    scores token t+1), zero where the padded batch has no scored token."""
+    n, length = packed.padded_shape
+    out = values.new_zeros((n, length - 1, *values.shape[2:]))
+    scored = packed.position_ids[packed.row, packed.column] > 0  # a sequence's first token: scored by nothing
+    out[packed.padded_row[scored], packed.padded_column[scored] - 1] = \
+        values[packed.row[scored], packed.column[scored] - 1]
+    return out
+
+
+def unpack_per_position(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """Per-position values of a packed forward [R, W, ...] (e.g. hidden states) → the padded layout [N, L, ...]."""
+    n, length = packed.padded_shape
+    out = values.new_zeros((n, length, *values.shape[2:]))
+    out[packed.padded_row, packed.padded_column] = values[packed.row, packed.column]
+    return out

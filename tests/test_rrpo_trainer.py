@@ -291,7 +291,7 @@ def test_phrases_cut_away_by_max_length_are_reported(tmp_path, tokenizer, caplog
 REFUSED = [("loss_type", ["hinge"]), ("loss_weights", [2.0]), ("label_smoothing", 0.1), ("ld_alpha", 0.5),
            ("use_weighting", True), ("f_divergence_type", "forward_kl"), ("f_alpha_divergence_coef", 0.3),
            ("discopop_tau", 0.2), ("sync_ref_model", True), ("ref_model_mixup_alpha", 0.9),
-           ("ref_model_sync_steps", 4), ("padding_free", True), ("label_smoothing_factor", 0.1)]
+           ("ref_model_sync_steps", 4), ("label_smoothing_factor", 0.1)]
 
 
 @pytest.mark.parametrize("name, value", REFUSED, ids=[name for name, _ in REFUSED])

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig
 from trl.data_utils import _tokenize, common_prefix_length
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import global_then_local_main_first, pad
@@ -39,10 +39,10 @@ from prefalign.data import PreferenceDataError, validate_preference_dataset
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.preference import PreferenceTrainer
 
 logger = logging.getLogger("prefalign.trainers.d2o")
 
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "row_index"}
 # Inherited DPOConfig fields that shape DPO's loss (or its data) and that D²O does not implement: refused at start.
 D2O_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_weighting", "f_divergence_type",
                       "f_alpha_divergence_coef", "label_smoothing", "discopop_tau", "label_smoothing_factor",
@@ -187,7 +187,7 @@ def _tokenized(processing_class, prompt: str | list, completion: str | list, eos
     return _tokenize(processing_class, prompt + completion)["input_ids"]
 
 
-class D2OTrainer(DPOTrainer):
+class D2OTrainer(PreferenceTrainer):
     """DPOTrainer with the D²O loss: K self-generated anchors per prompt against one human negative (module
     docstring: batch layout, reference, online refresh and multi-process behaviour)."""
 
@@ -266,42 +266,31 @@ class D2OTrainer(DPOTrainer):
         return logps[: batch_size * num_anchors].view(batch_size, num_anchors), logps[batch_size * num_anchors :]
 
     def compute_ref_log_probs(self, model, inputs):
-        """Summed reference log-probs (TRL's reference forward: ref model, adapter disabled, autocast) split into
-        anchors [B,K] and negatives [B]; TRL's precompute stores them as `ref_chosen_logps` / `ref_rejected_logps`."""
-        inputs = {k: v for k, v in inputs.items() if k != "row_index"}
-        return self._split(torch.cat(super().compute_ref_log_probs(model, inputs)))
+        """Summed reference log-probs (the core's reference forward: ref model or adapter disabled, padded or packed)
+        split into anchors [B,K] and negatives [B]; TRL's precompute stores them as `ref_chosen_logps` /
+        `ref_rejected_logps`."""
+        return self._split(self.reference_log_probs(inputs, model).per_token.sum(-1))
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        seq_len = completion_mask.size(1) - 1
-        anchor_logps, negative_logps = self._split(outputs.log_probs[:, -seq_len:].sum(dim=1))  # summed, not mean
+        policy = self.sequence_log_probs(model, inputs, router_aux_loss=self.aux_loss_enabled)
+        anchor_logps, negative_logps = self._split(policy.per_token.sum(dim=1))  # summed, not mean
 
         if self.precompute_ref_logps:
             ref_anchor_logps, ref_negative_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(ref_model, inputs)
+            ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(self.reference_model(), inputs)
 
         losses = d2o_loss(anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, beta=self.beta,
                           alpha=self.args.alpha)
-        loss = losses.mean()
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         with torch.no_grad():
             self._log_metrics(mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps,
                               inputs["attention_mask"])
         if return_outputs:
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
+            return loss, self.logits_outputs(model, inputs)
+        return loss
 
     def _log_metrics(self, mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, attention_mask):
         gather = self.accelerator.gather_for_metrics
@@ -312,8 +301,7 @@ class D2OTrainer(DPOTrainer):
         per_prompt = {"rewards/anchors": anchor_rewards, "rewards/negative": negative_rewards, "rewards/gap": gap,
                       "rewards/accuracies": (gap > 0).float(), "logps/anchors": anchor_logps.mean(-1),
                       "logps/negative": negative_logps}
-        for name, value in per_prompt.items():
-            metrics[name].append(gather(value.detach().float()).mean().item())
+        self.log_means(mode, per_prompt)
         if mode == "train":
             self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
             refreshed = gather(torch.tensor([self._refreshed_prompts], device=attention_mask.device)).sum().item()
@@ -389,9 +377,7 @@ class D2OTrainer(DPOTrainer):
             self._anchor_store[row] = {"anchor_ids": anchor_ids}
         if self.precompute_ref_logps:  # the stored reference log-probs belong to the old anchors
             batch = self._prepare_inputs(self._collate_rows(rows))
-            ref_model = self.ref_model if self.ref_model is not None else self.model
-            ref_anchor_logps, _ = self.compute_ref_log_probs(ref_model, {k: v for k, v in batch.items()
-                                                                         if not k.startswith("ref_")})
+            ref_anchor_logps, _ = self.compute_ref_log_probs(self.reference_model(), batch)
             for row, logps in zip(rows, ref_anchor_logps.tolist()):
                 self._anchor_store[row]["ref_chosen_logps"] = logps
         self._refresh_events += 1

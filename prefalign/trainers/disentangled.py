@@ -13,21 +13,18 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset
-from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl import DPOConfig
 
 from prefalign.diagnostics import pair_gradient_stats
 from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss
 from prefalign.phrases import CLOSE_TAG, OPEN_TAG, parse_phrase_tags
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.preference import PreferenceTrainer
 
 logger = logging.getLogger("prefalign.trainers.disentangled")
 
 MODES = ("pngd", "token_mask", "anchored")
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 # Inherited DPOConfig fields that shape DPO's loss and that the disentangled objectives replace: refused at start.
 DISENTANGLED_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_weighting", "f_divergence_type",
                                "f_alpha_divergence_coef", "label_smoothing", "discopop_tau", "label_smoothing_factor")
@@ -133,7 +130,7 @@ def differing_token_mask(input_ids: torch.Tensor, completion_mask: torch.Tensor,
     return mask
 
 
-class DisentangledDPOTrainer(DPOTrainer):
+class DisentangledDPOTrainer(PreferenceTrainer):
     """DPOTrainer with a margin-disentangled objective (docs/methods/disentangled.md): "pngd", "token_mask" or "anchored".
 
     Data: TRL preference rows (standard or conversational; with images for "token_mask" and "anchored", and for
@@ -159,32 +156,17 @@ class DisentangledDPOTrainer(DPOTrainer):
         """TRL's tokenisation, after stripping any `<MASK>` phrase tags (they are not text to train on)."""
         return super()._prepare_dataset(strip_phrase_tags(dataset, dataset_name), processing_class, args, dataset_name)
 
-    def _reference_per_token_logps(self, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token reference log-probs [2B, L−1]: the ref model, or the PEFT base with its adapter disabled."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and is_peft_model(self.model):
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
-                    return self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
-            return self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
-
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        seq_len = completion_mask.size(1) - 1
-        # MoE: the policy forward returns the router load-balancing loss (the reference forward does not need it)
-        router_kwargs = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs = model(**model_kwargs, **router_kwargs, labels=labels, fused_lm_head=True)
-        per_token_logps = outputs.log_probs[:, -seq_len:]
+        policy = self.sequence_log_probs(model, inputs, router_aux_loss=self.aux_loss_enabled)
+        per_token_logps = policy.per_token
         chosen_logps, rejected_logps = per_token_logps.sum(-1).chunk(2)
         if self.precompute_ref_logps:
             ref_per_token_logps = None
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_per_token_logps = self._reference_per_token_logps(model_kwargs, labels)[:, -seq_len:]
+            ref_per_token_logps = self.reference_log_probs(inputs).per_token
             ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.sum(-1).chunk(2)
 
         per_pair: dict[str, torch.Tensor] = {}
@@ -217,10 +199,7 @@ class DisentangledDPOTrainer(DPOTrainer):
         else:
             losses = anchored_loss(*sequence_args, beta=self.beta, chosen_anchor=self.args.chosen_anchor,
                                    rejected_anchor=self.args.rejected_anchor)
-        loss = losses.mean()
-        if self.aux_loss_enabled:  # as TRL's DPOTrainer: the MoE load-balancing loss with its coefficient
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            per_pair["aux_loss"] = outputs.aux_loss.detach()
+        loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         with torch.no_grad():
             chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps)
@@ -229,10 +208,7 @@ class DisentangledDPOTrainer(DPOTrainer):
                              "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                              "rewards/margins": chosen_rewards - rejected_rewards,
                              "logps/chosen": chosen_logps, "logps/rejected": rejected_logps})
-            for name, value in per_pair.items():
-                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().float())
-                                                 .mean().item())
+            self.log_means(mode, per_pair)
         if return_outputs:
-            with torch.no_grad():
-                outputs = model(**model_kwargs)
-        return (loss, outputs) if return_outputs else loss
+            return loss, self.logits_outputs(model, inputs)
+        return loss

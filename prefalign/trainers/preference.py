@@ -1,0 +1,244 @@
+"""The shared core of prefalign's DPO-family trainers (DPO, RRPO, D²O, disentangled; docs/methods/dpo.md): one forward
+for the policy and the reference, padded or padding-free, and metric gathering.
+
+`PreferenceTrainer` is a TRL `DPOTrainer` whose subclasses only collate, call a loss from ``prefalign.losses`` and
+define their config. It gives them:
+
+- `completion_log_probs(model, inputs)` (a function, also used by ``prefalign.diagnostics``) and its trainer form
+  `sequence_log_probs(model, inputs)`: per-token log-probs [N, L−1] of the completion tokens of a padded batch (any
+  number of sequences: [chosen; rejected], or D²O's [anchors…; negatives]) through TRL's fused LM head, optionally
+  the last hidden states [N, L, H] and the MoE load-balancing loss; always in the padded layout, whether the forward
+  ran padded or packed.
+- `reference_log_probs(inputs)`: the same for the reference: the `ref_model`, or the PEFT base with the adapter
+  disabled (the "ref" adapter when there is one), under no_grad; precomputed columns are read by the trainers.
+- `compute_ref_log_probs(model, inputs)`: TRL's precompute hook, on the same forward.
+- `log_means(mode, values)`: each [B] metric gathered across processes and averaged into TRL's `_metrics`.
+- `add_aux_loss(loss, policy, mode)`: the MoE load-balancing loss with `router_aux_loss_coef`, logged.
+- `_per_pair_loss_hook(losses, inputs)`: the one place where a trainer's per-pair losses [B] and the batch's rows
+  are known before the mean (default: identity); subclasses re-weight pairs there.
+
+Padding-free (`padding_free=True`, the inherited DPOConfig switch, which TRL 1.16 disables): the sequences of a
+micro-batch are packed into rows with `position_ids` restarting at 0 per sequence, no attention mask and
+`use_cache=False`, so transformers builds a block-causal mask (sdpa, eager) or runs varlen flash-attention; labels
+are −100 on prompt tokens and on each sequence's first token, and the per-token values are unpacked to exactly the
+padded layout's. With flash-attention (or an MoE load-balancing loss, which must see only real tokens) everything goes
+into one row; otherwise into rows of at most max(`max_length`, longest sequence) tokens (first-fit decreasing),
+because sdpa's block mask still costs attention over a whole row. Batches with images are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl import DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from prefalign.logprobs import PackedBatch, pack_sequences, unpack_per_position, unpack_per_token
+
+# Batch keys that are not model inputs (the trainers' own columns).
+NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps",
+                            "phrase_ids", "row_index"})
+_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+@dataclass
+class SequenceLogProbs:
+    """One forward of a padded batch [N, L]: `per_token` log-probs [N, L−1] (entry t scores token t+1, zero off the
+    completion), the model's fused `outputs` with every per-token field in that layout, the last `hidden` states
+    [N, L, H] when asked for, and the MoE `aux_loss` when asked for."""
+
+    per_token: torch.Tensor
+    outputs: Any
+    hidden: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class _LastHiddenState:
+    """Context manager capturing a backbone's last hidden state during a fused-head forward."""
+
+    def __init__(self, backbone: torch.nn.Module | None):
+        self.backbone = backbone
+        self.value = None
+
+    def __enter__(self):
+        if self.backbone is not None:
+            self.handle = self.backbone.register_forward_hook(
+                lambda module, args, out: setattr(self, "value", out.last_hidden_state))
+        return self
+
+    def __exit__(self, *exc):
+        if self.backbone is not None:
+            self.handle.remove()
+
+
+class ReplayModel:
+    """Stands in for a model inside TRL code that calls ``model(..., fused_lm_head=True)``: returns stored outputs
+    (computed by the core, possibly packed); any other call goes to the real model."""
+
+    def __init__(self, outputs, model=None):
+        self.outputs = outputs
+        self.model = model
+
+    def __call__(self, *args, fused_lm_head: bool = False, **kwargs):
+        """The stored outputs for a fused-head call, else the real model's forward."""
+        if fused_lm_head:
+            return self.outputs
+        return self.model(*args, **kwargs)
+
+
+def completion_log_probs(model, inputs: dict[str, Any], packed: bool = False, capacity: int | None = None,
+                         pad_token_id: int = 0, backbone: torch.nn.Module | None = None,
+                         router_aux_loss: bool = False) -> SequenceLogProbs:
+    """Per-token log-probs of the completion tokens of a padded batch (`input_ids`, `attention_mask`,
+    `completion_mask` [N, L], plus any other model inputs) through TRL's fused LM head, in the padded layout (see
+    `SequenceLogProbs`). ``packed``: the real tokens are packed into rows of at most ``capacity`` tokens (None: one
+    row) and the values unpacked. ``backbone``: capture its last hidden states. ``router_aux_loss``: ask an MoE model
+    for its load-balancing loss."""
+    model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    if router_aux_loss:
+        model_kwargs["output_router_logits"] = True
+    completion_mask = inputs["completion_mask"]
+    length = completion_mask.size(1)
+    layout: PackedBatch | None = None
+    if packed:
+        extra = set(model_kwargs) - {"input_ids", "attention_mask", "use_cache", "output_router_logits"}
+        if extra:
+            raise NotImplementedError(f"padding_free=True packs text batches only; this batch also has "
+                                      f"{sorted(extra)}: set padding_free=False")
+        layout = pack_sequences(inputs["input_ids"], inputs["attention_mask"], completion_mask, capacity,
+                                pad_token_id)
+        model_kwargs.pop("attention_mask")
+        model_kwargs.update(input_ids=layout.input_ids, position_ids=layout.position_ids)
+        labels = layout.labels
+    else:
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    with _LastHiddenState(backbone) as hidden:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    fields = {name: getattr(outputs, name, None) for name in _PER_TOKEN_FIELDS}
+    if layout is None:  # prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens
+        fields = {k: None if v is None else v[:, -(length - 1):] for k, v in fields.items()}
+        last_hidden = None if hidden.value is None else hidden.value[:, -length:]
+    else:
+        fields = {k: None if v is None else unpack_per_token(v, layout) for k, v in fields.items()}
+        last_hidden = None if hidden.value is None else unpack_per_position(hidden.value, layout)
+    outputs = type(outputs)(**{**dict(outputs.items()), **fields})
+    return SequenceLogProbs(fields["log_probs"], outputs, last_hidden, getattr(outputs, "aux_loss", None))
+
+
+class PreferenceTrainer(DPOTrainer):
+    """TRL's DPOTrainer with prefalign's shared forward (module docstring): subclasses implement `_compute_loss` with
+    `sequence_log_probs` / `reference_log_probs`, a loss from ``prefalign.losses`` and `log_means`."""
+
+    def __init__(self, model, ref_model=None, args=None, *positional, **kwargs):
+        padding_free = bool(getattr(args, "padding_free", False))
+        if args is not None:
+            args.padding_free = False  # TRL 1.16 would switch it off with a warning; this class implements it
+        try:
+            super().__init__(model, ref_model, args, *positional, **kwargs)
+        finally:
+            if args is not None:
+                args.padding_free = padding_free
+        self.padding_free = padding_free
+        if padding_free and self._is_vision_dataset:
+            raise NotImplementedError("padding_free=True packs text sequences only: batches with images are not "
+                                      "supported; set padding_free=False")
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if padding_free and any(getattr(c, "is_prompt_learning", False)
+                                for c in getattr(unwrapped, "peft_config", {}).values()):
+            raise NotImplementedError("padding_free=True does not support prompt-learning PEFT (virtual tokens); "
+                                      "set padding_free=False")
+
+    # ---- the forward -----------------------------------------------------------------------------------------
+
+    @property
+    def zero3(self) -> bool:
+        """Whether DeepSpeed ZeRO-3 shards the weights (every rank must then call sharded modules equally often)."""
+        return self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _pack_capacity(self, model, lengths: list[int]) -> int | None:
+        """Tokens per packed row: None (one row) under flash-attention or with an MoE aux loss, else
+        max(max_length, longest sequence)."""
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        if "flash" in str(getattr(config, "_attn_implementation", "")) or self.aux_loss_enabled:
+            return None
+        return max(self.args.max_length or 0, max(lengths, default=1))
+
+    def _backbone(self, model) -> torch.nn.Module:
+        """The transformer backbone (whose output is the last hidden state) of a policy or reference model."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        return unwrapped.base_model
+
+    def sequence_log_probs(self, model, inputs: dict[str, Any], hidden_states: bool = False,
+                           router_aux_loss: bool = False, packed: bool | None = None) -> SequenceLogProbs:
+        """`completion_log_probs` of ``model`` on a padded batch, packed when ``packed`` (default: the
+        `padding_free` setting) into rows of `_pack_capacity` tokens."""
+        packed = self.padding_free if packed is None else packed
+        capacity = self._pack_capacity(model, inputs["attention_mask"].sum(-1).tolist()) if packed else None
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return completion_log_probs(model, inputs, packed=packed, capacity=capacity,
+                                    pad_token_id=tokenizer.pad_token_id or 0,
+                                    backbone=self._backbone(model) if hidden_states else None,
+                                    router_aux_loss=router_aux_loss)
+
+    def reference_context(self):
+        """Adapter disabled (or the "ref" adapter) when the reference is the PEFT base model, else a no-op."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ref_model is None and hasattr(unwrapped, "peft_config"):
+            return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return contextlib.nullcontext()
+
+    def reference_model(self):
+        """The module the reference forward calls: the `ref_model`, or the policy (adapter disabled under PEFT)."""
+        return self.model if self.ref_model is None else self.ref_model
+
+    def reference_log_probs(self, inputs: dict[str, Any], model=None, hidden_states: bool = False
+                            ) -> SequenceLogProbs:
+        """`sequence_log_probs` of the reference (``model``, default `reference_model()`), under no_grad."""
+        model = self.reference_model() if model is None else model
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              self.reference_context(), self.accelerator.autocast()):
+            return self.sequence_log_probs(model, inputs, hidden_states=hidden_states)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's precompute hook on the core's forward (packed when `padding_free`): summed reference log-probs,
+        chosen and rejected (with TRL's `ld_alpha` weighting)."""
+        reference = self.reference_log_probs(inputs, model)
+        return super().compute_ref_log_probs(ReplayModel(reference.outputs), inputs)
+
+    # ---- loss and metrics ------------------------------------------------------------------------------------
+
+    def _per_pair_loss_hook(self, losses: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """The per-pair losses [B] of the batch (rows in `inputs["row_index"]` when the data has them) before
+        their mean; override to re-weight pairs. Default: unchanged."""
+        return losses
+
+    def add_aux_loss(self, loss: torch.Tensor, policy: SequenceLogProbs, mode: str) -> torch.Tensor:
+        """``loss`` plus `router_aux_loss_coef` × the MoE load-balancing loss (logged as `aux_loss`), as TRL's
+        DPOTrainer; ``loss`` unchanged when the aux loss is off."""
+        if not self.aux_loss_enabled:
+            return loss
+        self.log_means(mode, {"aux_loss": policy.aux_loss})
+        return loss + self.router_aux_loss_coef * policy.aux_loss
+
+    def log_means(self, mode: str, values: dict[str, torch.Tensor]) -> None:
+        """Append to `_metrics[mode]` the mean over all processes of each value (a [B] tensor or a scalar)."""
+        for name, value in values.items():
+            self._metrics[mode][name].append(
+                self.accelerator.gather_for_metrics(value.detach().float()).mean().item())
+
+    def prepare_for_collation(self, dataset, name: str):
+        """A raw dataset made ready for this trainer's collator (tokenised as for training; vision data as is)."""
+        if self._is_vision_dataset:
+            return dataset
+        return self._prepare_dataset(dataset, self.processing_class, self.args, name)
+
+    def logits_outputs(self, model, inputs: dict[str, Any]):
+        """The model's plain outputs (with `.logits`) on the padded batch, for TRL's prediction_step."""
+        with torch.no_grad():
+            return model(**{k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}, use_cache=False)
