@@ -1,0 +1,172 @@
+"""Noisy-pair mining while training (docs/methods/noisy_pairs.md): the loss memory records exactly the rows a run
+sees, DBPM weights match a hand computation, PLD draws match their probabilities, and the memory survives resume."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prefalign.data import load_preference_dataset
+from prefalign.models import load_processing_class
+from prefalign.trainers.pair_mining import MEMORY_FILE, PairMining, PairMiningArguments, PLDSampler
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
+
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, logging_steps=1, seed=0,
+              learning_rate=5e-3, per_device_train_batch_size=2)
+
+
+def _args(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{**PairMiningArguments().__dict__, **kw})
+
+
+class SpyTrainer(WinTieRewardTrainer):
+    """Before each training loss, computes each pair's −logsigmoid(r_c − r_r) by hand from a separate forward, and
+    keeps (epoch, rows, hand losses, the trainer's loss)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training:
+            with torch.no_grad():
+                rewards = model(input_ids=inputs["input_ids"],
+                                attention_mask=inputs["attention_mask"]).logits.squeeze(-1).double().tolist()
+            n = len(rewards) // 2
+            hand = [math.log1p(math.exp(-(rewards[i] - rewards[n + i]))) for i in range(n)]
+            rows = inputs["row_index"].tolist()
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:
+            self.seen.append((self.pair_mining.epoch, rows, hand, result.item()))
+        return result
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_processing_class("tiny-causal-lm")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return load_preference_dataset("wordnet-definitions", split="train").select(range(8))
+
+
+def _trainer(tmp_path, tokenizer, pairs, cls=SpyTrainer, **kw):
+    torch.manual_seed(0)
+    args = WinTieRewardConfig(output_dir=str(tmp_path), **{**COMMON, "save_strategy": "no", **kw})
+    trainer = cls(load_reward_model("tiny-causal-lm"), args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.seen = []
+    return trainer
+
+
+def _dbpm_by_hand(history: dict[int, list[float]], max_epochs: int, cut: float):
+    """m_i = (1/t)·Σ_e (e/E)·ℓ_i^(e); μ, population σ; flags m ≤ μ − cσ or m ≥ μ + cσ, in plain floats."""
+    m = {row: sum((e + 1) / max_epochs * loss for e, loss in enumerate(losses)) / len(losses)
+         for row, losses in history.items()}
+    mu = sum(m.values()) / len(m)
+    sigma = math.sqrt(sum((v - mu) ** 2 for v in m.values()) / len(m))
+    flagged = {row for row, v in m.items() if v <= mu - cut * sigma or v >= mu + cut * sigma}
+    return mu, sigma, flagged
+
+
+def test_memory_records_the_rows_seen_and_dbpm_weights_by_hand(tmp_path, tokenizer, pairs):
+    """Shuffled batches of 2 with gradient accumulation 2 over 3 epochs: each epoch the memory holds every row once,
+    at the loss computed by hand at its visit; from epoch 2 on (warm-up 1) each step's loss is the mean of w·ℓ with
+    DBPM's kernel weights computed by hand from the memory."""
+    trainer = _trainer(tmp_path, tokenizer, pairs, pair_mining="dbpm", mining_warmup_epochs=1, mining_cut_noisy=0.8,
+                       mining_cut_faulty=0.8, num_train_epochs=3, gradient_accumulation_steps=2)
+    trainer.train()
+    memory = trainer.pair_mining.memory.history
+    assert sorted(memory) == list(range(8))
+    orders = []
+    for epoch in range(3):
+        visits = [(row, loss) for e, rows, hand, _ in trainer.seen if e == epoch for row, loss in zip(rows, hand)]
+        orders.append([row for row, _ in visits])
+        assert sorted(orders[-1]) == list(range(8))  # every row exactly once
+        for row, loss in visits:
+            assert memory[row][epoch] == pytest.approx(loss, rel=1e-5)
+    assert orders[0] != orders[1]  # really shuffled
+
+    flagged_any = False
+    for epoch in (1, 2):
+        history = {row: [memory[row][e] for e in range(epoch)] for row in range(8)}
+        mu, sigma, flagged = _dbpm_by_hand(history, 3, 0.8)
+        flagged_any |= bool(flagged)
+        for e, rows, hand, loss in trainer.seen:
+            if e == epoch:
+                weights = [math.exp(-((h - mu) ** 2) / (2 * sigma**2)) if row in flagged else 1.0
+                           for row, h in zip(rows, hand)]
+                assert loss == pytest.approx(sum(w * h for w, h in zip(weights, hand)) / len(hand), rel=1e-5)
+    assert flagged_any
+    logged = [e for e in trainer.state.log_history if "mining/mean_weight" in e]
+    assert logged and any(e["mining/mean_weight"] < 1 for e in logged)
+    final = _dbpm_by_hand({row: [memory[row][e] for e in range(3)] for row in range(8)}, 3, 0.8)[2]
+    assert set(trainer.pair_mining.flags) == final
+
+
+def test_pld_sampler_draws_match_probabilities(tmp_path):
+    """Over 2,000 seeded epochs each pair's draw count is within 4 binomial standard deviations of n·k·p_i, with
+    p_i = exp(−z_i)/Σ_group exp(−z_j) computed by hand from the last-seen losses."""
+    mining = PairMining(_args(pair_mining="pld"))
+    rows, groups = [10, 11, 12, 13, 14, 15], torch.tensor([0, 0, 0, 1, 1, 2])
+    losses = {10: 0.2, 11: 0.9, 12: 0.4, 13: 0.7, 14: 0.1, 15: 0.5}
+    for row, loss in losses.items():
+        mining.memory.history[row] = {0: 5.0, 1: loss}  # the last-seen loss is epoch 1's
+    probs = {}
+    for members in ([10, 11, 12], [13, 14], [15]):
+        values = [losses[r] for r in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        z = [(v - mean) / std if std > 0 else 0.0 for v in values]
+        total = sum(math.exp(-x) for x in z)
+        probs.update({r: math.exp(-x) / total for r, x in zip(members, z)})
+    sampler = PLDSampler(mining, rows, groups, seed=0)
+    assert len(sampler) == 6
+    counts = dict.fromkeys(rows, 0)
+    epochs = 2000
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        drawn = list(sampler)
+        assert len(drawn) == 6
+        for position in drawn:
+            counts[rows[position]] += 1
+    for row, size in zip(rows, (3, 3, 3, 2, 2, 1)):
+        n = epochs * size
+        expected, std = n * probs[row], math.sqrt(n * probs[row] * (1 - probs[row]))
+        assert abs(counts[row] - expected) <= 4 * std + 1e-9, (row, counts[row], expected)
+    assert counts[11] < counts[10]  # the hardest pair of its prompt is drawn least
+
+
+def test_pld_warm_up_visits_every_pair_once():
+    mining = PairMining(_args(pair_mining="pld", mining_warmup_epochs=2))
+    sampler = PLDSampler(mining, list(range(5)), torch.tensor([0, 0, 1, 1, 1]), seed=3)
+    assert sorted(sampler) == list(range(5))
+
+
+@pytest.mark.parametrize("mode", ["dbpm", "pld"])
+def test_memory_survives_save_and_resume(tmp_path, tokenizer, pairs, mode):
+    """4 epochs uninterrupted vs 2 epochs, then a new trainer resumed from the epoch-2 checkpoint: the same memory
+    and the same training losses after the resume point."""
+    pairs = pairs.add_column("group_id", [0, 0, 0, 1, 1, 1, 2, 2])
+    settings = dict(pair_mining=mode, mining_cut_noisy=0.8, mining_cut_faulty=0.8, num_train_epochs=4,
+                    save_strategy="epoch")
+    full = _trainer(tmp_path / "full", tokenizer, pairs, **settings)
+    full.train()
+    part = _trainer(tmp_path / "part", tokenizer, pairs, **settings)
+    part.train()
+    checkpoint = tmp_path / "part" / "checkpoint-8"  # 4 steps per epoch
+    assert (checkpoint / MEMORY_FILE).is_file()
+    resumed = _trainer(tmp_path / "part", tokenizer, pairs, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert _close(resumed.pair_mining.memory.history, full.pair_mining.memory.history)
+    after = [loss for e, _, _, loss in full.seen if e >= 2]
+    assert [loss for *_, loss in resumed.seen] == pytest.approx(after, rel=1e-6)
+    if mode == "dbpm":
+        assert resumed.pair_mining.flags == full.pair_mining.flags
+
+
+def _close(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[r].keys() == b[r].keys() and all(
+        math.isclose(a[r][e], b[r][e], rel_tol=1e-6) for e in a[r]) for r in a)
+
+
+def test_pld_needs_prompt_groups(tmp_path, tokenizer, pairs):
+    with pytest.raises(ValueError, match="needs a 'prompt' or a 'group_id' column"):
+        _trainer(tmp_path, tokenizer, pairs.remove_columns("prompt"), pair_mining="pld")
