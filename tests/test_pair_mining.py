@@ -170,3 +170,67 @@ def _close(a: dict, b: dict) -> bool:
 def test_pld_needs_prompt_groups(tmp_path, tokenizer, pairs):
     with pytest.raises(ValueError, match="needs a 'prompt' or a 'group_id' column"):
         _trainer(tmp_path, tokenizer, pairs.remove_columns("prompt"), pair_mining="pld")
+
+
+class SpyDPO:
+    """Mixin for PackedDPOTrainer: each training loss next to DPO's per-pair loss log(1 + exp(−β·margin)) computed by
+    hand from plain forwards of the policy and the reference (log-softmax in float64 over completion tokens)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.model.training:
+            def logps(m):
+                with torch.no_grad():
+                    logits = m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                token = torch.log_softmax(logits[:, :-1].double(), -1).gather(
+                    -1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+                return (token * inputs["completion_mask"][:, 1:]).sum(-1).tolist()
+            policy, reference = logps(model), logps(self.ref_model)
+            n = len(policy) // 2
+            hand = [math.log1p(math.exp(-self.beta * ((policy[i] - reference[i]) - (policy[n + i] - reference[n + i]))))
+                    for i in range(n)]
+            rows = inputs["row_index"].tolist()
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:
+            self.seen.append((self.pair_mining.epoch, rows, hand, result.item()))
+        return result
+
+
+def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pairs):
+    """PackedDPOTrainer with pair_mining='dbpm': the memory holds each row's DPO loss at its visit, and from epoch 2
+    each step's loss is the mean of w·ℓ with DBPM's kernel weights computed by hand."""
+    from prefalign.models import load_model
+    from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
+
+    class Trainer(SpyDPO, PackedDPOTrainer):
+        pass
+
+    torch.manual_seed(0)
+    model, ref = load_model("tiny-causal-lm"), load_model("tiny-causal-lm")
+    args = PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", mining_cut_noisy=0.8, mining_cut_faulty=0.8,
+                           num_train_epochs=3, beta=0.5, save_strategy="no", **{**COMMON, "learning_rate": 1e-2})
+    trainer = Trainer(model, ref, args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.seen = []
+    trainer.train()
+    memory = trainer.pair_mining.memory.history
+    for epoch in range(3):
+        visits = [(row, loss) for e, rows, hand, _ in trainer.seen if e == epoch for row, loss in zip(rows, hand)]
+        assert sorted(row for row, _ in visits) == list(range(8))
+        for row, loss in visits:
+            assert memory[row][epoch] == pytest.approx(loss, rel=1e-4)
+    flagged_any = False
+    for epoch in (1, 2):
+        mu, sigma, flagged = _dbpm_by_hand({row: [memory[row][e] for e in range(epoch)] for row in range(8)}, 3, 0.8)
+        flagged_any |= bool(flagged)
+        for e, rows, hand, loss in trainer.seen:
+            if e == epoch:
+                weights = [math.exp(-((h - mu) ** 2) / (2 * sigma**2)) if row in flagged else 1.0
+                           for row, h in zip(rows, hand)]
+                assert loss == pytest.approx(sum(w * h for w, h in zip(weights, hand)) / len(hand), rel=1e-4)
+    assert flagged_any
+
+
+def test_dpo_pair_mining_refuses_other_losses(tmp_path):
+    from prefalign.trainers.dpo import PackedDPOConfig
+
+    with pytest.raises(ValueError, match="needs loss_type='sigmoid', label_smoothing=0"):
+        PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", label_smoothing=0.2, use_cpu=True, bf16=False)

@@ -12,15 +12,39 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from datasets import Dataset
 from trl import DPOConfig
 
+from prefalign.losses import dpo_pair_losses
+from prefalign.trainers.pair_mining import (
+    ROW_COLUMN,
+    PairMiningArguments,
+    RowIndexCollator,
+    add_row_index,
+    check_pair_mining_arguments,
+)
 from prefalign.trainers.preference import PreferenceTrainer, ReplayModel
 
 
 @dataclass
-class PackedDPOConfig(DPOConfig):
+class PackedDPOConfig(PairMiningArguments, DPOConfig):
     r"""Configuration for [`PackedDPOTrainer`]: exactly [`~trl.DPOConfig`], every field honoured as by TRL's
-    DPOTrainer, and `padding_free=True` working (padding-free packing of each micro-batch; text only)."""
+    DPOTrainer, and `padding_free=True` working (padding-free packing of each micro-batch; text only); plus the
+    noisy-pair mining fields (`pair_mining="dbpm"|"pld"`, ...; docs/methods/noisy_pairs.md), which need TRL's plain
+    sigmoid loss (its per-pair loss is what the memory records)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_pair_mining_arguments(self)
+        if self.pair_mining is not None:
+            plain = (self.loss_type == ["sigmoid"] and self.ld_alpha is None and self.label_smoothing == 0
+                     and not self.use_weighting and self.loss_weights is None)
+            if not plain:
+                raise ValueError("pair_mining records and re-weights DPO's per-pair sigmoid loss: it needs "
+                                 "loss_type='sigmoid', label_smoothing=0, ld_alpha=None, use_weighting=False and no "
+                                 f"loss_weights (got loss_type={self.loss_type}, label_smoothing="
+                                 f"{self.label_smoothing}, ld_alpha={self.ld_alpha}, use_weighting="
+                                 f"{self.use_weighting}, loss_weights={self.loss_weights})")
 
 
 class PackedDPOTrainer(PreferenceTrainer):
@@ -34,6 +58,18 @@ class PackedDPOTrainer(PreferenceTrainer):
         if not isinstance(args, DPOConfig):
             raise TypeError(f"PackedDPOTrainer needs a DPOConfig, got {type(args).__name__}")
         super().__init__(model, ref_model, args=args, **kwargs)
+        if self.pair_mining is not None:
+            self.data_collator = RowIndexCollator(self.data_collator)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if getattr(args, "pair_mining", None) is not None and isinstance(dataset, Dataset):
+            dataset = add_row_index(dataset)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.pair_mining is not None and ROW_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_COLUMN]
 
     @contextlib.contextmanager
     def _replayed_reference(self, outputs):
@@ -47,8 +83,21 @@ class PackedDPOTrainer(PreferenceTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         policy = self.sequence_log_probs(model, inputs, router_aux_loss=self.aux_loss_enabled)
+        rows = inputs.get(ROW_COLUMN)
+        inputs = {k: v for k, v in inputs.items() if k != ROW_COLUMN}
         if self.precompute_ref_logps:  # TRL reads the stored columns
-            return super()._compute_loss(ReplayModel(policy.outputs, model), inputs, return_outputs)
-        reference = self.reference_log_probs(inputs)
-        with self._replayed_reference(reference.outputs):
-            return super()._compute_loss(ReplayModel(policy.outputs, model), inputs, return_outputs)
+            result = super()._compute_loss(ReplayModel(policy.outputs, model), inputs, return_outputs)
+            reference_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            reference = self.reference_log_probs(inputs)
+            with self._replayed_reference(reference.outputs):
+                result = super()._compute_loss(ReplayModel(policy.outputs, model), inputs, return_outputs)
+            reference_logps = reference.per_token.sum(-1).chunk(2)
+        if self.pair_mining is None or not self.model.training:
+            return result
+        # Noisy-pair mining: TRL's loss is the mean of DPO's per-pair sigmoid loss ℓ (the config refuses other
+        # settings); adding mean(w·ℓ − ℓ) gives the value and gradient of mean(w·ℓ) and keeps TRL's metrics.
+        losses = dpo_pair_losses(*policy.per_token.sum(-1).chunk(2), *reference_logps, self.beta)
+        weighted = self._per_pair_loss_hook(losses, {**inputs, ROW_COLUMN: rows})
+        correction = (weighted - losses).mean()
+        return (result[0] + correction, result[1]) if return_outputs else result + correction

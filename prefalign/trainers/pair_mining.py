@@ -314,6 +314,19 @@ def add_row_index(dataset: Any) -> Any:
     return dataset
 
 
+class RowIndexCollator:
+    """Wraps a collator that drops unknown keys (TRL's DPO collator): adds the examples' `row_index` to its batch."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        if ROW_COLUMN in examples[0]:
+            batch[ROW_COLUMN] = torch.tensor([int(e[ROW_COLUMN]) for e in examples])
+        return batch
+
+
 class PairMiningMixin:
     """Trainer mixin (put it before the TRL trainer in the bases): builds the mining state from the config's
     `pair_mining` fields, draws PLD epochs, saves the memory in each checkpoint and restores it on resume. The

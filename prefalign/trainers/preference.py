@@ -38,6 +38,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefalign.logprobs import PackedBatch, pack_sequences, unpack_per_position, unpack_per_token
+from prefalign.trainers.pair_mining import PairMiningMixin
 
 # Batch keys that are not model inputs (the trainers' own columns).
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps",
@@ -130,7 +131,7 @@ def completion_log_probs(model, inputs: dict[str, Any], packed: bool = False, ca
     return SequenceLogProbs(fields["log_probs"], outputs, last_hidden, getattr(outputs, "aux_loss", None))
 
 
-class PreferenceTrainer(DPOTrainer):
+class PreferenceTrainer(PairMiningMixin, DPOTrainer):
     """TRL's DPOTrainer with prefalign's shared forward (module docstring): subclasses implement `_compute_loss` with
     `sequence_log_probs` / `reference_log_probs`, a loss from ``prefalign.losses`` and `log_means`."""
 
@@ -152,6 +153,7 @@ class PreferenceTrainer(DPOTrainer):
                                 for c in getattr(unwrapped, "peft_config", {}).values()):
             raise NotImplementedError("padding_free=True does not support prompt-learning PEFT (virtual tokens); "
                                       "set padding_free=False")
+        self._init_pair_mining()  # noisy-pair mining when the config has `pair_mining` set (pair_mining.py)
 
     # ---- the forward -----------------------------------------------------------------------------------------
 
@@ -215,8 +217,9 @@ class PreferenceTrainer(DPOTrainer):
 
     def _per_pair_loss_hook(self, losses: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """The per-pair losses [B] of the batch (rows in `inputs["row_index"]` when the data has them) before
-        their mean; override to re-weight pairs. Default: unchanged."""
-        return losses
+        their mean; override to re-weight pairs. Default: noisy-pair mining when the config sets `pair_mining`
+        (records the losses, returns them DBPM-weighted; docs/methods/noisy_pairs.md), else unchanged."""
+        return self._mine_pair_losses(losses, inputs.get("row_index"))
 
     def add_aux_loss(self, loss: torch.Tensor, policy: SequenceLogProbs, mode: str) -> torch.Tensor:
         """``loss`` plus `router_aux_loss_coef` × the MoE load-balancing loss (logged as `aux_loss`), as TRL's
