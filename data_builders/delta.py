@@ -25,8 +25,9 @@ each written atomically when complete, so an interrupted build resumes at the fi
 the rows of an uninterrupted one (shard s, rung r samples with seed ``seed + s·R + r``). Resuming with other settings
 is refused (``--overwrite`` starts again); ``<split>.jsonl`` is written atomically once every shard is done. All
 ladder models are held in memory at once, each on the process's device (a model used by several rungs is loaded
-once). ``--backend vllm`` generates through vLLM instead (one engine per model, reused for every shard and released
-at the end). With ``distributed=True`` every process of a multi-process run calls the builder, generates its share
+once, by ``load_ladder_models`` at the edge: the command or a recipe; ``build_delta_pairs`` takes them loaded).
+``--backend vllm`` generates through vLLM instead (one engine per model, reused for every shard and released at the
+end). With ``distributed=True`` every process of a multi-process run calls the builder, generates its share
 of each shard and the main process writes (see docs/builders.md).
 """
 
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from prefalign.data import PreferenceDataError, load_preference_dataset
 from prefalign.files import ShardStore, check_settings, write_json, write_jsonl
 from prefalign.generation import BACKENDS, check_vllm_available, generate, load_for_generation, vllm_engines
-from prefalign.models import DEFAULT_CAUSAL_LM, load_processing_class
+from prefalign.models import DEFAULT_CAUSAL_LM, load_processing_class, resolve_model_path
 
 logger = logging.getLogger("prefalign.data_builders.delta")
 
@@ -97,6 +98,20 @@ def parse_rung(spec: str, max_new_tokens: int = 128) -> Rung:
     if not model:
         raise ValueError(f"ladder rung {spec!r}: no model before '@'")
     return Rung(model=model, **settings)
+
+
+def load_ladder_models(ladder: Sequence[str | Rung], backend: str = "transformers",
+                       loaded: Mapping[str, tuple[Any, Any]] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Model name → (model, processing_class) for every distinct model of ``ladder`` (rung specs or Rungs), loaded
+    once each on the process's device (``load_for_generation``), keeping those already in ``loaded``; with
+    ``backend="vllm"``, (local folder or hub id for vLLM, processing_class) instead of a loaded model."""
+    models = dict(loaded or {})
+    for rung in ladder:
+        name = rung.model if isinstance(rung, Rung) else parse_rung(rung).model
+        if name not in models:
+            models[name] = ((resolve_model_path(name), load_processing_class(name)) if backend == "vllm"
+                            else load_for_generation(name))
+    return models
 
 
 def ladder_pairs(answers: Sequence[str], min_rung_gap: int = 1,
@@ -209,9 +224,10 @@ def build_delta_pairs(
     ``ladder``: rung specs (strings, see ``parse_rung``; ``max_new_tokens`` is their default) or Rungs, strongest
     first. ``judge``: a TrustJudge, or None (default, the paper's recipe). ``judge_disagree``: "drop" (default) or
     "flip" the pairs the judge reverses by at least ``judge_min_margin``; ties and smaller margins are dropped.
-    ``loaded_models``: model name → (model, processing_class) already in memory (used on their device) instead of
-    loading by name onto the process's device. ``keep_truncated``: keep pairs with a side cut off at its
-    ``max_new_tokens`` (default: drop and count them). ``backend``: "transformers" or "vllm" (models by name only).
+    ``loaded_models``: model name → (model, processing_class) for every rung's model, used on their device
+    (``load_ladder_models`` loads them; with ``backend="vllm"``, the model's folder or hub id in place of the model).
+    ``keep_truncated``: keep pairs with a side cut off at its
+    ``max_new_tokens`` (default: drop and count them). ``backend``: "transformers" or "vllm".
     ``distributed``: every process calls; each generates its share of every shard, the main process writes.
     """
     rungs = [r if isinstance(r, Rung) else parse_rung(r, max_new_tokens) for r in ladder]
@@ -229,6 +245,10 @@ def build_delta_pairs(
         raise PreferenceDataError(f"no prompt column {prompt_column!r}; columns: {dataset.column_names}")
     prompts = [normalised_prompt(v, i, prompt_column, chat) for i, v in enumerate(dataset[prompt_column])]
     output, loaded_models = Path(output), dict(loaded_models or {})
+    missing = sorted({rung.model for rung in rungs} - set(loaded_models))
+    if missing:
+        raise ValueError(f"ladder model(s) {missing} not loaded: pass loaded_models={{name: (model, "
+                         "processing_class)}} for every rung (load_ladder_models(ladder) loads them)")
     is_main = True
     if distributed:
         from accelerate import PartialState
@@ -256,10 +276,6 @@ def build_delta_pairs(
     todo = store.missing(num_shards)
     if len(todo) < num_shards:
         logger.info("%s: resuming, %d of %d shard(s) already built", shard_dir, num_shards - len(todo), num_shards)
-    for rung in rungs if todo else []:
-        if rung.model not in loaded_models:
-            loaded_models[rung.model] = ((rung.model, load_processing_class(rung.model)) if backend == "vllm"
-                                         else load_for_generation(rung.model))
     remaining = sum(min(shard_size, len(prompts) - s * shard_size) for s in todo) * len(rungs)
     bar = tqdm(total=remaining, desc="Delta answers", unit="answer", disable=not (progress and is_main))
     tokens, start = 0, time.perf_counter()
@@ -361,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
                               chat=not args.raw_prompts, judge=judge, judge_min_margin=args.judge_min_margin,
                               judge_disagree=args.judge_disagree, batch_size=args.batch_size,
                               shard_size=args.shard_size, seed=args.seed, split=args.split,
+                              loaded_models=load_ladder_models(args.ladder, args.backend),
                               keep_truncated=args.keep_truncated, backend=args.backend, overwrite=args.overwrite)
     print(f"wrote {len(built)} pairs to {Path(args.output) / (args.split + '.jsonl')}")
     return built

@@ -11,8 +11,8 @@ if present, is not written: D²O does not use it.
 
 An `--instruction` (e.g. a harmlessness or "answer correctly" instruction) is prepended for sampling only; the
 stored prompt is the original one. A prompt with an anchor cut off at `--max-new-tokens` (no end token) is dropped
-and counted, since D²O would train the cut-off text as a complete answer (`--keep-truncated` keeps it). A model given
-by name is placed on the process's device (the GPU when there is one).
+and counted, since D²O would train the cut-off text as a complete answer (`--keep-truncated` keeps it). The command loads
+the `--model` onto the process's device (the GPU when there is one); `build_anchors` takes the loaded model.
 
 The build is resumable and atomic: prompts are processed in shards of `--shard-size`, each finished shard is saved
 in `<output>.shards/`, a restarted build samples only the missing shards, and `<output>` itself appears (renamed from
@@ -73,8 +73,8 @@ def _sync(distributed: bool) -> None:
 def build_anchors(
     dataset: Dataset,
     output: str | Path,
-    model: Any = DEFAULT_CAUSAL_LM,
-    processing_class: Any = None,
+    model: Any,
+    processing_class: Any,
     num_anchors: int = 4,
     instruction: str | None = None,
     max_new_tokens: int = 64,
@@ -90,8 +90,8 @@ def build_anchors(
 ) -> Dataset:
     """Sample ``num_anchors`` responses per prompt of ``dataset`` (needs `prompt` and `rejected`) into ``output``.
 
-    ``model``: a loaded causal LM (pass its ``processing_class``; used on its device) or a short name / hub id /
-    path (default: the embedded SmolLM2-135M-Instruct), loaded on the process's device. Temperature 0.8 and top-p
+    ``model``: a loaded causal LM, used on its device, with its ``processing_class`` (``main`` loads them with
+    ``load_for_generation``; the settings key names ``model.config._name_or_path``). Temperature 0.8 and top-p
     0.9 are the D²O paper's sampling defaults (arXiv:2403.03419, docs/methods/d2o.md). ``keep_truncated``: keep
     prompts whose anchors hit ``max_new_tokens`` (default: drop and count them). ``distributed``: every process of
     a multi-process run calls this; each samples its share of every shard and the main process writes. Returns
@@ -106,7 +106,10 @@ def build_anchors(
         from accelerate import PartialState
 
         is_main = PartialState().is_main_process
-    model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", type(model).__name__)
+    if isinstance(model, str):
+        raise TypeError(f"build_anchors: got the model name {model!r}; pass the loaded model and its processing "
+                        "class (load_for_generation(name) gives both)")
+    model_name = getattr(model.config, "_name_or_path", type(model).__name__)
     prompts_sha256 = hashlib.sha256(json.dumps(list(dataset["prompt"]), sort_keys=True).encode()).hexdigest()
     settings = dict(model=str(model_name), num_anchors=num_anchors, instruction=instruction,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
@@ -133,9 +136,6 @@ def build_anchors(
     todo = store.missing(num_shards)
     if len(todo) < num_shards:
         logger.info("%s: resuming, %d of %d shard(s) already sampled", output, num_shards - len(todo), num_shards)
-    if todo and isinstance(model, str):
-        model, loaded_processing_class = load_for_generation(model)
-        processing_class = processing_class or loaded_processing_class
     extra_columns = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", "anchors")]
     if "chosen" in dataset.column_names:
         logger.info("the 'chosen' column is not written: D²O trains on negatives and self-generated anchors only")
@@ -212,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
-    built = build_anchors(dataset, args.output, model=args.model, num_anchors=args.num_anchors,
+    model, processing_class = load_for_generation(args.model)
+    built = build_anchors(dataset, args.output, model=model, processing_class=processing_class,
+                          num_anchors=args.num_anchors,
                           instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                           shard_size=args.shard_size, seed=args.seed, keep_truncated=args.keep_truncated,

@@ -179,12 +179,6 @@ def _model_pairs(
     """Rewrite each text with a causal LM and tag the phrases where the rewrite differs; also whether each rewrite
     ended before ``max_new_tokens``."""
     prompts = [REWRITE_INSTRUCTION.format(word=word, definition=text) for word, text in zip(words, texts)]
-    if store is None or store.missing(-(-len(prompts) // shard_size)):
-        if isinstance(model, str):
-            model, loaded_processing_class = load_for_generation(model)
-            processing_class = processing_class or loaded_processing_class
-        if processing_class is None:
-            raise ValueError("pass processing_class along with a loaded model")
     rewrites, finished = _generate_rewrites(model, processing_class, prompts, batch_size, max_new_tokens, store,
                                             shard_size)
     pairs = []
@@ -203,7 +197,7 @@ def build_phrase_pairs(
     n_phrases: int = 1,
     source: str = "swap",
     drop_unaligned: bool = False,
-    model: Any = DEFAULT_REWRITE_MODEL,
+    model: Any = None,
     processing_class: Any = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
@@ -216,7 +210,7 @@ def build_phrase_pairs(
 
     `source="swap"` replaces `n_phrases` content-word phrases (1–3 words) of each chosen answer with phrases of the
     same word count from other rows' answers, deterministically for `seed`. `source="model"` asks a causal LM
-    (`model`: a short name, hub id or path, or a loaded model with `processing_class`) to change one fact, greedily
+    (`model`: a loaded model with its `processing_class`; `main` loads `--model`) to change one fact, greedily
     in batches of `batch_size`, and tags the differing phrases found by `diff_phrases`. Both sides carry
     `<MASK>…</MASK>` tags; other columns are kept and `phrase_source` is added. Rows whose phrases cannot be aligned
     are logged and, with `drop_unaligned`, dropped; otherwise a ValueError names them. Rewrites cut off at
@@ -238,13 +232,16 @@ def build_phrase_pairs(
         pairs = [_swap_phrases(text, donors, n_phrases, rng) for text in texts]
         finished = [True] * len(pairs)
     else:
+        if model is None or isinstance(model, str) or processing_class is None:
+            raise TypeError(f"source='model' needs a loaded model and its processing_class, got model={model!r:.60}; "
+                            "load_for_generation(name) gives both")
         words = [row.get("word") or _prompt_text(row["prompt"]) for row in rows]
         store = None
         if cache_dir is not None:
             store = ShardStore(cache_dir)
             if overwrite:
                 store.clear()
-            model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+            model_name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
             settings = dict(model=str(model_name), batch_size=batch_size, max_new_tokens=max_new_tokens,
                             shard_size=shard_size, num_rows=len(rows),
                             texts_sha256=hashlib.sha256(json.dumps([texts, words]).encode()).hexdigest())
@@ -314,13 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     dataset = load_preference_dataset(args.dataset, split=args.split)
+    model, processing_class = load_for_generation(args.model) if args.source == "model" else (None, None)
     pairs = build_phrase_pairs(
         dataset,
         seed=args.seed,
         n_phrases=args.n_phrases,
         source=args.source,
         drop_unaligned=args.drop_unaligned,
-        model=args.model,
+        model=model,
+        processing_class=processing_class,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         keep_truncated=args.keep_truncated,

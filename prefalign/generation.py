@@ -13,9 +13,9 @@ between processes (``split_across_processes``), and the caller's random state is
 
 An answer that reaches ``max_new_tokens`` without an end token is cut off: it is counted in a log line, and
 ``return_finished=True`` returns the flags so that builders and trainers can drop it (they do by default) instead of
-training it as a complete answer. A model given by name is loaded on the process's device (``process_device``); a
-loaded model is used where it is, with a warning when that is the CPU while an accelerator is there (see
-docs/builders.md).
+training it as a complete answer. Models are loaded at the edge (a builder's ``main``, a recipe, the CLI), e.g. with
+``load_for_generation`` on the process's device (``process_device``); ``generate`` uses a loaded model where it is,
+with a warning when that is the CPU while an accelerator is there (see docs/builders.md).
 """
 
 from __future__ import annotations
@@ -118,14 +118,13 @@ def generate(
     """``num_return_sequences`` responses (stripped text, special tokens removed) to each prompt, in input order;
     with ``return_finished``, also a flag per response: True when it ended with an end token before the limit.
 
-    ``model``: a loaded causal LM (a ``PreTrainedModel`` or ``PeftModel``, used on its own device), or a short
-    name / hub id / path, loaded on ``process_device()``. ``processing_class``: its tokenizer or processor (loaded
-    from the name when None). ``batch_size``: prompts per ``generate`` call, each expanded to
+    ``model``: a loaded causal LM (a ``PreTrainedModel`` or ``PeftModel``, used on its own device); with
+    ``backend="vllm"``, the local folder or hub id that vLLM loads (``prefalign.models.resolve_model_path`` turns a
+    short name into its folder). ``processing_class``: the model's tokenizer or processor. ``batch_size``: prompts per ``generate`` call, each expanded to
     ``num_return_sequences`` sequences. ``top_k=0`` means no top-k filtering (transformers would otherwise apply its
     default of 50). ``instruction``: prepended to every prompt for generation only (see ``with_instruction``).
     ``do_sample=False`` is greedy decoding and allows one sequence per prompt only. ``backend``: "transformers"
-    (default) or "vllm" (a model name only; one engine per model, kept for later calls until
-    ``close_vllm_engines``). ``split_across_processes``: a collective call, every process passes the same prompts,
+    (default) or "vllm" (one engine per model path, kept for later calls until ``close_vllm_engines``). ``split_across_processes``: a collective call, every process passes the same prompts,
     generates its share of the batches on its own device, and all get every answer (identical to one process).
     """
     if num_return_sequences < 1 or batch_size < 1 or max_new_tokens < 1:
@@ -136,27 +135,24 @@ def generate(
                          f"got num_return_sequences={num_return_sequences}")
     if backend not in BACKENDS:
         raise ValueError(f"generate: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if processing_class is None:
+        raise ValueError("generate: pass the model's processing_class (tokenizer or processor)")
     if backend == "vllm":
         check_vllm_available()
         if not isinstance(model, str):
-            raise ValueError("generate: backend='vllm' needs a model name or path, not a loaded model (vLLM loads "
-                             "its own copy); pass the name, or use backend='transformers'")
+            raise ValueError("generate: backend='vllm' needs the model's folder or hub id, not a loaded model (vLLM "
+                             "loads its own copy); pass the path, or use backend='transformers'")
         if split_across_processes and _num_processes() > 1:
             raise ValueError("generate: backend='vllm' with split_across_processes in a multi-process run is not "
                              "supported; build the data in one process first (e.g. `prefalign build ...`)")
-        from prefalign.models import load_processing_class, resolve_model_path
-
-        processing_class = processing_class or load_processing_class(model)
         ids = prompt_token_ids(processing_class, [with_instruction(p, instruction) for p in prompts])
-        texts, finished = _generate_vllm(resolve_model_path(model), ids, num_return_sequences, max_new_tokens,
-                                         do_sample, temperature, top_p, top_k, seed)
+        texts, finished = _generate_vllm(model, ids, num_return_sequences, max_new_tokens, do_sample, temperature,
+                                         top_p, top_k, seed)
         _log_truncated(finished, max_new_tokens, desc)
         return (texts, finished) if return_finished else texts
     if isinstance(model, str):
-        model, loaded_processing_class = load_for_generation(model)
-        processing_class = processing_class or loaded_processing_class
-    if processing_class is None:
-        raise ValueError("generate: pass the processing_class along with a loaded model")
+        raise TypeError(f"generate: got the model name {model!r}; load it first (load_for_generation(name) gives the "
+                        "model on this process's device and its processing class) and pass the loaded model")
     if model.device.type == "cpu" and process_device().type != "cpu":
         logger.warning("generate: the model is on the CPU while this process has %s; generation runs on the CPU "
                        "(move the model with .to(process_device()) first)", process_device())

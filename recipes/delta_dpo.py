@@ -24,7 +24,7 @@ from accelerate import PartialState
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import DPOConfig, DPOTrainer, ModelConfig
 
-from data_builders.delta import DEFAULT_LADDER, build_delta_pairs
+from data_builders.delta import DEFAULT_LADDER, build_delta_pairs, load_ladder_models
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.recipe_args import (
     DataArguments,
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
     # Data: pairs generated once by the ladder (the untrained policy is reused when it is a rung), then validated.
     with_eval = training_args.eval_strategy != "no"
     if delta_args.build_pairs:
-        loaded = {model_args.model_name_or_path: (model.to(PartialState().device), processing_class)}
+        policy = {model_args.model_name_or_path: (model.to(PartialState().device), processing_class)}
+        loaded = load_ladder_models(delta_args.ladder, loaded=policy)  # the policy is reused when it is a rung
         splits = [(data_args.dataset_train_split, data_args.max_train_samples)]
         splits += [(data_args.dataset_test_split, data_args.max_eval_samples)] if with_eval else []
         built = [delta_pairs(data_args, delta_args, split, limit, loaded, processing_class, training_args)

@@ -18,6 +18,7 @@ import data_builders.verdicts as verdicts
 import data_builders.wordnet_definitions as wordnet_definitions
 import prefalign.files as files
 from prefalign.data import load_preference_dataset
+from prefalign.generation import load_for_generation
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +193,15 @@ def test_phrases_from_a_model_resume_after_a_kill_and_write_atomically(tmp_path,
 
 def test_phrases_from_a_model_drop_cut_off_rewrites_and_count_them(tmp_path, pairs_file, monkeypatch, caplog):
     rows = load_preference_dataset(str(pairs_file), split="train")
+    model, tokenizer = load_for_generation("tiny-causal-lm")
     cut = {rows[1]["chosen"][0]["content"], rows[4]["chosen"][0]["content"]}
     monkeypatch.setattr(phrases, "generate", _scripted_rewrites([], lambda d: d not in cut))
     with caplog.at_level("INFO", logger="prefalign.data_builders.phrases"):
-        built = phrases.build_phrase_pairs(rows, source="model", model="tiny-causal-lm")
+        built = phrases.build_phrase_pairs(rows, source="model", model=model, processing_class=tokenizer)
     assert list(built["word"]) == [rows[i]["word"] for i in (0, 2, 3, 5, 6, 7)]
     assert "2 rewrites cut off at max_new_tokens dropped" in caplog.text
-    kept = phrases.build_phrase_pairs(rows, source="model", model="tiny-causal-lm", keep_truncated=True)
+    kept = phrases.build_phrase_pairs(rows, source="model", model=model, processing_class=tokenizer,
+                                      keep_truncated=True)
     assert len(kept) == 8
 
 

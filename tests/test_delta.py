@@ -127,16 +127,23 @@ def test_pairs_with_a_cut_off_side_are_dropped_and_counted(tmp_path, tokenizer, 
 
 
 def test_a_ladder_model_given_by_name_is_placed_on_the_process_device(tmp_path, monkeypatch):
-    """A rung loaded by name goes to accelerate's device (a stand-in says cuda:1; a spy on Module.to records the
-    move and skips it: no GPU here)."""
+    """At the edge, a rung named by the command line goes to accelerate's device (a stand-in says cuda:1; a spy on
+    Module.to records the move and skips it: no GPU here); below it, an unloaded rung is refused."""
+    ladder = ["tiny-causal-lm@temperature=1.0", "tiny-causal-lm@temperature=2.0"]
+    with pytest.raises(ValueError, match=r"ladder model\(s\) \['tiny-causal-lm'\] not loaded"):
+        build_delta_pairs(_prompts(2), tmp_path, ladder, progress=False)
     state = type("State", (), {"device": torch.device("cuda:1"), "process_index": 0, "num_processes": 1,
                                "is_main_process": True})()
     monkeypatch.setattr("accelerate.PartialState", lambda: state)
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or self)
-    build_delta_pairs(_prompts(2), tmp_path, ["tiny-causal-lm@temperature=1.0", "tiny-causal-lm@temperature=2.0"],
-                      max_new_tokens=3, keep_truncated=True, progress=False)
-    assert moved == [torch.device("cuda:1")]  # one model for both rungs, loaded once
+    loaded = delta.load_ladder_models(ladder)
+    assert list(loaded) == ["tiny-causal-lm"] and moved == [torch.device("cuda:1")]  # one model for both rungs
+    assert delta.load_ladder_models(ladder, loaded=loaded) == loaded and len(moved) == 1  # kept, not loaded again
+    build_delta_pairs(_prompts(2), tmp_path, ladder, max_new_tokens=3, keep_truncated=True, progress=False,
+                      loaded_models=loaded)
+    summary = json.loads((tmp_path / "shards/train/summary.json").read_text())
+    assert summary["candidates"] == summary["kept"] == len(load_preference_dataset(str(tmp_path), "train")) == 2
 
 
 def test_vllm_backend_is_explicit_and_refused_when_missing(tmp_path):

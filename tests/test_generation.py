@@ -13,7 +13,7 @@ import torch
 
 import prefalign.generation as generation
 from prefalign.generation import generate, with_instruction
-from prefalign.models import load_model, load_processing_class
+from prefalign.models import load_model, load_processing_class, resolve_model_path
 
 CHAT = [[{"role": "user", "content": "What does the word 'dog' mean?"}],
         [{"role": "user", "content": "Hi"}],
@@ -83,11 +83,12 @@ def test_sampling_is_deterministic_for_a_seed_and_keeps_the_callers_random_state
     assert all(len(set(answers)) > 1 for answers in first)  # really sampled
 
 
-def test_string_prompts_and_a_model_name(tokenizer):
-    """A short name loads the model with transformers when vLLM is absent; strings are tokenised as they are."""
-    got = generate("tiny-causal-lm", None, ["What is a dog?", "Hi"], num_return_sequences=2, max_new_tokens=4,
-                   progress=False)
-    assert [len(a) for a in got] == [2, 2] and all(isinstance(t, str) for a in got for t in a)
+def test_a_model_name_or_no_processing_class_is_refused(model, tokenizer):
+    """Names are resolved at the edge: generate takes the loaded model and its processing class, nothing else."""
+    with pytest.raises(TypeError, match="got the model name 'tiny-causal-lm'; load it first"):
+        generate("tiny-causal-lm", tokenizer, ["Hi"], max_new_tokens=4, progress=False)
+    with pytest.raises(ValueError, match="pass the model's processing_class"):
+        generate(model, None, ["Hi"], max_new_tokens=4, progress=False)
 
 
 def test_bad_arguments_are_refused(model, tokenizer):
@@ -155,7 +156,7 @@ class _FakeState:
         self.is_main_process = index == 0
 
 
-def test_a_model_given_by_name_goes_to_the_process_device(monkeypatch, tokenizer):
+def test_a_model_loaded_for_generation_goes_to_the_process_device(monkeypatch, tokenizer):
     """Under a launcher with GPUs accelerate's device is cuda:LOCAL_RANK; here a stand-in says cuda:1 and a spy on
     Module.to records where the model was sent (the move itself is skipped: no GPU here)."""
     monkeypatch.setattr("accelerate.PartialState", lambda: _FakeState("cuda:1"))
@@ -166,7 +167,8 @@ def test_a_model_given_by_name_goes_to_the_process_device(monkeypatch, tokenizer
         return self
 
     monkeypatch.setattr(torch.nn.Module, "to", spy_to)
-    got = generate("tiny-causal-lm", None, ["Hi"], do_sample=False, max_new_tokens=2, progress=False)
+    loaded, processing_class = generation.load_for_generation("tiny-causal-lm")
+    got = generate(loaded, processing_class, ["Hi"], do_sample=False, max_new_tokens=2, progress=False)
     assert moved == [torch.device("cuda:1")] and len(got) == 1
     assert generation.process_device() == torch.device("cuda:1")
 
@@ -183,7 +185,7 @@ def test_a_loaded_model_on_the_cpu_with_an_accelerator_is_warned_about(monkeypat
 
 def test_vllm_is_an_explicit_choice_refused_when_missing(model, tokenizer):
     with pytest.raises(ImportError, match="backend='vllm' needs the vllm package"):
-        generate("tiny-causal-lm", None, ["Hi"], backend="vllm")
+        generate("tiny-causal-lm", tokenizer, ["Hi"], backend="vllm")
     with pytest.raises(ValueError, match="unknown backend 'vlm'"):
         generate(model, tokenizer, ["Hi"], backend="vlm")
 
@@ -226,18 +228,19 @@ def fake_vllm(monkeypatch):
 def test_vllm_engine_is_made_once_per_model_reused_and_freed(fake_vllm, tokenizer, model):
     prompts = ["Hi", "What does the word 'dog' mean?"]
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    texts, finished = generate("tiny-causal-lm", tokenizer, prompts, num_return_sequences=2, max_new_tokens=3,
-                               backend="vllm", return_finished=True)
+    path = resolve_model_path("tiny-causal-lm")  # vLLM loads the folder itself
+    texts, finished = generate(path, tokenizer, prompts, num_return_sequences=2, max_new_tokens=3, backend="vllm",
+                               return_finished=True)
     assert texts == [[str(n)] * 2 for n in lengths]
     assert finished == [[n <= 3] * 2 for n in lengths]
-    generate("tiny-causal-lm", tokenizer, prompts, backend="vllm")
-    assert len(fake_vllm.made) == 1 and fake_vllm.freed == []  # one engine for two calls
-    with pytest.raises(ValueError, match="needs a model name"):
+    generate(path, tokenizer, prompts, backend="vllm")
+    assert fake_vllm.made == [path] and fake_vllm.freed == []  # one engine for two calls
+    with pytest.raises(ValueError, match="needs the model's folder or hub id"):
         generate(model, tokenizer, prompts, backend="vllm")
     assert generation.close_vllm_engines() == 1
     assert fake_vllm.freed == fake_vllm.made  # released on close
     with generation.vllm_engines():
-        generate("tiny-causal-lm", tokenizer, prompts, backend="vllm")
+        generate(path, tokenizer, prompts, backend="vllm")
     assert len(fake_vllm.made) == 2 and fake_vllm.freed == fake_vllm.made
 
 

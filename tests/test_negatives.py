@@ -131,14 +131,18 @@ def test_cut_off_anchors_drop_their_prompt_and_are_counted(tmp_path, negatives_r
 
 def test_a_model_given_by_name_is_placed_on_the_process_device(tmp_path, negatives_rows, monkeypatch):
     """The builder's edge: a model named on the command line goes to accelerate's device (a stand-in says cuda:1;
-    a spy on Module.to records the move and skips it, as there is no GPU here)."""
+    a spy on Module.to records the move and skips it, as there is no GPU here). Below the edge a name is refused."""
+    with pytest.raises(TypeError, match="got the model name 'tiny-causal-lm'; pass the loaded model"):
+        build_anchors(negatives_rows.select(range(2)), tmp_path / "n.jsonl", model="tiny-causal-lm",
+                      processing_class=None, **OPTIONS)
     state = type("State", (), {"device": torch.device("cuda:1"), "process_index": 0, "num_processes": 1,
                                "is_main_process": True})()
     monkeypatch.setattr("accelerate.PartialState", lambda: state)
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or self)
-    build_anchors(negatives_rows.select(range(2)), tmp_path / "n.jsonl", model="tiny-causal-lm",
-                  **{**OPTIONS, "max_new_tokens": 2})
+    negatives.main(["--dataset", "wordnet-definitions", "--split", "test", "--max-samples", "2", "--output",
+                    str(tmp_path / "n.jsonl"), "--model", "tiny-causal-lm", "-K", "2", "--max-new-tokens", "2",
+                    "--keep-truncated"])
     assert moved == [torch.device("cuda:1")]
 
 

@@ -13,6 +13,7 @@ import prefalign.phrases
 from data_builders import phrases
 from data_builders.phrases import build_phrase_pairs
 from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.generation import load_for_generation
 from prefalign.models import load_processing_class
 from prefalign.phrases import (
     alignment_problem,
@@ -419,11 +420,15 @@ def test_build_phrase_pairs_model_source_tags_rewrites(wordnet, monkeypatch, cap
 
 def test_build_phrase_pairs_model_source_runs_a_real_model(wordnet, caplog):
     rows = wordnet.select(range(3))
+    with pytest.raises(TypeError, match="source='model' needs a loaded model and its processing_class"):
+        build_phrase_pairs(rows, source="model", model="tiny-causal-lm")
+    model, tokenizer = load_for_generation("tiny-causal-lm")
     pairs = []
     with caplog.at_level(logging.INFO, logger="prefalign.data_builders.phrases"):
         try:
             pairs = build_phrase_pairs(
-                rows, source="model", model="tiny-causal-lm", batch_size=2, max_new_tokens=8, drop_unaligned=True,
+                rows, source="model", model=model, processing_class=tokenizer, batch_size=2, max_new_tokens=8,
+                drop_unaligned=True,
                 keep_truncated=True,  # the tiny random model never ends a rewrite
             )
         except ValueError as error:  # the random model's garbage may align no row at all: reported, not kept
