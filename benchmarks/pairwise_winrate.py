@@ -31,9 +31,9 @@ from peft import LoraConfig  # noqa: E402
 from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.generation import generate  # noqa: E402
 from prefalign.judges import TrustJudge  # noqa: E402
-from prefalign.models import load_model, load_processing_class  # noqa: E402
+from prefalign.models import load_model, load_model_or_adapter, load_processing_class  # noqa: E402
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer  # noqa: E402
-from prefalign.trainers.pairwise_rm import load_pairwise_reward_model  # noqa: E402
+from prefalign.trainers.pairwise_rm import PairwiseRewardModel  # noqa: E402
 
 
 def judged(rm, judge, prompts, answers, anchors) -> dict[str, float]:
@@ -66,7 +66,7 @@ def main() -> None:
 
     tokenizer = load_processing_class(args.model)
     policy = load_model(args.model)
-    rm = load_pairwise_reward_model(args.reward_model or args.model)
+    rm = PairwiseRewardModel(*load_model_or_adapter(args.reward_model or args.model))
     judge = TrustJudge(rm.model, rm.processing_class)
     train = load_preference_dataset("wordnet-definitions", split="train").select(range(args.train_prompts))
     heldout = load_preference_dataset("wordnet-definitions", split="test").select(range(args.heldout))

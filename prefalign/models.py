@@ -11,12 +11,14 @@ short name for a model built once into the cache (the test suite registers its t
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -145,6 +147,24 @@ def load_model(
     if is_vision_model(path):
         return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_model_or_adapter(name_or_path: str, **kwargs) -> tuple[PreTrainedModel, Any]:
+    """A causal LM and its processing class from a short name, hub id, full-model folder or LoRA adapter folder.
+
+    An adapter folder (with ``adapter_config.json``) is merged into its base model, loaded by the adapter's
+    ``base_model_name_or_path``; the processing class is the adapter folder's own when it saved one, else the base's.
+    Extra ``kwargs`` go to ``from_pretrained`` (``dtype``, ...).
+    """
+    adapter_config = Path(name_or_path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return load_model(name_or_path, **kwargs), load_processing_class(name_or_path)
+    from peft import PeftModel
+
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_model(base, **kwargs), name_or_path).merge_and_unload()
+    has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
+    return model, load_processing_class(name_or_path if has_tokenizer else base)
 
 
 class PilQwen2VLProcessor(Qwen2VLProcessor):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
+from prefalign.models import load_model_or_adapter
 from prefalign.recipe_args import (
     DataArguments,
     end_process_group,
@@ -29,7 +30,7 @@ from prefalign.recipe_args import (
     whole_on_every_process,
 )
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
-from prefalign.trainers.pairwise_rm import load_pairwise_reward_model
+from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
 
 @dataclass
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
     dtype = model_args.dtype or "float32"
     model, _, processing_class, peft_config = load_policy_and_reference(model_args, need_reference=False)
     with whole_on_every_process():  # the RM is no DeepSpeed engine's: never partitioned, even under ZeRO-3
-        reward_model = load_pairwise_reward_model(rm_args.reward_model_name_or_path, dtype=dtype)
+        reward_model = PairwiseRewardModel(*load_model_or_adapter(rm_args.reward_model_name_or_path, dtype=dtype))
 
     # Prompts: only `prompt` (and the anchor column, when one is named) are used; rows are validated first.
     with_eval = training_args.eval_strategy != "no"

@@ -129,6 +129,31 @@ def test_unknown_task_is_rejected():
         load_model("tiny-causal-lm", task="seq2seq")
 
 
+def test_a_lora_adapter_folder_loads_merged_and_computes_like_the_adapter(tmp_path):
+    """load_model_or_adapter on a saved LoRA adapter: the merged model's logits equal the PeftModel's (B ≠ 0, so the
+    adapter changes them); without a saved tokenizer the base's processing class is used."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model("tiny-causal-lm")
+    tokenizer = load_processing_class("tiny-causal-lm")
+    inputs = tokenizer("What does the word 'dog' mean?", return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        adapter_logits = peft_model(**inputs).logits
+    merged, processing_class = models.load_model_or_adapter(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-3)
+    assert not hasattr(merged, "peft_config") and processing_class.get_vocab() == tokenizer.get_vocab()
+    plain, _ = models.load_model_or_adapter("tiny-causal-lm")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, base_logits)
+
+
 @pytest.mark.slow
 def test_smollm2_converts_once_matches_gguf_and_reloads_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))

@@ -18,12 +18,10 @@ position of the assistant's reply.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -273,20 +271,3 @@ def _check_verdict_columns(dataset: Dataset, name: str) -> None:
     if missing:
         raise ValueError(f"{name}: missing column(s) {missing} (present: {dataset.column_names}); turn preference "
                          "pairs into verdict examples with data_builders.verdicts.build_verdict_examples")
-
-
-def load_pairwise_reward_model(name_or_path: str, batch_size: int = 8, **model_kwargs: Any) -> PairwiseRewardModel:
-    """A ``PairwiseRewardModel`` from a short name, hub id, full-model folder or LoRA adapter folder (merged)."""
-    from prefalign.models import load_model, load_processing_class
-
-    adapter_config = Path(name_or_path) / "adapter_config.json"
-    if adapter_config.is_file():
-        from peft import PeftModel
-
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(load_model(base, **model_kwargs), name_or_path).merge_and_unload()
-        has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
-        processing_class = load_processing_class(name_or_path if has_tokenizer else base)
-    else:
-        model, processing_class = load_model(name_or_path, **model_kwargs), load_processing_class(name_or_path)
-    return PairwiseRewardModel(model, processing_class, batch_size=batch_size)
