@@ -1,0 +1,230 @@
+"""Noisy preference pairs: DPO remedies against flipped labels, and MW vs BT vs win-tie reward models
+(docs/methods/noisy_pairs.md).
+
+    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py                  # the full study (hours on 2 CPU cores)
+    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py --smoke          # tiny random model, a minute: plumbing only
+
+Data: the embedded `wordnet-definitions` train split (true definition chosen, another word's rejected), with 0%,
+20% and 40% of the pairs flipped at random (seeded; the true flips kept aside), and a 3-pairs-per-prompt variant
+(each word against three other words' definitions) for PLD. Every DPO arm is `PackedDPOTrainer` with LoRA on the
+same data, seed and number of optimizer steps (`--epochs` passes over the 1-pair data):
+- `dpo`: sigmoid DPO;  `dpo_ls0.2`: conservative DPO (label smoothing 0.2);  `robust`: TRL's `loss_type="robust"`
+  (label smoothing 0.2);  `dbpm`: `pair_mining="dbpm"`;  `pld`: `pair_mining="pld"` on the 3-pair variant, one
+  pair drawn per prompt per epoch (`pld_sample_size=1`, so its epochs have the 1-pair data's length);
+  `audit`: DPO on the audit builder's cleaned copy (its LoRA probe's `suspect` pairs dropped).
+Reported: held-out preference accuracy (implicit reward of the true definition above another word's) on the clean
+test split; for the mining arms, precision / recall / F1 of the flagged pairs against the true flips (DBPM and
+audit: `faulty`/`suspect` flags; PLD: pairs whose final PLD probability is below half their prompt's uniform share).
+Reward models: MiniLM trained at equal steps with the Mann–Whitney loss on single items, Bradley–Terry on
+cross-prompt pairs, and win-tie (half ties), AUC over the test split's items, one run per seed.
+Writes benchmarks/results/noisy_pairs.json (or noisy_pairs_smoke.json) and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import runpy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from data_builders.audit import flag_pairs, probe_loss_history
+from data_builders.cross_prompt import items_from_preference_pairs
+from prefalign.data import load_preference_dataset
+from prefalign.models import load_model, load_processing_class
+from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+DPO_ARMS = ("dpo", "dpo_ls0.2", "robust", "dbpm", "pld", "audit")
+REWARD_ARMS = {"MW (items)": ["--loss_type", "mann_whitney", "--margin", "0"],
+               "BT (cross-prompt)": ["--tie_ratio", "0", "--margin", "0"],
+               "win-tie": ["--tie_ratio", "0.5", "--margin", "0"]}
+
+
+def flip_pairs(pairs: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[bool]]:
+    """Swap chosen and rejected on a seeded random `fraction` of the rows; returns the data and the true flips."""
+    rng = random.Random(seed)
+    flipped = set(rng.sample(range(len(pairs)), round(fraction * len(pairs))))
+    rows = [dict(row, chosen=row["rejected"], rejected=row["chosen"]) if i in flipped else row
+            for i, row in enumerate(pairs.to_list())]
+    return Dataset.from_list(rows), [i in flipped for i in range(len(pairs))]
+
+
+def three_pairs_per_prompt(pairs: Dataset, seed: int) -> Dataset:
+    """Each prompt's true definition against three other rows' definitions (a `group_id` per prompt)."""
+    rng = random.Random(seed)
+    rows = pairs.to_list()
+    out = []
+    for i, row in enumerate(rows):
+        others = rng.sample([j for j in range(len(rows)) if j != i], 3)
+        out += [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": rows[j]["chosen"], "group_id": i}
+                for j in others]
+    return Dataset.from_list(out)
+
+
+def flag_scores(flagged: list[bool], truth: list[bool]) -> dict[str, float]:
+    """Precision, recall and F1 of flagged pairs against the true flips (0 where undefined)."""
+    tp = sum(f and t for f, t in zip(flagged, truth))
+    precision = tp / sum(flagged) if any(flagged) else 0.0
+    recall = tp / sum(truth) if any(truth) else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "flagged": sum(flagged)}
+
+
+def train_dpo(arm: str, model_name: str, train: Dataset, test: Dataset, steps: int, out: Path, seed: int,
+              opts) -> tuple[float, PackedDPOTrainer]:
+    """Train one DPO arm with LoRA for `steps` optimizer steps; held-out preference accuracy on `test`."""
+    settings = {"dpo_ls0.2": {"label_smoothing": 0.2}, "robust": {"loss_type": ["robust"], "label_smoothing": 0.2},
+                "dbpm": {"pair_mining": "dbpm", "mining_warmup_epochs": opts.warmup},
+                "pld": {"pair_mining": "pld", "mining_warmup_epochs": opts.warmup, "pld_sample_size": 1}}.get(arm, {})
+    cpu = not torch.cuda.is_available()
+    args = PackedDPOConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=opts.batch_size,
+                           per_device_eval_batch_size=opts.batch_size, learning_rate=opts.learning_rate,
+                           beta=opts.beta, max_length=opts.max_length, lr_scheduler_type="constant", seed=seed,
+                           save_strategy="no", report_to=[], logging_steps=10, use_cpu=cpu, bf16=not cpu,
+                           gradient_checkpointing=False, **settings)
+    peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    trainer = PackedDPOTrainer(load_model(model_name), args=args, train_dataset=train,
+                               processing_class=load_processing_class(model_name), peft_config=peft)
+    trainer.train()
+    return trainer.evaluate(eval_dataset=test)["eval_rewards/accuracies"], trainer
+
+
+def mined_flags(arm: str, trainer: PackedDPOTrainer, size: int, groups: list[int] | None) -> list[bool]:
+    """DBPM: pairs flagged faulty at the end; PLD: pairs whose probability is below half their group's 1/n."""
+    mining = trainer.pair_mining
+    if arm == "dbpm":
+        return [mining.flags.get(row) == 2 for row in range(size)]
+    probs = mining.pld_probs(list(range(size)), torch.tensor(groups)).tolist()
+    sizes = {g: groups.count(g) for g in set(groups)}
+    return [p < 0.5 / sizes[g] for p, g in zip(probs, groups)]
+
+
+def reward_auc(arm: str, seed: int, opts, out: Path, test_items: Dataset) -> float:
+    """Train a reward model with the win-tie recipe, then its AUC over the test items."""
+    recipe = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
+    trainer = recipe(["--model_name_or_path", opts.reward_model, "--output_dir", str(out), "--max_steps",
+                      str(opts.reward_steps), "--max_train_samples", str(opts.train_samples), "--eval_strategy", "no",
+                      "--save_strategy", "no", "--seed", str(seed), "--pair_seed", str(seed), *REWARD_ARMS[arm]])
+    scorer = WinTieRewardTrainer(trainer.model, args=WinTieRewardConfig(
+        output_dir=str(out / "auc"), loss_type="mann_whitney", report_to=[], per_device_eval_batch_size=32,
+        use_cpu=not torch.cuda.is_available(), bf16=False, max_length=opts.max_length),
+        train_dataset=test_items, processing_class=load_processing_class(opts.reward_model))
+    return scorer.evaluate(eval_dataset=test_items)["eval_auc"]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Held-out accuracy per arm and flip rate, and reward-model AUC per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm in DPO_ARMS:
+        points = [(r["flip_rate"], r["accuracy"]) for r in results["dpo"] if r["arm"] == arm]
+        if points:
+            left.plot(*zip(*sorted(points)), marker="o", label=arm)
+    left.set(xlabel="fraction of training pairs flipped", ylabel="held-out preference accuracy",
+             title="DPO remedies (mean over seeds)" if len(results["seeds"]) > 1 else "DPO remedies")
+    left.legend(fontsize=8)
+    arms = list(REWARD_ARMS)
+    right.boxplot([[r["auc"] for r in results["reward"] if r["arm"] == arm] for arm in arms])
+    right.set_xticks(range(1, len(arms) + 1), arms)
+    right.set(ylabel="test-item AUC", title="reward models")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny random models and a few rows: plumbing only")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--reward-model", default="minilm-l6")
+    parser.add_argument("--train-samples", type=int, default=400)
+    parser.add_argument("--test-samples", type=int, default=200)
+    parser.add_argument("--flip-rates", type=float, nargs="+", default=[0.0, 0.2, 0.4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--reward-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the 1-pair data (sets the steps)")
+    parser.add_argument("--warmup", type=int, default=2, help="mining warm-up epochs")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--reward-steps", type=int, default=100)
+    parser.add_argument("--output-dir", type=Path, default=None, help="training runs (default: a temporary folder)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and PNG go")
+    opts = parser.parse_args(argv)
+    if opts.smoke:
+        import sys
+
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny_models import register_tiny_models  # the test suite's tiny random models, by short name
+
+        register_tiny_models()
+        opts.model, opts.reward_model = "tiny-causal-lm", "tiny-causal-lm"
+        opts.train_samples, opts.test_samples, opts.flip_rates, opts.seeds = 16, 8, [0.25], [0]
+        opts.reward_seeds, opts.epochs, opts.warmup, opts.batch_size, opts.reward_steps = [0], 2, 1, 4, 2
+    work = opts.output_dir or Path(tempfile.mkdtemp(prefix="noisy-pairs-"))
+    started = time.time()
+
+    data = load_preference_dataset("wordnet-definitions")
+    train = data["train"].select(range(opts.train_samples)).select_columns(["prompt", "chosen", "rejected"])
+    test = data["test"].select(range(opts.test_samples)).select_columns(["prompt", "chosen", "rejected"])
+    steps = opts.epochs * (len(train) // opts.batch_size)
+    results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
+               "steps": steps, "seeds": opts.seeds, "dpo": [], "reward": []}
+    for seed in opts.seeds:
+        for rate in opts.flip_rates:
+            noisy, truth = flip_pairs(train, rate, seed)
+            triples, triple_truth = flip_pairs(three_pairs_per_prompt(train, seed), rate, seed)
+            for arm in DPO_ARMS:
+                out = work / f"{arm}-{rate}-{seed}"
+                row = {"arm": arm, "flip_rate": rate, "seed": seed}
+                if arm == "audit":
+                    history = probe_loss_history(load_model(opts.model), load_processing_class(opts.model), noisy,
+                                                 out / "probe", epochs=opts.epochs, beta=opts.beta,
+                                                 batch_size=opts.batch_size, max_length=opts.max_length, seed=seed)
+                    flags = [f == "suspect" for f in flag_pairs(history)[1]]
+                    row["flags"] = flag_scores(flags, truth)
+                    kept = noisy.select([i for i, f in enumerate(flags) if not f])
+                    row["accuracy"], _ = train_dpo("dpo", opts.model, kept, test, steps, out, seed, opts)
+                elif arm == "pld":
+                    row["accuracy"], trainer = train_dpo(arm, opts.model, triples, test, steps, out, seed, opts)
+                    row["flags"] = flag_scores(mined_flags(arm, trainer, len(triples), triples["group_id"]),
+                                               triple_truth)
+                else:
+                    row["accuracy"], trainer = train_dpo(arm, opts.model, noisy, test, steps, out, seed, opts)
+                    if arm == "dbpm":
+                        row["flags"] = flag_scores(mined_flags(arm, trainer, len(noisy), None), truth)
+                results["dpo"].append(row)
+                print(json.dumps(row))
+    test_items = items_from_preference_pairs(test, as_text=opts.reward_model == "minilm-l6")
+    for seed in opts.reward_seeds:
+        for arm in REWARD_ARMS:
+            row = {"arm": arm, "seed": seed, "auc": reward_auc(arm, seed, opts, work / f"rm-{arm[:2]}-{seed}",
+                                                                 test_items)}
+            results["reward"].append(row)
+            print(json.dumps(row))
+    results["seconds"] = time.time() - started
+
+    opts.results_dir.mkdir(parents=True, exist_ok=True)
+    name = "noisy_pairs_smoke" if opts.smoke else "noisy_pairs"
+    (opts.results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, opts.results_dir / f"{name}.png")
+    print(f"wrote {opts.results_dir / name}.json and .png in {results['seconds']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
