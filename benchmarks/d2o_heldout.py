@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,11 @@ from data_builders.negatives import build_anchors  # noqa: E402
 from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 
 def completion_logps(model, tokenizer, rows: Dataset, column: str, batch_size: int = 8) -> tuple[list[float], int]:

@@ -20,7 +20,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,6 +38,11 @@ from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.diagnostics import GradientEntanglementCallback  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer, strip_phrase_tags  # noqa: E402,E501
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 MODES = ("pngd", "token_mask", "anchored")
 

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +28,11 @@ import torch  # noqa: E402
 from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.judges import TrustJudge  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 
 def naive_distribution(judge: TrustJudge, prompt: str, response: str) -> dict[int, float]:

@@ -18,8 +18,10 @@ The RM is also the training reward, so its win-rate measures optimisation; Trust
 
 import argparse
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,6 +36,11 @@ from prefalign.judges import TrustJudge  # noqa: E402
 from prefalign.models import load_model, load_model_or_adapter, load_processing_class  # noqa: E402
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer  # noqa: E402
 from prefalign.trainers.pairwise_rm import PairwiseRewardModel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 
 def judged(rm, judge, prompts, answers, anchors) -> dict[str, float]:

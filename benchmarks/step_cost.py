@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,6 +51,11 @@ from prefalign.phrases import parse_phrase_tags  # noqa: E402
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer  # noqa: E402
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer  # noqa: E402
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 CUDA = torch.cuda.is_available()
 MB = 2**20
