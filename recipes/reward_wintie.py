@@ -5,7 +5,7 @@
     accelerate launch recipes/reward_wintie.py --reward_head query_attention    # SoliReward's query-attention head
     accelerate launch recipes/reward_wintie.py --loss_type mann_whitney --margin 0  # MW loss on single items
     accelerate launch recipes/reward_wintie.py --pair_mining dbpm --num_train_epochs 3 --max_steps -1  # noisy pairs
-    accelerate launch recipes/reward_wintie.py --model_name_or_path tiny-qwen2-vl --dataset_name pairs/  # a VLM
+    accelerate launch recipes/reward_wintie.py --model_name_or_path Qwen/Qwen2-VL-2B-Instruct --dataset_name pairs/  # a VLM
     prefalign train reward_wintie ...                                           # the same script
 
 Data (`dataset_name`): preference pairs {prompt, chosen, rejected} are split into single items (chosen = good,

@@ -220,7 +220,7 @@ class TrustJudge:
         merged = [explicit + embedded_images(p) for explicit, p in zip(merged, prompts)]
         if any(merged) and not self.is_vlm:
             raise ValueError("images were given but the judge's processing class has no image processor; "
-                             "load a VLM judge (e.g. tiny-qwen2-vl) with its processor")
+                             "load a VLM judge (e.g. a Qwen2-VL checkpoint) with its processor")
         return list(prompts), list(responses), merged
 
     def _answer_ids(self, marker: str, labels: list[str]) -> list[list[int]]:
