@@ -2,9 +2,13 @@
 equal to padded (loss, metrics, gradients within 1e-5) on batches of very unequal lengths, with LoRA and with full
 fine-tuning (docs/methods/dpo.md)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import perturbed_copy
+from conftest import REPO, accelerate_launch, perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -139,3 +143,19 @@ def test_packed_equals_padded(tmp_path, tokenizer, case, lora, monkeypatch):
     assert packed[2].keys() == padded[2].keys() and len(padded[2]) >= 6
     for name, values in padded[2].items():
         assert packed[2][name] == pytest.approx(values, rel=1e-5, abs=1e-5), name
+
+
+@pytest.mark.multiproc
+def test_two_processes_packed_equal_one_process_padded(tmp_path):
+    """DDP over 2 processes × 2 pairs, packed, logs the losses of 1 process × 4 pairs, padded (DPO and RRPO)."""
+    losses = {}
+    for name, launcher, flags in (("one", [sys.executable], []),
+                                  ("two", accelerate_launch("ddp.yaml"), ["--padding_free"])):
+        out = tmp_path / name
+        subprocess.run([*launcher, "tests/packing_driver.py", "--output_dir", str(out), *flags], cwd=REPO,
+                       check=True, timeout=900)
+        losses[name] = json.loads((out / "losses.json").read_text())
+    for trainer in ("dpo", "rrpo"):
+        assert len(losses["one"][trainer]) == 3
+        assert losses["one"][f"{trainer}_packed"] is False and losses["two"][f"{trainer}_packed"] == 2
+        assert losses["two"][trainer] == pytest.approx(losses["one"][trainer], abs=1e-5), trainer
