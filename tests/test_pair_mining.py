@@ -266,3 +266,46 @@ def test_flip_pairs_keeps_the_truth():
         assert (flipped[i]["chosen"], flipped[i]["rejected"]) == expected
     assert bench["flag_scores"]([True, True, False, False], [True, False, True, False]) == {
         "precision": 0.5, "recall": 0.5, "f1": 0.5, "flagged": 2}
+
+
+@pytest.mark.multiproc
+def test_two_processes_agree_with_one(tmp_path):
+    """The reward recipe with pair_mining='dbpm' for 3 epochs: 2 DDP processes × 2 pairs per step leave the same
+    memory (every row, every epoch), the same flags and the same losses as 1 process × 4 pairs."""
+    import json
+    import runpy
+    import subprocess
+    from pathlib import Path
+
+    from conftest import REPO, accelerate_launch
+    from tiny_models import tiny_model_path
+
+    torch.manual_seed(0)  # one score head for both runs: a saved reward model
+    start = load_reward_model(tiny_model_path("tiny-causal-lm"))
+    start.save_pretrained(tmp_path / "start")
+    load_processing_class("tiny-causal-lm").save_pretrained(tmp_path / "start")
+    args = ["--model_name_or_path", str(tmp_path / "start"), "--max_train_samples", "8", "--max_steps", "-1",
+            "--num_train_epochs", "3", "--pair_mining", "dbpm", "--mining_cut_faulty", "0.5", "--mining_cut_noisy",
+            "0.5", "--learning_rate", "5e-3", "--warmup_steps", "0", "--eval_strategy", "no", "--save_strategy",
+            "epoch", "--save_total_limit", "1", "--logging_steps", "1", "--report_to", "none"]
+    subprocess.run([*accelerate_launch("ddp.yaml"), "recipes/reward_wintie.py", *args, "--output_dir",
+                    str(tmp_path / "two"), "--per_device_train_batch_size", "2"], cwd=REPO, check=True,
+                   capture_output=True)
+    recipe = runpy.run_path(str(Path(REPO) / "recipes" / "reward_wintie.py"))
+    one = recipe["main"]([*args, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "4"])
+
+    def saved(folder):
+        checkpoint = max(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        memory = json.loads((checkpoint / MEMORY_FILE).read_text())["memory"]
+        return memory, [e for e in state["log_history"] if "loss" in e]
+
+    (memory_one, logs_one), (memory_two, logs_two) = saved(tmp_path / "one"), saved(tmp_path / "two")
+    rows = {(row, epoch) for row, epoch, _ in memory_one["history"]}
+    assert len(rows) == 3 * one.train_dataset.num_rows and memory_one["pending"] == memory_two["pending"] == []
+    assert [(r, e) for r, e, _ in memory_two["history"]] == [(r, e) for r, e, _ in memory_one["history"]]
+    assert [loss for *_, loss in memory_two["history"]] == pytest.approx([loss for *_, loss in memory_one["history"]],
+                                                                         rel=1e-4, abs=1e-6)
+    assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], rel=1e-3)
+    assert [e["mining/faulty"] for e in logs_two] == [e["mining/faulty"] for e in logs_one]
+    assert any(e["mining/faulty"] > 0 for e in logs_one)
