@@ -1,4 +1,4 @@
-"""Delta learning: DPO on length-normalised log-probs over pairs from a stronger and a weaker model (METHODS.md §7,
+"""Delta learning: DPO on length-normalised log-probs over pairs from a stronger and a weaker model (docs/methods/delta.md,
 arXiv:2507.06187).
 
     accelerate launch recipes/delta_dpo.py                                   # embedded model, 2-rung ladder, LoRA

@@ -1,4 +1,4 @@
-"""Margin-disentangled DPO (METHODS.md §4, Gradient Entanglement, arXiv:2410.13828) with the entanglement diagnostic.
+"""Margin-disentangled DPO (docs/methods/disentangled.md, Gradient Entanglement, arXiv:2410.13828) with the entanglement diagnostic.
 
     accelerate launch recipes/dpo_disentangled.py                           # embedded model + phrase pairs, pngd, LoRA
     accelerate launch recipes/dpo_disentangled.py --disentangle token_mask  # or anchored (--chosen_anchor ...)

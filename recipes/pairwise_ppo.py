@@ -1,5 +1,5 @@
 """Pairwise PPO: policy optimisation whose reward is a pairwise generative RM's probability of beating an anchor
-(Pairwise-RL, METHODS.md §5, arXiv:2504.04950).
+(Pairwise-RL, docs/methods/pairwise_rl.md, arXiv:2504.04950).
 
     accelerate launch recipes/pairwise_ppo.py                                  # embedded policy + RM, LoRA, CPU
     accelerate launch recipes/pairwise_ppo.py --reward_model_name_or_path outputs/pairwise_rm   # a trained RM

@@ -1,5 +1,5 @@
 """Pairwise generative reward model: a causal LM that answers "1" or "2" for (question, response #1, response #2)
-(Pairwise-RL, METHODS.md §5, arXiv:2504.04950).
+(Pairwise-RL, docs/methods/pairwise_rl.md, arXiv:2504.04950).
 
     accelerate launch recipes/pairwise_rm.py                                   # embedded model + WordNet pairs, LoRA
     accelerate launch recipes/pairwise_rm.py --max_steps 200 --learning_rate 5e-5

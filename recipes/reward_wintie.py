@@ -1,4 +1,4 @@
-"""Win-tie reward modelling over cross-prompt pairs (SoliReward, METHODS.md §1, arXiv:2512.22170).
+"""Win-tie reward modelling over cross-prompt pairs (SoliReward, docs/methods/wintie.md, arXiv:2512.22170).
 
     accelerate launch recipes/reward_wintie.py                                  # MiniLM + WordNet items, CPU
     accelerate launch recipes/reward_wintie.py --tie_ratio 0 --margin 0         # plain Bradley–Terry, no ties

@@ -1,4 +1,4 @@
-"""RRPO: refined phrase-level rewards with a token-wise KL penalty (METHODS.md §2, arXiv:2504.12083).
+"""RRPO: refined phrase-level rewards with a token-wise KL penalty (docs/methods/rrpo.md, arXiv:2504.12083).
 
     accelerate launch recipes/rrpo.py                                  # embedded model + phrase pairs, LoRA, CPU
     accelerate launch recipes/rrpo.py --alpha 0.05 --beta 0.5          # override any field

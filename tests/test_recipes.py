@@ -162,3 +162,16 @@ def test_dpo_recipe_on_the_embedded_model(tmp_path):
     # Eight steps over the same 16 pairs: the DPO loss falls and the margin grows on data it has seen.
     assert sum(e["loss"] for e in history[-3:]) / 3 < history[0]["loss"] - 0.02
     assert history[-1]["rewards/margins"] > 0
+
+
+def test_generating_recipes_allow_answers_that_end():
+    """d2o and delta_dpo drop cut-off answers, so their default limits must let most SmolLM2 answers end: measured
+    4/32 sampled anchors and 0/8 greedy answers end within 48 tokens, 27/32 and 8/8 within 128."""
+    import yaml
+
+    d2o = yaml.safe_load((REPO / "recipes" / "configs" / "d2o.yaml").read_text())
+    delta = yaml.safe_load((REPO / "recipes" / "configs" / "delta_dpo.yaml").read_text())
+    assert d2o["anchor_max_new_tokens"] >= 128 and delta["pairs_max_new_tokens"] >= 128
+    # prompt (< 64 tokens for the embedded data) + answer must fit in max_length, or the pair is cut again
+    assert d2o["max_length"] >= d2o["anchor_max_new_tokens"] + 64
+    assert delta["max_length"] >= delta["pairs_max_new_tokens"] + 64
