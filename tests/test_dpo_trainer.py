@@ -8,6 +8,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
+import prefalign.trainers.preference as preference
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 
@@ -90,15 +91,20 @@ def test_gradients_equal_stock_trl_packed_lora(tmp_path, pairs, tokenizer):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-8)
 
 
-def test_precomputed_reference_packed_equals_stock(tmp_path, pairs, tokenizer, models):
+def test_precomputed_reference_packed_equals_stock(tmp_path, pairs, tokenizer, models, monkeypatch):
     """precompute_ref_log_probs: the stored sums come from the packed reference forward and equal TRL's."""
     policy, ref = models
     config = {**COMMON, "precompute_ref_log_probs": True, "precompute_ref_batch_size": 4}
-    stock = DPOTrainer(policy, ref, args=DPOConfig(output_dir=str(tmp_path / "trl"), **config), train_dataset=pairs,
-                       processing_class=tokenizer)
+    # TRL caches the precomputed columns by (data, model): a run-specific column makes each trainer compute its own
+    stock = DPOTrainer(policy, ref, args=DPOConfig(output_dir=str(tmp_path / "trl"), **config),
+                       train_dataset=pairs.add_column("run", [0] * len(pairs)), processing_class=tokenizer)
+    packs = []
+    original = preference.pack_sequences
+    monkeypatch.setattr(preference, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
     ours = PackedDPOTrainer(policy, ref, args=PackedDPOConfig(output_dir=str(tmp_path / "ours"), padding_free=True,
-                                                               **config), train_dataset=pairs,
-                            processing_class=tokenizer)
+                                                               **config),
+                            train_dataset=pairs.add_column("run", [1] * len(pairs)), processing_class=tokenizer)
+    assert packs  # computed packed, not read from the stock trainer's cache
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         assert ours.train_dataset[column] == pytest.approx(stock.train_dataset[column], abs=1e-6)
 

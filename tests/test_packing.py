@@ -80,7 +80,10 @@ def _dis(tmp_path, data, tokenizer, policy, ref, peft, **config):
 
 def _d2o(tmp_path, data, tokenizer, policy, ref, peft, **config):
     args = D2OConfig(output_dir=str(tmp_path), **{**COMMON, "num_anchors": 2, "anchor_refresh_steps": 0, **config})
-    return D2OTrainer(policy, ref, args=args, train_dataset=_anchor_rows(), processing_class=tokenizer,
+    rows = _anchor_rows()
+    if "run" in data.column_names:
+        rows = rows.add_column("run", data["run"])
+    return D2OTrainer(policy, ref, args=args, train_dataset=rows, processing_class=tokenizer,
                       peft_config=peft)
 
 
@@ -159,3 +162,27 @@ def test_two_processes_packed_equal_one_process_padded(tmp_path):
         assert len(losses["one"][trainer]) == 3
         assert losses["one"][f"{trainer}_packed"] is False and losses["two"][f"{trainer}_packed"] == 2
         assert losses["two"][trainer] == pytest.approx(losses["one"][trainer], abs=1e-5), trainer
+
+
+@pytest.mark.parametrize("build", [_rrpo, _d2o], ids=["rrpo-per-token", "d2o-summed"])
+def test_precomputed_reference_packed_equals_padded(tmp_path, tokenizer, build, monkeypatch):
+    """precompute_ref_log_probs runs the reference forward packed: the stored values equal the padded ones."""
+    ref = load_model("tiny-causal-lm").double()
+    stored = []
+    packs = []
+    original = preference.pack_sequences
+    monkeypatch.setattr(preference, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
+    for padding_free in (False, True):
+        config = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=4, padding_free=padding_free)
+        if build is _rrpo:
+            config["alpha"] = 0.0
+        # TRL caches the precomputed columns by (data, model): a run-specific column makes the second run compute
+        data = _pairs().add_column("run", [int(padding_free)] * len(SHAPES))
+        trainer = build(tmp_path / str(padding_free), data, tokenizer, perturbed_copy(ref), ref, None, **config)
+        stored.append({c: trainer.train_dataset[c] for c in ("ref_chosen_logps", "ref_rejected_logps")})
+        assert bool(packs) is padding_free  # computed here (packed), not read from the first trainer's cache
+    for column, values in stored[0].items():
+        flat = torch.tensor(values, dtype=torch.float64).flatten()
+        assert flat.abs().max() > 1.0
+        torch.testing.assert_close(torch.tensor(stored[1][column], dtype=torch.float64).flatten(), flat, rtol=0,
+                                   atol=1e-9)

@@ -8,7 +8,8 @@ model (build them with `data_builders.negatives` / `prefalign build anchors`).
 
 Each step is ONE batched forward of the policy over B·(K+1) sequences, [the K anchors of prompt 0, ..., of prompt
 B−1, the B negatives], right-padded like TRL's [chosen; rejected] batches (with K = 1 the batch is exactly DPO's),
-plus one reference forward over the same batch (skipped with `precompute_ref_log_probs`). The reference is the
+plus one reference forward over the same batch (skipped with `precompute_ref_log_probs`); with `padding_free=True`
+both forwards run on the sequences packed without padding (``prefalign.trainers.preference``). The reference is the
 `ref_model`, the base model with the adapter disabled under PEFT, or precomputed log-probs; it serves as both π_r−
 (anchors) and π_r+ (negative), the paper's basic setting.
 
@@ -84,7 +85,8 @@ class D2OConfig(DPOConfig):
             as DPOTrainer does); `precompute_ref_log_probs` (reference log-probs of the stored anchors and the
             negative computed once; refreshed anchors get theirs at refresh); `sync_ref_model`,
             `ref_model_mixup_alpha`, `ref_model_sync_steps` (TR-DPO: TRL's callback updates the `ref_model` this
-            trainer reads); `max_length` (keep-start truncation in the collator); `disable_dropout`.
+            trainer reads); `max_length` (keep-start truncation in the collator); `disable_dropout`; `padding_free`
+            (the B·(K+1) sequences of a micro-batch packed without padding, values unpacked to the padded layout).
         refused at start when not at their defaults (they shape DPO's loss, which D²O replaces): `loss_type`,
             `loss_weights`, `ld_alpha`, `use_weighting`, `f_divergence_type`, `f_alpha_divergence_coef`,
             `label_smoothing`, `discopop_tau`, TrainingArguments' `label_smoothing_factor`, and `truncation_mode`

@@ -58,7 +58,9 @@ class DisentangledDPOConfig(DPOConfig):
         honoured: `beta` (β above); `router_aux_loss_coef` (the MoE load-balancing loss is added with this weight,
             as DPOTrainer does, in every mode); `precompute_ref_log_probs` ("pngd" and "anchored"); `sync_ref_model`,
             `ref_model_mixup_alpha`, `ref_model_sync_steps` (TR-DPO: TRL's callback updates the `ref_model` this
-            trainer reads); `max_length`, `truncation_mode`, `disable_dropout` (TRL's data pipeline and model set-up).
+            trainer reads); `max_length`, `truncation_mode`, `disable_dropout` (TRL's data pipeline and model set-up);
+            `padding_free` (text batches packed without padding in every mode; "pngd" measures each response on
+            its own anyway).
         refused at start when not at their defaults (they shape DPO's loss, which `disentangle` replaces):
             `loss_type`, `loss_weights`, `ld_alpha`, `use_weighting`, `f_divergence_type`,
             `f_alpha_divergence_coef`, `label_smoothing`, `discopop_tau` and TrainingArguments'

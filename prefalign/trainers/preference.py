@@ -137,6 +137,7 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
 
     def __init__(self, model, ref_model=None, args=None, *positional, **kwargs):
         padding_free = bool(getattr(args, "padding_free", False))
+        self._requested_padding_free = padding_free  # TRL's __init__ precomputes reference log-probs before it ends
         if args is not None:
             args.padding_free = False  # TRL 1.16 would switch it off with a warning; this class implements it
         try:
@@ -212,6 +213,12 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         chosen and rejected (with TRL's `ld_alpha` weighting)."""
         reference = self.reference_log_probs(inputs, model)
         return super().compute_ref_log_probs(ReplayModel(reference.outputs), inputs)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """TRL's precompute (cached, distributed) on the core's forward, packed when `padding_free` is set (TRL's
+        __init__ runs it before this class has restored the switch)."""
+        self.padding_free = self._requested_padding_free
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     # ---- loss and metrics ------------------------------------------------------------------------------------
 
