@@ -2,8 +2,10 @@
 
     prefalign train <method> [--key value ...]    runs recipes/<method>.py with those arguments
     prefalign build <builder> [--option ...]      runs a data builder (data_builders/<builder>.py)
+    prefalign eval --model M --dataset D [--base B] [--judge]   preference accuracy, margins, KL against the base
     prefalign judge score|compare|consistency --data FILE [--judge-model NAME]   TrustJudge over a data set
     prefalign models [--prepare NAME ...]         lists the embedded models; --prepare converts/caches them now
+    prefalign --version
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import importlib
 import runpy
 import sys
+from importlib.metadata import version
 
 from prefalign.models import EMBEDDED_MODELS, resolve_model_path
 from prefalign.recipe_args import RECIPES_DIR
@@ -36,11 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="prefalign", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"prefalign {version('prefalign')}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run a training recipe", add_help=False)
     train.add_argument("method", help=f"one of: {', '.join(_recipes()) or '(recipes folder not found)'}")
     build = sub.add_parser("build", help="build a preference data set", add_help=False)
     build.add_argument("builder", choices=sorted(BUILDERS))
+    sub.add_parser("eval", help="evaluate a trained model against its base on preference pairs", add_help=False)
     sub.add_parser("judge", help="TrustJudge: score | compare | consistency over a data file", add_help=False)
     models = sub.add_parser("models", help="list or prepare the embedded models")
     models.add_argument("--prepare", nargs="*", default=None, metavar="NAME",
@@ -55,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         runpy.run_path(str(script), run_name="__main__")
     elif args.command == "build":
         importlib.import_module(BUILDERS[args.builder]).main(rest)
+    elif args.command == "eval":
+        from prefalign.evaluation import main as eval_main
+
+        eval_main(rest)
     elif args.command == "judge":
         from prefalign.judges.cli import main as judge_main
 

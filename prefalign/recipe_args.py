@@ -7,6 +7,7 @@ replaces it, and ``--key value`` overrides any field of the dataclasses (data, t
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,17 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+def recipes_dir() -> Path:
+    """The recipes folder: ``recipes/`` of a source checkout (editable install), else the copy an installed wheel
+    ships as ``prefalign/recipes`` (pyproject.toml maps it there, with configs/ and accelerate/)."""
+    checkout = Path(__file__).resolve().parent.parent / "recipes"
+    if (checkout / "configs").is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("prefalign") / "recipes"))
+
+
+RECIPES_DIR = recipes_dir()
 
 
 @dataclass

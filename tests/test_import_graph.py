@@ -16,7 +16,7 @@ LAYERS = [
     ("plumbing", ["prefalign.logprobs", "prefalign.data", "prefalign.models", "prefalign.generation",
                   "prefalign.phrases"]),
     ("judges", ["prefalign.judges"]),
-    ("trainers", ["prefalign.trainers", "prefalign.diagnostics"]),
+    ("trainers", ["prefalign.trainers", "prefalign.diagnostics", "prefalign.evaluation"]),
     ("edge", ["prefalign.recipe_args", "prefalign.cli"]),
     ("builders", ["data_builders"]),
 ]

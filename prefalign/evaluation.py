@@ -1,0 +1,344 @@
+"""Evaluation of a trained model against its base on held-out preference pairs (``prefalign eval``).
+
+For a causal LM (the output of dpo, rrpo, d2o, delta_dpo, dpo_disentangled, pairwise_rm, pairwise_ppo), with the
+base model as the reference and β the implicit-reward scale (docs/methods/dpo.md):
+
+- ``reward_accuracy``: share of pairs whose implicit reward margin
+  β·[(log π − log π_base)(y+) − (log π − log π_base)(y−)] is > 0 (a tie, e.g. the base against itself, counts as
+  wrong), and ``reward_margin``, its mean;
+- ``logp_accuracy``: share of pairs where the model itself gives the chosen response the higher summed log-prob
+  (meaningful for the base too, so it compares before and after training);
+- ``phrase_accuracy`` / ``phrase_logp_accuracy``, when the data tags phrases with ``<MASK>…</MASK>``
+  (docs/methods/rrpo.md): the same two comparisons per aligned phrase k (present on both sides), over all phrases;
+- ``kl_chosen``: Σ over the chosen response's tokens of KL(π_base ‖ π) over the full vocabulary, mean over pairs.
+
+Log-probs go through the shared preference core (``prefalign.trainers.preference.completion_log_probs``, TRL's
+fused LM head) and the KL through ``prefalign.logprobs.frozen_head_token_kl``, on sequences tokenised as TRL's
+DPOTrainer tokenises them. For a reward model (reward_wintie: sequence classification) ``evaluate_reward_model``
+gives the pairwise accuracy and the AUC. ``judge_win_rate`` adds the TrustJudge (docs/methods/trustjudge.md) win-rate
+of the model's greedy answers against the base's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prefalign.logprobs import frozen_head_token_kl
+from prefalign.messages import completion_text, with_completion_text
+from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
+from prefalign.trainers.preference import completion_log_probs
+
+logger = logging.getLogger(__name__)
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def tokenize_pair(processing_class: Any, row: dict) -> dict[str, list[int]]:
+    """Prompt, chosen and rejected token ids of one pair as TRL's DPOTrainer tokenises them, plus a phrase id per
+    completion token (k ≥ 1 inside phrase k of a ``<MASK>``-tagged pair, else 0; all 0 for untagged pairs)."""
+    from prefalign.generation import prompt_token_ids
+
+    chosen, rejected = row["chosen"], row["rejected"]
+    chosen_spans, rejected_spans = [], []
+    chosen_text, rejected_text = completion_text(chosen), completion_text(rejected)
+    if OPEN_TAG in chosen_text or OPEN_TAG in rejected_text:
+        clean_chosen, chosen_spans, clean_rejected, rejected_spans = pair_phrase_spans(chosen_text, rejected_text)
+        chosen, rejected = with_completion_text(chosen, clean_chosen), with_completion_text(rejected, clean_rejected)
+    chosen_ids, chosen_phrases = phrase_token_ids(processing_class, row["prompt"], chosen, chosen_spans)
+    rejected_ids, rejected_phrases = phrase_token_ids(processing_class, row["prompt"], rejected, rejected_spans)
+    return {"prompt_ids": prompt_token_ids(processing_class, [row["prompt"]])[0],
+            "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "chosen_phrase_ids": chosen_phrases, "rejected_phrase_ids": rejected_phrases}
+
+
+def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch [2B, L] of B tokenised pairs: chosen rows first, then rejected (TRL's layout):
+    ``input_ids``, ``attention_mask``, ``completion_mask`` and ``phrase_ids`` (aligned with ``input_ids``)."""
+    rows = [(p["prompt_ids"], p[f"{side}_ids"], p[f"{side}_phrase_ids"])
+            for side in ("chosen", "rejected") for p in pairs]
+    length = max(len(prompt) + len(completion) for prompt, completion, _ in rows)
+    batch = {key: torch.zeros(len(rows), length, dtype=torch.long)
+             for key in ("input_ids", "attention_mask", "completion_mask", "phrase_ids")}
+    batch["input_ids"].fill_(pad_token_id)
+    for i, (prompt, completion, phrases) in enumerate(rows):
+        n, m = len(prompt), len(completion)
+        batch["input_ids"][i, :n + m] = torch.tensor(prompt + completion)
+        batch["attention_mask"][i, :n + m] = 1
+        batch["completion_mask"][i, n:n + m] = 1
+        batch["phrase_ids"][i, n:n + m] = torch.tensor(phrases, dtype=torch.long)
+    return batch
+
+
+# ---- log-probs and KL -----------------------------------------------------------------------------------------
+
+
+def _with_fused_head(model):
+    """``model`` with TRL's fused LM head added once (generation is unchanged by it)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    if not getattr(model, "_prefalign_fused_head", False):
+        add_fused_lm_head(model)
+        model._prefalign_fused_head = True
+    return model
+
+
+def _forward(model, batch: dict[str, torch.Tensor]):
+    """Per-token completion log-probs [N, L−1] and last hidden states [N, L, H] of ``model`` on ``batch``."""
+    inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "completion_mask")}
+    result = completion_log_probs(_with_fused_head(model), inputs, backbone=model.base_model)
+    return result.per_token.double().cpu(), result.hidden
+
+
+@torch.no_grad()
+def pair_statistics(model, base, batch: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+    """Per-pair values [B] of one collated batch: summed log-probs of chosen/rejected under ``model`` and ``base``,
+    the implicit reward margin, KL(π_base ‖ π) summed over the chosen tokens, and per phrase k [B, K] the phrase
+    log-prob sums of both models on both sides (K = 0 when the batch has no phrase)."""
+    logps, hidden = _forward(model, batch)
+    base_logps, base_hidden = _forward(base, batch)
+    mask = batch["completion_mask"][:, 1:].bool()
+    head, base_head = model.get_output_embeddings(), base.get_output_embeddings()
+    half = batch["input_ids"].size(0) // 2
+    kl = frozen_head_token_kl(hidden[:half, :-1], base_hidden[:half, :-1].to(hidden.device), head.weight.detach(),
+                              base_head.weight.detach().to(hidden.device), mask[:half].to(hidden.device),
+                              None if head.bias is None else head.bias.detach(),
+                              None if base_head.bias is None else base_head.bias.detach().to(hidden.device))
+    phrase_ids = batch["phrase_ids"][:, 1:]
+    num_phrases = int(phrase_ids.max())
+
+    def phrase_sums(values: torch.Tensor) -> torch.Tensor:
+        sums = values.new_zeros(values.size(0), num_phrases + 1).scatter_add(1, phrase_ids, values)
+        return sums[:, 1:]
+
+    present = torch.stack([(phrase_ids == k).any(-1) for k in range(1, num_phrases + 1)], -1) \
+        if num_phrases else torch.zeros(phrase_ids.size(0), 0, dtype=torch.bool)
+    sums, base_sums = logps.sum(-1), base_logps.sum(-1)
+    rewards = beta * (sums - base_sums)
+    phrase_logps, phrase_base = phrase_sums(logps), phrase_sums(base_logps)
+    return {
+        "chosen_logps": sums[:half], "rejected_logps": sums[half:],
+        "base_chosen_logps": base_sums[:half], "base_rejected_logps": base_sums[half:],
+        "reward_margin": rewards[:half] - rewards[half:],
+        "kl_chosen": kl.double().cpu(),
+        "phrase_chosen_logps": phrase_logps[:half], "phrase_rejected_logps": phrase_logps[half:],
+        "phrase_chosen_rewards": beta * (phrase_logps - phrase_base)[:half],
+        "phrase_rejected_rewards": beta * (phrase_logps - phrase_base)[half:],
+        "phrase_both": present[:half] & present[half:],
+    }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def evaluate_preferences(model, base, processing_class, dataset, beta: float = 0.1, batch_size: int = 8,
+                         progress: bool = True, desc: str = "Evaluating") -> dict[str, Any]:
+    """Preference accuracy, mean reward margin, phrase accuracies and KL of ``model`` against ``base`` (the
+    reference) on the ``prompt``/``chosen``/``rejected`` rows of ``dataset`` (module docstring); both models are
+    loaded causal LMs sharing ``processing_class``. Returns a JSON-ready dict."""
+    if beta <= 0 or batch_size < 1:
+        raise ValueError(f"evaluate_preferences: beta ({beta}) must be > 0 and batch_size ({batch_size}) ≥ 1")
+    if {"image", "images", "video"} & set(dataset.column_names):
+        raise NotImplementedError("evaluate_preferences scores text pairs; this dataset has image or video columns")
+    model.eval()
+    base.eval()
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pairs = [tokenize_pair(processing_class, dataset[i]) for i in range(len(dataset))]
+    totals: dict[str, list[float]] = {k: [] for k in ("reward_margin", "kl_chosen", "reward_correct", "logp_correct")}
+    phrase_reward, phrase_logp, tagged = [], [], 0
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress):
+        chunk = pairs[start:start + batch_size]
+        stats = pair_statistics(model, base, collate_pairs(chunk, pad), beta)
+        totals["reward_margin"] += stats["reward_margin"].tolist()
+        totals["kl_chosen"] += stats["kl_chosen"].tolist()
+        totals["reward_correct"] += (stats["reward_margin"] > 0).float().tolist()
+        totals["logp_correct"] += (stats["chosen_logps"] > stats["rejected_logps"]).float().tolist()
+        both = stats["phrase_both"]
+        phrase_reward += (stats["phrase_chosen_rewards"] > stats["phrase_rejected_rewards"])[both].float().tolist()
+        phrase_logp += (stats["phrase_chosen_logps"] > stats["phrase_rejected_logps"])[both].float().tolist()
+        tagged += sum(any(p["chosen_phrase_ids"]) or any(p["rejected_phrase_ids"]) for p in chunk)
+    return {
+        "pairs": len(pairs), "beta": beta,
+        "reward_accuracy": _mean(totals["reward_correct"]),
+        "reward_margin": _mean(totals["reward_margin"]),
+        "reward_ties": sum(m == 0 for m in totals["reward_margin"]),
+        "logp_accuracy": _mean(totals["logp_correct"]),
+        "kl_chosen": _mean(totals["kl_chosen"]),
+        "phrase_pairs": tagged, "phrases": len(phrase_reward),
+        "phrase_accuracy": _mean(phrase_reward),
+        "phrase_logp_accuracy": _mean(phrase_logp),
+    }
+
+
+# ---- reward models --------------------------------------------------------------------------------------------
+
+
+def _reward_text(processing_class, prompt, completion) -> str:
+    """The text a sequence-classification reward model scores, as TRL's RewardTrainer renders it."""
+    if isinstance(completion, list):
+        messages = (prompt or []) + completion
+        return processing_class.apply_chat_template(messages, tokenize=False)
+    return (prompt or "") + completion
+
+
+@torch.no_grad()
+def reward_scores(model, processing_class, texts: list[str], batch_size: int = 8) -> list[float]:
+    """The reward model's scalar output for each text (right padding, batch by batch)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    tokenizer.padding_side = "right"
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt").to(model.device)
+        scores += model(**encoded).logits[:, 0].double().tolist()
+    return scores
+
+
+def evaluate_reward_model(model, processing_class, dataset, batch_size: int = 8, progress: bool = True
+                          ) -> dict[str, Any]:
+    """Pairwise accuracy (share of pairs scored chosen > rejected; ties in the data, ``is_tie``, left out and
+    counted) and AUC (all chosen scores against all rejected scores, ties ½) of a reward model."""
+    model.eval()
+    prompts = dataset["prompt"] if "prompt" in dataset.column_names else [None] * len(dataset)
+    texts = {side: [_reward_text(processing_class, p, c) for p, c in zip(prompts, dataset[side])]
+             for side in ("chosen", "rejected")}
+    chosen = reward_scores(model, processing_class, texts["chosen"], batch_size)
+    rejected = reward_scores(model, processing_class, texts["rejected"], batch_size)
+    ties = list(dataset["is_tie"]) if "is_tie" in dataset.column_names else [False] * len(dataset)
+    wins = [(c, r) for c, r, t in zip(chosen, rejected, ties) if not t]
+    good = [c for (c, _) in wins]
+    bad = [r for (_, r) in wins]
+    auc = _mean([1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad])
+    return {"pairs": len(dataset), "tie_pairs": sum(map(bool, ties)),
+            "pairwise_accuracy": _mean([float(c > r) for c, r in wins]), "auc": auc,
+            "reward_margin": _mean([c - r for c, r in wins])}
+
+
+# ---- answers and the judge ------------------------------------------------------------------------------------
+
+
+def greedy_answers(model, processing_class, prompts: list, max_new_tokens: int = 64) -> list[str]:
+    """One greedy answer per prompt (``prefalign.generation.generate``)."""
+    from prefalign.generation import generate
+
+    return [a[0] for a in generate(model, processing_class, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                                   progress=False)]
+
+
+def judge_win_rate(judge, prompts: list, answers: list[str], base_answers: list[str]) -> dict[str, Any]:
+    """TrustJudge verdicts (``TrustJudge.compare``, both orders) of each answer against the base's: win-rate with
+    ties counted ½, and the counts."""
+    verdicts = [judge.compare(p, a, b).verdict for p, a, b in zip(prompts, answers, base_answers)]
+    wins, ties = verdicts.count("first"), verdicts.count("tie")
+    return {"prompts": len(prompts), "wins": wins, "ties": ties, "losses": verdicts.count("second"),
+            "win_rate": (wins + 0.5 * ties) / len(prompts) if prompts else None}
+
+
+# ---- loading and the command ----------------------------------------------------------------------------------
+
+
+def is_reward_model(name_or_path: str) -> bool:
+    """True for a sequence-classification checkpoint, or a LoRA adapter of task type SEQ_CLS."""
+    from transformers import AutoConfig
+
+    from prefalign.models import resolve_model_path
+
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file():
+        return json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
+    architectures = AutoConfig.from_pretrained(resolve_model_path(name_or_path)).architectures or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def base_model_name(name_or_path: str) -> str | None:
+    """The base an adapter was trained from (``base_model_name_or_path``), else None."""
+    adapter = Path(name_or_path) / "adapter_config.json"
+    return json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else None
+
+
+def load_reward_model(name_or_path: str):
+    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base) and its tokenizer."""
+    from prefalign.models import load_model, load_processing_class
+
+    base = base_model_name(name_or_path)
+    if base is None:
+        return load_model(name_or_path, task="sequence-classification"), load_processing_class(name_or_path)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_model(base, task="sequence-classification"), name_or_path)
+    has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
+    return model.merge_and_unload(), load_processing_class(name_or_path if has_tokenizer else base)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    """Write ``report`` as indented JSON (atomically, through ``prefalign.files``)."""
+    from prefalign.files import write_json
+
+    write_json(path, report)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``prefalign eval``: parse arguments, load the models and data, evaluate, print and save the JSON report."""
+    parser = argparse.ArgumentParser(prog="prefalign eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="trained model: folder, LoRA adapter folder, hub id or short name")
+    parser.add_argument("--dataset", required=True, help="preference data: embedded short name, file, folder or hub id")
+    parser.add_argument("--base", default=None, help="reference model (default: the adapter's base model)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--beta", type=float, default=0.1, help="implicit reward scale β (default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--judge", action="store_true", help="add a TrustJudge win-rate against the base's answers")
+    parser.add_argument("--judge-model", default=None, help="judge model (default: the embedded SmolLM2)")
+    parser.add_argument("--judge-prompts", type=int, default=16, help="prompts answered and judged (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length for --judge (default 64)")
+    parser.add_argument("--output", default=None, help="JSON report path (default: <model folder>/eval_<dataset>.json "
+                                                      "for a folder, else ./eval_report.json)")
+    args = parser.parse_args(argv)
+
+    from prefalign.data import load_preference_dataset, validate_preference_dataset
+    from prefalign.models import DEFAULT_CAUSAL_LM, load_model, load_model_or_adapter
+
+    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
+    report: dict[str, Any] = {"model": args.model, "dataset": args.dataset, "split": args.split}
+    if is_reward_model(args.model):
+        if args.judge:
+            parser.error("--judge compares generated answers; a reward model does not generate")
+        model, processing_class = load_reward_model(args.model)
+        dataset = validate_preference_dataset(dataset, None, source=f"{args.dataset}, split {args.split!r}")
+        report["kind"] = "reward model"
+        report.update(evaluate_reward_model(model, processing_class, dataset, args.batch_size))
+    else:
+        base_name = args.base or base_model_name(args.model)
+        if base_name is None:
+            parser.error(f"{args.model} is a full model: name its base with --base (the reference for the rewards "
+                         "and the KL)")
+        model, processing_class = load_model_or_adapter(args.model)
+        base = load_model(base_name)
+        dataset = validate_preference_dataset(dataset, processing_class, source=f"{args.dataset}, split {args.split!r}")
+        report.update(kind="causal LM", base=base_name)
+        report.update(evaluate_preferences(model, base, processing_class, dataset, args.beta, args.batch_size))
+        if args.judge:
+            from prefalign.judges.judge import TrustJudge
+
+            judge_name = args.judge_model or DEFAULT_CAUSAL_LM
+            judge_model, judge_processing = load_model_or_adapter(judge_name)
+            prompts = dataset["prompt"][: args.judge_prompts]
+            answers = greedy_answers(model, processing_class, prompts, args.max_new_tokens)
+            base_answers = greedy_answers(base, processing_class, prompts, args.max_new_tokens)
+            report["judge"] = {"model": judge_name, **judge_win_rate(TrustJudge(judge_model, judge_processing),
+                                                                      prompts, answers, base_answers)}
+    output = args.output or (Path(args.model) / f"eval_{Path(args.dataset).stem}.json" if Path(args.model).is_dir()
+                             else "eval_report.json")
+    write_report(report, output)
+    print(json.dumps(report, indent=2))
+    print(f"Saved the evaluation report to {output}")
+    return report
