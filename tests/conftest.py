@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny_models import register_tiny_models  # noqa: E402
+from tiny_models import register_tiny_models, tiny_model_path  # noqa: E402
 
 torch.set_num_threads(1)
 register_tiny_models()
@@ -46,6 +46,12 @@ def perturbed_copy(model, seed: int = 1, scale: float = 0.05):
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator))
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_path() -> str:
+    """The tiny causal LM's folder, for recipes launched in another process (where its short name is unknown)."""
+    return tiny_model_path("tiny-causal-lm")
 
 
 @pytest.fixture
