@@ -1,8 +1,13 @@
 """Noisy preference pairs: DPO remedies against flipped labels, and MW vs BT vs win-tie reward models
 (docs/methods/noisy_pairs.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py                  # the full study (hours on 2 CPU cores)
-    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py --smoke          # tiny random model, a minute: plumbing only
+    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py --smoke          # tiny random models, ~15 s: plumbing only
+    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py --seeds 0 --flip-rates 0.2 --train-samples 200   # one cell
+    OMP_NUM_THREADS=1 python benchmarks/noisy_pairs.py                  # the full study: a GPU job, not a CPU one
+
+Cost: a LoRA DPO step on the embedded SmolLM2 (8 pairs, definitions of ~60 tokens) measured ~48 s on one busy CPU
+thread, so the full study (3 seeds × 3 flip rates × 6 arms + 9 audit probes, 200 steps each, plus 15 MiniLM reward
+runs) is days of CPU; the one-cell command above is 7 runs of 100 steps, about 9–10 hours at that speed.
 
 Data: the embedded `wordnet-definitions` train split (true definition chosen, another word's rejected), with 0%,
 20% and 40% of the pairs flipped at random (seeded; the true flips kept aside), and a 3-pairs-per-prompt variant
