@@ -265,7 +265,8 @@ def base_model_name(name_or_path: str) -> str | None:
 
 
 def load_reward_model(name_or_path: str):
-    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base) and its tokenizer."""
+    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base) and its tokenizer
+    (the base's for an adapter)."""
     from prefalign.models import load_model, load_processing_class
 
     base = base_model_name(name_or_path)
@@ -274,8 +275,7 @@ def load_reward_model(name_or_path: str):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_model(base, task="sequence-classification"), name_or_path)
-    has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
-    return model.merge_and_unload(), load_processing_class(name_or_path if has_tokenizer else base)
+    return model.merge_and_unload(), load_processing_class(base)
 
 
 def write_report(report: dict, path: str | Path) -> None:

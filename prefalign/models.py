@@ -163,7 +163,8 @@ def load_model_or_adapter(name_or_path: str, **kwargs) -> tuple[PreTrainedModel,
 
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(load_model(base, **kwargs), name_or_path).merge_and_unload()
-    has_tokenizer = (Path(name_or_path) / "tokenizer_config.json").is_file()
+    # the adapter folder's own tokenizer when it saved one (load_processing_class reads config.json there too)
+    has_tokenizer = all((Path(name_or_path) / f).is_file() for f in ("tokenizer_config.json", "config.json"))
     return model, load_processing_class(name_or_path if has_tokenizer else base)
 
 
