@@ -195,9 +195,11 @@ class SpyDPO:
         return result
 
 
-def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pairs):
-    """PackedDPOTrainer with pair_mining='dbpm': the memory holds each row's DPO loss at its visit, and from epoch 2
-    each step's loss is the mean of w·ℓ with DBPM's kernel weights computed by hand."""
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pairs, precompute):
+    """PackedDPOTrainer with pair_mining='dbpm' (live or precomputed reference): the memory holds each row's DPO loss
+    at its visit; from epoch 2 each step's loss is the mean of w·ℓ with DBPM's kernel weights computed by hand; and
+    the trainer's gradient equals the gradient of that weighted mean built from plain forwards."""
     from prefalign.models import load_model
     from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 
@@ -207,7 +209,8 @@ def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pair
     torch.manual_seed(0)
     model, ref = load_model("tiny-causal-lm"), load_model("tiny-causal-lm")
     args = PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", mining_cut_noisy=0.8, mining_cut_faulty=0.8,
-                           num_train_epochs=3, beta=0.5, save_strategy="no", **{**COMMON, "learning_rate": 1e-2})
+                           num_train_epochs=3, beta=0.5, save_strategy="no", precompute_ref_log_probs=precompute,
+                           **{**COMMON, "learning_rate": 1e-2})
     trainer = Trainer(model, ref, args=args, train_dataset=pairs, processing_class=tokenizer)
     trainer.seen = []
     trainer.train()
@@ -227,6 +230,31 @@ def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pair
                            for row, h in zip(rows, hand)]
                 assert loss == pytest.approx(sum(w * h for w, h in zip(weights, hand)) / len(hand), rel=1e-4)
     assert flagged_any
+
+    # gradient: one batch holding a flagged row, through the trainer and by hand (plain forward, autograd)
+    mu, sigma, flagged = _dbpm_by_hand({row: [memory[row][e] for e in range(3)] for row in range(8)}, 3, 0.8)
+    batch = next(b for b in trainer.get_train_dataloader() if set(b["row_index"].tolist()) & flagged)
+    trainer.model.train()
+    trainer.model.zero_grad()
+    trainer.compute_loss(trainer.model, dict(batch)).backward()
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+
+    def logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (token * batch["completion_mask"][:, 1:]).sum(-1)
+    policy = logps(trainer.model)
+    with torch.no_grad():
+        reference = logps(ref)
+    n = len(policy) // 2
+    losses = -torch.nn.functional.logsigmoid(0.5 * ((policy[:n] - reference[:n]) - (policy[n:] - reference[n:])))
+    weights = torch.tensor([math.exp(-((h - mu) ** 2) / (2 * sigma**2)) if row in flagged else 1.0
+                            for row, h in zip(batch["row_index"].tolist(), losses.tolist())])
+    assert (weights < 1).any()
+    (weights * losses).mean().backward()
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, dict(trainer.model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
 
 
 def test_dpo_pair_mining_refuses_other_losses(tmp_path):
