@@ -1,8 +1,26 @@
-"""Step cost of prefalign trainers against stock TRL DPO on one fixed workload: seconds per step and peak memory.
+"""Step cost of prefalign trainers against stock TRL DPO: seconds per step, peak step memory, model FLOP/s.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py                  # embedded model, 4 pairs × 256 tokens
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --model tiny-causal-lm --steps 2   # smoke test
     ... --methods dpo,rrpo --kl-chunk-size 128 --no-rejected-kl --json out.json                  # variants
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_cost.py --workload variable               # packing (below)
+
+Variable-length workload (`--workload variable`, issue "one preference core"): 8 pairs per step whose prompt+chosen
+and prompt+rejected lengths are drawn independently from a log-normal distribution like public chat preference data:
+median 250 tokens (μ = ln 250), 95th percentile 900 (σ = ln(900/250)/1.645 = 0.779), capped at 1024 (= max_length,
+TRL's default); the prompt takes 10–50 % of the shorter side. Default methods alternate, in one run: stock TRL
+`DPOTrainer` ("dpo", padded, its defaults otherwise) and prefalign's `PackedDPOTrainer` padded ("pdpo") and packed
+("pdpo-packed"), then each prefalign trainer padded and packed ("rrpo"/"rrpo-packed", "d2o-k2"/…, "pngd"/…,
+"token_mask"/…, "anchored"/…). Targets (LoRA, CPU, embedded model): pdpo-packed ≤ 0.6× dpo's step time and ≤ 0.7×
+its step memory at equal loss (the first-step losses are printed); every X-packed ≤ 0.7× X's step. A "-packed"
+method is compared with its padded twin, "pdpo-packed" also with "dpo".
+
+Model FLOP/s: useful FLOPs of a step over its time, counting only real tokens: per token a forward is 2·P (P the
+matmul weights, LM head included, embeddings not) plus causal attention 2·layers·hidden·length; a step is the policy
+forward, its backward (2× forward with all weights trained, 1× with LoRA: activation gradients only) and the
+reference forward. Method extras (RRPO's KL head passes, pngd's per-response passes) are not counted, so their
+utilisation is a lower bound. The machine's dense-matmul FLOP/s is measured first (float32 1024³ matmuls on this
+process's threads); utilisation = model FLOP/s ÷ that.
 
 Targets (RRPO issue): on the embedded model (smollm2-135m-instruct, LoRA r=16) at 256 tokens, RRPO's training step
 takes ≤ 1.25× DPO's time and ≤ 1.2× DPO's peak step memory. Ratios are printed against dpo.
@@ -50,6 +68,7 @@ from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.phrases import parse_phrase_tags  # noqa: E402
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer  # noqa: E402
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer  # noqa: E402
+from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer  # noqa: E402
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -58,6 +77,8 @@ from tiny_models import register_tiny_models  # noqa: E402
 register_tiny_models()  # smoke runs name the test suite's tiny random models (tiny-causal-lm)
 
 CUDA = torch.cuda.is_available()
+VARIABLE_METHODS = ",".join(["dpo", "pdpo", "pdpo-packed"] + [f"{m}{p}" for m in ("rrpo", "d2o-k2", "pngd", "token_mask",
+                                                                             "anchored") for p in ("", "-packed")])
 MB = 2**20
 
 
@@ -80,12 +101,44 @@ def build_workload(tokenizer, batch_size: int, seq_len: int) -> Dataset:
     return Dataset.from_list(out)
 
 
+LOGNORMAL_MEDIAN, LOGNORMAL_P95, LENGTH_CAP = 250, 900, 1024
+
+
+def variable_lengths(num_pairs: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts: prompt+completion log-normal (median 250, p95 900, cap 1024) per side,
+    the prompt 10–50 % of the shorter side."""
+    generator = torch.Generator().manual_seed(seed)
+    sigma = float(torch.log(torch.tensor(LOGNORMAL_P95 / LOGNORMAL_MEDIAN))) / 1.645
+    totals = (torch.randn(num_pairs, 2, generator=generator) * sigma).exp() * LOGNORMAL_MEDIAN
+    totals = totals.round().clamp(16, LENGTH_CAP).long().tolist()
+    shares = (0.1 + 0.4 * torch.rand(num_pairs, generator=generator)).tolist()
+    return [(max(4, int(share * min(c, r))), c, r) for (c, r), share in zip(totals, shares)]
+
+
+def build_variable_workload(tokenizer, batch_size: int, seed: int = 0) -> Dataset:
+    """`batch_size` tagged pairs (standard text format) with `variable_lengths`: words that are one token each."""
+    vocab = [t for t, i in sorted(tokenizer.get_vocab().items(), key=lambda x: x[1])
+             if t.startswith("Ġ") and t[1:].isalpha() and t[1:].islower() and len(t) > 3][:2000]
+    words = [tokenizer.convert_tokens_to_string([t]) for t in vocab]
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def text(n: int) -> str:
+        return "".join(words[i] for i in torch.randint(len(words), (max(n, 0),), generator=generator).tolist())
+
+    rows = []
+    for prompt, chosen, rejected in variable_lengths(batch_size, seed):
+        rows.append({"prompt": text(prompt), "chosen": text(chosen - prompt - 6) + " <MASK>a good answer</MASK>",
+                     "rejected": text(rejected - prompt - 6) + " <MASK>a bad reply</MASK>"})
+    return Dataset.from_list(rows)
+
+
 def untagged(dataset: Dataset) -> Dataset:
     """The same pairs with the `<MASK>` tags removed (what a method without phrases trains on)."""
-    def strip(row):
-        return {side: [{**row[side][0], "content": parse_phrase_tags(row[side][0]["content"])[0]}]
-                for side in ("chosen", "rejected")}
-    return dataset.map(strip)
+    def strip_value(value):
+        if isinstance(value, str):
+            return parse_phrase_tags(value)[0]
+        return [{**value[0], "content": parse_phrase_tags(value[0]["content"])[0]}]
+    return dataset.map(lambda row: {side: strip_value(row[side]) for side in ("chosen", "rejected")})
 
 
 def with_anchors(dataset: Dataset, k: int) -> Dataset:
@@ -104,6 +157,15 @@ def make_trainer(method: str, model_name: str, dataset: Dataset, processing_clas
     peft_config = None if opts.full else LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                     target_modules="all-linear", task_type="CAUSAL_LM")
     kwargs = dict(ref_model=ref_model, processing_class=processing_class, peft_config=peft_config)
+    packed = method.endswith("-packed")
+    method = method.removesuffix("-packed")
+    if packed or method == "pdpo":
+        common["padding_free"] = packed
+    if method == "pdpo":  # prefalign's DPO on the shared forward
+        args = PackedDPOConfig(**common, loss_type=["sigmoid"])
+        return PackedDPOTrainer(model, args=args, train_dataset=untagged(dataset), **kwargs)
+    if packed and method == "dpo":
+        raise ValueError("stock TRL's DPOTrainer has no working padding_free: use pdpo-packed")
     if method == "dpo":
         args = DPOConfig(**common, loss_type=["sigmoid"])
         return DPOTrainer(model, args=args, train_dataset=untagged(dataset), **kwargs)
@@ -121,6 +183,37 @@ def make_trainer(method: str, model_name: str, dataset: Dataset, processing_clas
     raise ValueError(f"unknown method {method!r}: add a branch to make_trainer")
 
 
+def matmul_flops_per_second(size: int = 1024, repeats: int = 5) -> float:
+    """The machine's dense float32 matmul FLOP/s on this process's threads (best of ``repeats``)."""
+    device = "cuda" if CUDA else "cpu"
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if CUDA:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def step_model_flops(model, batch, full: bool) -> float:
+    """Useful FLOPs of one step on the real tokens of ``batch`` (module docstring: policy forward and backward,
+    reference forward)."""
+    config = model.config.get_text_config()
+    embeddings = model.get_input_embeddings().weight
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and p is not embeddings
+                 and "lora_" not in n)
+    head = model.get_output_embeddings().weight
+    if head is embeddings:  # tied head: it is a matmul too
+        matmul += head.numel()
+    lengths = batch["attention_mask"].sum(-1).double()
+    forward = 2 * matmul * lengths.sum() + 2 * config.num_hidden_layers * config.hidden_size * (lengths**2).sum()
+    return float(forward * (1 + (2 if full else 1) + 1))
+
+
 def ready(trainer):
     """Optimizer created, and the one batch built by the trainer's own dataloader (all B rows)."""
     trainer.create_optimizer()
@@ -135,7 +228,8 @@ def timed_step(trainer, batch) -> tuple[float, float]:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    trainer.training_step(trainer.model, batch)
+    loss = trainer.training_step(trainer.model, batch)
+    trainer.last_loss = float(loss)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     if CUDA:
@@ -169,7 +263,10 @@ def cpu_step_memory(method: str, dataset: Dataset, processing_class, opts) -> di
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="dpo,rrpo", help="comma-separated; ratios are against dpo")
+    parser.add_argument("--methods", default=None, help="comma-separated (default: dpo,rrpo; variable workload: "
+                        "dpo,pdpo,pdpo-packed and every trainer padded and -packed); ratios are against dpo")
+    parser.add_argument("--workload", choices=("fixed", "variable"), default="fixed",
+                        help="fixed: B pairs × seq-len tokens; variable: log-normal lengths (module docstring)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
     parser.add_argument("--seq-len", type=int, default=256, help="prompt+completion tokens; also max_length")
@@ -188,7 +285,14 @@ def main(argv=None) -> dict:
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     processing_class = load_processing_class(opts.model)
-    dataset = build_workload(processing_class, opts.batch_size, opts.seq_len)
+    if opts.workload == "variable":
+        opts.batch_size = 8 if opts.batch_size == 4 else opts.batch_size  # the issue's workload: 8 pairs
+        opts.seq_len = LENGTH_CAP
+        opts.methods = opts.methods or VARIABLE_METHODS
+        dataset = build_variable_workload(processing_class, opts.batch_size)
+    else:
+        opts.methods = opts.methods or "dpo,rrpo"
+        dataset = build_workload(processing_class, opts.batch_size, opts.seq_len)
     if opts.child:
         method, out = opts.child.split(":", 1)
         with open(out, "w") as f:
@@ -199,18 +303,29 @@ def main(argv=None) -> dict:
     trainers = {m: make_trainer(m, opts.model, dataset, processing_class, opts) for m in methods}
     batches = {m: ready(t) for m, t in trainers.items()}
     lengths = batches[methods[0]]["attention_mask"].sum(-1).tolist()
-    print(f"workload: {opts.batch_size} pairs, sequence tokens {min(lengths)}..{max(lengths)} (max_length "
+    padded = batches[methods[0]]["attention_mask"].numel()
+    print(f"workload ({opts.workload}): {opts.batch_size} pairs, sequence tokens {min(lengths)}..{max(lengths)}, "
+          f"median {statistics.median(lengths):.0f}, real/padded tokens {sum(lengths)}/{padded} (max_length "
           f"{opts.seq_len}), model {opts.model}, {'full' if opts.full else 'LoRA r=16'}, {'cuda' if CUDA else 'cpu'}")
+    machine_flops = matmul_flops_per_second()
+    print(f"machine: dense float32 matmul {machine_flops / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    flops = {m: step_model_flops(trainers[m].accelerator.unwrap_model(trainers[m].model), batches[m], opts.full)
+             for m in methods}
+    first_loss = {}
     seconds, cuda_peaks = {m: [] for m in methods}, {m: [] for m in methods}
     for step in range(opts.warmup + opts.steps):
         for m in methods:  # alternate so that drift and noise hit every method alike
             s, peak = timed_step(trainers[m], batches[m])
+            first_loss.setdefault(m, trainers[m].last_loss)
             print(f"step {step} {m}: {s:.2f} s{' (warmup)' if step < opts.warmup else ''}", file=sys.stderr, flush=True)
             if step >= opts.warmup:
                 seconds[m].append(s)
                 cuda_peaks[m].append(peak)
     results = {m: {"median_s": statistics.median(seconds[m]), "mean_s": statistics.mean(seconds[m]),
-                   "seconds": seconds[m]} for m in methods}
+                   "seconds": seconds[m], "first_loss": first_loss[m], "model_flops": flops[m],
+                   "model_flops_per_s": flops[m] / statistics.median(seconds[m])} for m in methods}
+    for r in results.values():
+        r["utilisation"] = r["model_flops_per_s"] / machine_flops
     del trainers, batches
     for m in methods:
         if CUDA:
@@ -223,18 +338,27 @@ def main(argv=None) -> dict:
                 results[m].update(json.load(open(out.name)))
 
     base = results.get("dpo")
-    print(f"\n{'method':<12}{'s/step median':>15}{'mean':>9}{'step mem MB':>13}{'peak RSS MB':>13}"
-          f"{'time ×dpo':>11}{'mem ×dpo':>10}")
+    nan = float("nan")
+    print(f"\n{'method':<18}{'s/step median':>14}{'mean':>8}{'step mem MB':>12}{'peak RSS MB':>12}{'time ×dpo':>10}"
+          f"{'mem ×dpo':>9}{'×padded':>8}{'mem ×pad':>9}{'GFLOP/s':>9}{'util':>7}{'loss 1':>10}")
     for m, r in results.items():
         if base:
             r["time_ratio"] = r["median_s"] / base["median_s"]
             if "step_memory_mb" in r:
                 r["memory_ratio"] = r["step_memory_mb"] / base["step_memory_mb"]
-        print(f"{m:<12}{r['median_s']:>15.3f}{r['mean_s']:>9.3f}{r.get('step_memory_mb', float('nan')):>13.1f}"
-              f"{r.get('peak_rss_mb', float('nan')):>13.1f}{r.get('time_ratio', float('nan')):>11.3f}"
-              f"{r.get('memory_ratio', float('nan')):>10.3f}")
+        twin = results.get(m.removesuffix("-packed")) if m.endswith("-packed") else None
+        if twin is not None:
+            r["time_ratio_padded"] = r["median_s"] / twin["median_s"]
+            if "step_memory_mb" in r:
+                r["memory_ratio_padded"] = r["step_memory_mb"] / twin["step_memory_mb"]
+        print(f"{m:<18}{r['median_s']:>14.3f}{r['mean_s']:>8.3f}{r.get('step_memory_mb', nan):>12.1f}"
+              f"{r.get('peak_rss_mb', nan):>12.1f}{r.get('time_ratio', nan):>10.3f}{r.get('memory_ratio', nan):>9.3f}"
+              f"{r.get('time_ratio_padded', nan):>8.3f}{r.get('memory_ratio_padded', nan):>9.3f}"
+              f"{r['model_flops_per_s'] / 1e9:>9.2f}{r['utilisation']:>7.3f}{r['first_loss']:>10.5f}")
+    targets = {"rrpo": {"time_ratio": 1.25, "memory_ratio": 1.2}} if opts.workload == "fixed" else {
+        "pdpo-packed": {"time_ratio": 0.6, "memory_ratio": 0.7}, "*-packed": {"time_ratio_padded": 0.7}}
     report = {"options": {k: v for k, v in vars(opts).items() if k != "child"}, "device": "cuda" if CUDA else "cpu",
-              "results": results, "targets": {"rrpo": {"time_ratio": 1.25, "memory_ratio": 1.2}}}
+              "machine_matmul_flops_per_s": machine_flops, "results": results, "targets": targets}
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(report, f, indent=2)
