@@ -140,10 +140,13 @@ def end_process_group() -> None:
 
 
 def train_and_save(trainer):
-    """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` and say what was saved."""
+    """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` with TRL's model card citing the
+    trainer's paper, and say what was saved."""
     args = trainer.args
     trainer.train(resume_from_checkpoint=_resume_checkpoint(args.resume_from_checkpoint))
     trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():  # TRL's model card (README.md): the trainer, its paper and citation
+        trainer.create_model_card(model_name=Path(args.output_dir).name)
     kind = "LoRA adapter" if hasattr(trainer.model, "peft_config") else "model"
     trainer.accelerator.print(f"Saved the trained {kind} to {args.output_dir}")
     return trainer

@@ -175,3 +175,36 @@ def test_generating_recipes_allow_answers_that_end():
     # prompt (< 64 tokens for the embedded data) + answer must fit in max_length, or the pair is cut again
     assert d2o["max_length"] >= d2o["anchor_max_new_tokens"] + 64
     assert delta["max_length"] >= delta["pairs_max_new_tokens"] + 64
+
+
+@pytest.mark.parametrize(("recipe", "title", "arxiv_id"), [
+    ("rrpo", "Self-alignment of Large Video Language Models with Refined Regularized Preference Optimization",
+     "2504.12083"),
+    ("dpo", "Direct Preference Optimization: Your Language Model is Secretly a Reward Model", "2305.18290"),
+])
+def test_saved_model_card_cites_the_trainers_paper(recipe, title, arxiv_id, tmp_path):
+    """The README.md saved next to the trained model names the trainer and cites its paper (TRL's model card)."""
+    out = tmp_path / "out"
+    runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"))["main"](
+        ["--model_name_or_path", "tiny-causal-lm", "--output_dir", str(out), "--max_steps", "1",
+         "--max_train_samples", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no"])
+    card = (out / "README.md").read_text()
+    assert title in card and f"papers/{arxiv_id}" in card  # TRL links the paper by its arXiv id
+    assert re.search(r"^@\w+\{", card, re.MULTILINE)  # a BibTeX entry
+    if recipe == "rrpo":
+        assert "Direct Preference Optimization" not in card  # not the parent DPOTrainer's paper
+
+
+@pytest.mark.parametrize(("trainer", "page"), [
+    ("RRPOTrainer", "rrpo"), ("D2OTrainer", "d2o"), ("DisentangledDPOTrainer", "disentangled"),
+    ("WinTieRewardTrainer", "wintie"), ("PairwiseRMTrainer", "pairwise_rl"), ("PairwisePPOTrainer", "pairwise_rl"),
+])
+def test_every_trainer_carries_the_paper_its_docs_page_names(trainer, page):
+    """Each trainer's `_paper` (read by TRL's model card) is the paper of its docs page: same title and arXiv id."""
+    import prefalign
+
+    paper = getattr(prefalign, trainer)._paper
+    text = " ".join((REPO / "docs" / "methods" / f"{page}.md").read_text().split())
+    title, arxiv_id = re.search(r'\*\*Paper\*\*: "([^"]+)", arXiv:(\d{4}\.\d{5})', text).groups()
+    assert (paper["title"], paper["id"]) == (title, arxiv_id)
+    assert f"eprint       = {{{arxiv_id}}}" in paper["citation"] and title in paper["citation"]

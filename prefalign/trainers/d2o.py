@@ -39,6 +39,7 @@ from trl.trainer.utils import global_then_local_main_first, pad
 from prefalign.data import PreferenceDataError, validate_preference_dataset
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.preference import PreferenceTrainer
 
@@ -195,6 +196,7 @@ class D2OTrainer(PreferenceTrainer):
 
     _tag_names = ["trl", "d2o", "prefalign"]
     _name = "D2O"
+    _paper = papers.D2O
 
     def __init__(self, model, ref_model=None, args: D2OConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):

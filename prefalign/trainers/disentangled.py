@@ -19,6 +19,7 @@ from trl import DPOConfig
 from prefalign.diagnostics import pair_gradient_stats
 from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss
 from prefalign.phrases import CLOSE_TAG, OPEN_TAG, parse_phrase_tags
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.preference import PreferenceTrainer
 
@@ -142,6 +143,7 @@ class DisentangledDPOTrainer(PreferenceTrainer):
 
     _tag_names = ["trl", "dpo", "disentangled", "prefalign"]
     _name = "DisentangledDPO"
+    _paper = papers.GRADIENT_ENTANGLEMENT
 
     def __init__(self, model, ref_model=None, args: DisentangledDPOConfig | None = None, **kwargs):
         if args is None:

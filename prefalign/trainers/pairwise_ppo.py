@@ -40,6 +40,7 @@ from trl import GRPOConfig, GRPOTrainer
 from prefalign.generation import generate
 from prefalign.losses import round_robin_rewards
 from prefalign.messages import conversation_text
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
@@ -111,6 +112,9 @@ class PairwisePPOConfig(GRPOConfig):
 
 class PairwisePPOTrainer(GRPOTrainer):
     """GRPOTrainer whose reward is a pairwise generative RM's position-consistent win probability (docs/methods/pairwise_rl.md)."""
+
+    _name = "PairwisePPO"
+    _paper = papers.PAIRWISE_RL
 
     def __init__(self, model: Any, reward_model: PairwiseRewardModel, args: PairwisePPOConfig,
                  train_dataset: Dataset | None = None, eval_dataset: Dataset | None = None,

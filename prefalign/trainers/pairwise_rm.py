@@ -33,6 +33,7 @@ from trl.data_utils import common_prefix_length
 from prefalign.generation import prompt_token_ids
 from prefalign.losses import pairwise_reward
 from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 
 logger = logging.getLogger("prefalign.trainers.pairwise_rm")
@@ -207,6 +208,9 @@ class PairwiseRMConfig(SFTConfig):
 
 class PairwiseRMTrainer(SFTTrainer):
     """SFTTrainer whose loss is the cross-entropy of the verdict token alone, with pairwise-judge eval metrics."""
+
+    _name = "PairwiseRM"
+    _paper = papers.PAIRWISE_RL
 
     def __init__(self, model: Any, args: PairwiseRMConfig | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, processing_class: Any = None, peft_config: Any = None,

@@ -44,6 +44,7 @@ from trl.trainer.utils import pad
 from prefalign.data import check_reward_pair_lengths
 from prefalign.losses import good_bad_pairs, mann_whitney_loss, win_tie_bt_pair_losses
 from prefalign.models import load_processing_class, resolve_model_path
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pair_mining import (
     ROW_COLUMN,
@@ -417,6 +418,8 @@ class WinTieRewardTrainer(PairMiningMixin, RewardTrainer):
     """
 
     _tag_names = ["trl", "reward-trainer", "prefalign", "win-tie"]
+    _name = "WinTieReward"
+    _paper = papers.SOLIREWARD
 
     def __init__(self, model: str | PreTrainedModel, args: WinTieRewardConfig | None = None, data_collator=None,
                  train_dataset: Dataset | IterableDataset | None = None, eval_dataset=None, processing_class=None,

@@ -21,6 +21,7 @@ from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import phrase_rewards, rrpo_loss
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
+from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.preference import PreferenceTrainer
 
@@ -255,6 +256,7 @@ class RRPOTrainer(PreferenceTrainer):
 
     _tag_names = ["trl", "rrpo", "prefalign"]
     _name = "RRPO"
+    _paper = papers.RRPO
 
     def __init__(self, model, ref_model=None, args: RRPOConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, **kwargs):
