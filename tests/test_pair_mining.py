@@ -337,3 +337,19 @@ def test_two_processes_agree_with_one(tmp_path):
     assert [e["loss"] for e in logs_two] == pytest.approx([e["loss"] for e in logs_one], rel=1e-3)
     assert [e["mining/faulty"] for e in logs_two] == [e["mining/faulty"] for e in logs_one]
     assert any(e["mining/faulty"] > 0 for e in logs_one)
+
+
+def test_resume_true_without_a_checkpoint_is_refused(tmp_path, tokenizer, pairs):
+    """resume_from_checkpoint=True with no checkpoint in output_dir stops, as the Trainer does without mining."""
+    (tmp_path / "empty").mkdir()
+    trainer = _trainer(tmp_path / "empty", tokenizer, pairs, pair_mining="dbpm", num_train_epochs=1)
+    with pytest.raises(ValueError, match="No valid checkpoint found"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_from_a_checkpoint_without_memory_is_refused(tmp_path, tokenizer, pairs):
+    plain = _trainer(tmp_path, tokenizer, pairs, num_train_epochs=1, save_strategy="epoch")
+    plain.train()
+    mining = _trainer(tmp_path, tokenizer, pairs, pair_mining="dbpm", num_train_epochs=2)
+    with pytest.raises(FileNotFoundError, match="pair_mining.json is missing"):
+        mining.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

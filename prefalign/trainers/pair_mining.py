@@ -379,15 +379,16 @@ class PairMiningMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if self.pair_mining is not None and resume_from_checkpoint:
-            if isinstance(resume_from_checkpoint, bool):
-                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            path = os.path.join(str(resume_from_checkpoint or ""), MEMORY_FILE)
-            if resume_from_checkpoint is not None:
+            checkpoint = (get_last_checkpoint(self.args.output_dir) if isinstance(resume_from_checkpoint, bool)
+                          else resume_from_checkpoint)
+            if checkpoint is not None:  # (None: the Trainer stops with "No valid checkpoint found")
+                path = os.path.join(str(checkpoint), MEMORY_FILE)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(f"pair_mining: {path} is missing, so the loss memory cannot be restored "
                                             "(was the checkpoint written without pair_mining?)")
                 with open(path) as handle:
                     self.pair_mining.load_state_dict(json.load(handle))
+                resume_from_checkpoint = checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial) -> None:
