@@ -348,7 +348,7 @@ def test_resume_true_without_a_checkpoint_is_refused(tmp_path, tokenizer, pairs)
 
 
 def test_resume_from_a_checkpoint_without_memory_is_refused(tmp_path, tokenizer, pairs):
-    plain = _trainer(tmp_path, tokenizer, pairs, num_train_epochs=1, save_strategy="epoch")
+    plain = _trainer(tmp_path, tokenizer, pairs, cls=WinTieRewardTrainer, num_train_epochs=1, save_strategy="epoch")
     plain.train()
     mining = _trainer(tmp_path, tokenizer, pairs, pair_mining="dbpm", num_train_epochs=2)
     with pytest.raises(FileNotFoundError, match="pair_mining.json is missing"):
