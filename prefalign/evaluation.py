@@ -27,6 +27,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
@@ -242,6 +243,109 @@ def judge_win_rate(judge, prompts: list, answers: list[str], base_answers: list[
             "win_rate": (wins + 0.5 * ties) / len(prompts) if prompts else None}
 
 
+# ---- the training report ---------------------------------------------------------------------------------------
+
+CURVES = (("loss", "loss"), ("margin", "rewards/margins"), ("KL", "kl/chosen"))
+
+
+def plot_training_curves(log_history: list[dict], path: str | Path) -> list[str]:
+    """A small PNG of the logged training loss, reward margin and KL (chosen) against the step, one panel each for
+    those present in ``log_history`` (the trainer's ``state.log_history``); returns the keys plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [(label, key) for label, key in CURVES if any(key in e and "step" in e for e in log_history)]
+    if not present:
+        return []
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 2.6), dpi=80, squeeze=False)
+    for ax, (label, key) in zip(axes[0], present):
+        points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e and "train_loss" not in e]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3)
+        ax.set_title(f"{label} ({key})", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return [key for _, key in present]
+
+
+def _cell(value) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _report_markdown(report: dict) -> str:
+    """report.md: metrics before/after, answers side by side, and the curves."""
+    lines = [f"# Training report: {report['output_dir']}", "",
+             f"Base model `{report['base']}`, held-out data `{report['dataset']}` (split `{report['split']}`, "
+             f"{report['after'].get('pairs')} pairs).", "", "| metric | before (base) | after (trained) |",
+             "|---|---|---|"]
+    for key, label in report["metrics"]:
+        lines.append(f"| {label} | {_cell(report['before'].get(key))} | {_cell(report['after'].get(key))} |")
+    for item in report.get("answers", []):
+        lines += ["", f"**Prompt**: {item['prompt']}", "", "| base | trained |", "|---|---|",
+                  "| {} | {} |".format(*(a.replace("|", "\\|").replace("\n", " ") for a in (item["base"], item["trained"])))]
+    if report.get("curves"):
+        lines += ["", f"![training curves]({report['curves']})"]
+    return "\n".join(lines) + "\n"
+
+
+PREFERENCE_METRICS = [("logp_accuracy", "preference accuracy (log π(chosen) > log π(rejected))"),
+                      ("reward_accuracy", "implicit-reward accuracy (margin > 0 against the base)"),
+                      ("reward_margin", "mean implicit reward margin"),
+                      ("phrase_logp_accuracy", "phrase accuracy (log π, per <MASK> phrase)"),
+                      ("phrase_accuracy", "phrase implicit-reward accuracy"),
+                      ("kl_chosen", "KL(base ‖ model) summed over chosen tokens")]
+REWARD_METRICS = [("pairwise_accuracy", "pairwise accuracy"), ("auc", "AUC"), ("reward_margin", "mean reward margin")]
+
+
+def training_report(output_dir: str | Path, base_name: str, dataset_name: str, split: str = "test",
+                    max_samples: int | None = None, log_history: list[dict] | None = None, beta: float = 0.1,
+                    num_prompts: int = 2, max_new_tokens: int = 64, batch_size: int = 8) -> dict:
+    """Before/after report of a recipe's output in ``output_dir`` against its base on held-out pairs: metrics of
+    ``evaluate_preferences`` (or ``evaluate_reward_model``), ``num_prompts`` held-out prompts answered greedily by
+    both, and the training curves; saved as report.json, report.md and training_curves.png in ``output_dir``."""
+    from prefalign.data import load_preference_dataset
+    from prefalign.models import load_model, load_model_or_adapter, load_processing_class
+
+    output_dir = Path(output_dir)
+    dataset = load_preference_dataset(dataset_name, split=split, max_samples=max_samples)
+    report: dict[str, Any] = {"output_dir": str(output_dir), "base": base_name, "dataset": dataset_name, "split": split}
+    if is_reward_model(str(output_dir)):
+        model, processing_class = load_reward_model(str(output_dir))
+        from prefalign.trainers.reward_wintie import load_reward_model as load_base_reward_model
+
+        base = load_base_reward_model(base_name)
+        report["metrics"] = REWARD_METRICS
+        report["before"] = evaluate_reward_model(base, processing_class, dataset, batch_size, progress=False)
+        report["after"] = evaluate_reward_model(model, processing_class, dataset, batch_size, progress=False)
+    else:
+        model, processing_class = load_model_or_adapter(str(output_dir))
+        base = load_model(base_name)
+        base_processing = load_processing_class(base_name)
+        report["metrics"] = PREFERENCE_METRICS
+        report["before"] = evaluate_preferences(base, base, base_processing, dataset, beta, batch_size,
+                                                desc="Report: base")
+        report["after"] = evaluate_preferences(model, base, processing_class, dataset, beta, batch_size,
+                                               desc="Report: trained")
+        prompts = dataset["prompt"][:num_prompts]
+        base_answers = greedy_answers(base, base_processing, prompts, max_new_tokens)
+        answers = greedy_answers(model, processing_class, prompts, max_new_tokens)
+        from prefalign.messages import conversation_text
+
+        report["answers"] = [{"prompt": conversation_text(p), "base": b, "trained": a}
+                             for p, b, a in zip(prompts, base_answers, answers)]
+    report["curves"] = None
+    if log_history and plot_training_curves(log_history, output_dir / "training_curves.png"):
+        report["curves"] = "training_curves.png"
+    write_report(report, output_dir / "report.json")
+    markdown = _report_markdown(report)
+    (output_dir / "report.md").write_text(markdown)
+    return report | {"markdown": markdown}
+
+
 # ---- loading and the command ----------------------------------------------------------------------------------
 
 
@@ -265,17 +369,24 @@ def base_model_name(name_or_path: str) -> str | None:
 
 
 def load_reward_model(name_or_path: str):
-    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base) and its tokenizer
-    (the base's for an adapter)."""
-    from prefalign.models import load_model, load_processing_class
+    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base; with its
+    query-attention head when one was saved, see ``prefalign.trainers.reward_wintie``) and its tokenizer (the base's
+    for an adapter)."""
+    from prefalign.models import load_processing_class
+    from prefalign.trainers import reward_wintie
 
     base = base_model_name(name_or_path)
     if base is None:
-        return load_model(name_or_path, task="sequence-classification"), load_processing_class(name_or_path)
+        return reward_wintie.load_reward_model(name_or_path), load_processing_class(name_or_path)
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_model(base, task="sequence-classification"), name_or_path)
-    return model.merge_and_unload(), load_processing_class(base)
+    model = PeftModel.from_pretrained(reward_wintie.load_reward_model(base), name_or_path).merge_and_unload()
+    folder = Path(name_or_path)
+    if (folder / reward_wintie.HEAD_CONFIG).is_file():
+        settings = json.loads((folder / reward_wintie.HEAD_CONFIG).read_text())
+        head = reward_wintie.add_query_attention_head(model, settings["layers"], settings["num_heads"])
+        head.load_state_dict(safetensors.torch.load_file(str(folder / reward_wintie.HEAD_WEIGHTS)))
+    return model, load_processing_class(base)
 
 
 def write_report(report: dict, path: str | Path) -> None:

@@ -44,6 +44,14 @@ class DataArguments:
         default=False,
         metadata={"help": "Drop (and count in the log) invalid rows instead of stopping with an error."},
     )
+    report: bool = field(
+        default=False,
+        metadata={"help": "After training, evaluate the base and the trained model on the evaluation split and save "
+                          "report.md, report.json and training_curves.png next to the output (prefalign eval's "
+                          "metrics, answers side by side, curves)."},
+    )
+    report_prompts: int = field(default=2, metadata={"help": "Held-out prompts answered by both models in the report."})
+    report_max_new_tokens: int = field(default=64, metadata={"help": "Answer length (tokens) in the report."})
 
 
 def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | None = None) -> tuple:
@@ -139,14 +147,35 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def train_and_save(trainer):
+def train_and_save(trainer, data_args: DataArguments | None = None, model_args=None):
     """Train (resuming when ``--resume_from_checkpoint`` asks), save to ``output_dir`` with TRL's model card citing the
-    trainer's paper, and say what was saved."""
+    trainer's paper, say what was saved, and write the before/after report when ``data_args.report`` is set (the
+    base is ``model_args.model_name_or_path``)."""
     args = trainer.args
+    if data_args is not None and data_args.report and model_args is None:
+        raise ValueError("train_and_save: --report needs the recipe's model arguments (the base model)")
     trainer.train(resume_from_checkpoint=_resume_checkpoint(args.resume_from_checkpoint))
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # TRL's model card (README.md): the trainer, its paper and citation
         trainer.create_model_card(model_name=Path(args.output_dir).name)
     kind = "LoRA adapter" if hasattr(trainer.model, "peft_config") else "model"
     trainer.accelerator.print(f"Saved the trained {kind} to {args.output_dir}")
+    if data_args is not None and data_args.report and trainer.is_world_process_zero():
+        write_recipe_report(trainer, data_args, model_args)
     return trainer
+
+
+def write_recipe_report(trainer, data_args: DataArguments, model_args) -> dict:
+    """``prefalign.evaluation.training_report`` for a finished recipe run: held-out split, base model, β and log
+    history taken from the run; prints report.md and says where the files are."""
+    from prefalign.evaluation import training_report
+
+    report = training_report(trainer.args.output_dir, model_args.model_name_or_path, data_args.dataset_name,
+                             split=data_args.dataset_test_split, max_samples=data_args.max_eval_samples,
+                             log_history=trainer.state.log_history, beta=getattr(trainer.args, "beta", 0.1),
+                             num_prompts=data_args.report_prompts, max_new_tokens=data_args.report_max_new_tokens,
+                             batch_size=trainer.args.per_device_eval_batch_size)
+    print(report["markdown"])
+    print(f"Saved the report to {Path(trainer.args.output_dir) / 'report.md'} (and report.json"
+          f"{', training_curves.png' if report['curves'] else ''})")
+    return report

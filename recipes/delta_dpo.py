@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> DPOTrainer:
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    return train_and_save(trainer)
+    return train_and_save(trainer, data_args, model_args)
 
 
 if __name__ == "__main__":

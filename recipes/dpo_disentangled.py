@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> DisentangledDPOTrainer:
     if probe_needed:
         GradientEntanglementCallback(eval_dataset, every_n_steps=diagnostic_args.entanglement_steps,
                                      max_pairs=diagnostic_args.entanglement_pairs).attach(trainer)
-    return train_and_save(trainer)
+    return train_and_save(trainer, data_args, model_args)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
                                  eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config)
     trainer.accelerator.print(f"Pairwise PPO on {len(trainer.train_dataset)} prompts, advantage "
                               f"{training_args.advantage}, {training_args.num_generations} samples per prompt")
-    return train_and_save(trainer)
+    return train_and_save(trainer, data_args, model_args)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> PairwiseRMTrainer:
     if eval_dataset is not None:
         before = trainer.evaluate()
         trainer.accelerator.print("Held-out before: " + ", ".join(f"{k[5:]} {before[k]:.3f}" for k in SUMMARY))
-    train_and_save(trainer)
+    train_and_save(trainer, data_args, model_args)
     if eval_dataset is not None:
         after = trainer.evaluate()
         trainer.accelerator.print("Held-out after:  " + ", ".join(f"{k[5:]} {after[k]:.3f}" for k in SUMMARY))

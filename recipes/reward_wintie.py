@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
                                       eval_dataset=eval_dataset, processing_class=processing_class,
                                       peft_config=peft_config)
         trainer.accelerator.print(f"Training on {len(train_dataset)} single items (Mann–Whitney loss)")
-        train_and_save(trainer)
+        train_and_save(trainer, data_args, model_args)
         if eval_dataset is not None:
             trainer.accelerator.print(f"Held-out: auc {trainer.evaluate()['eval_auc']:.3f}")
         return trainer
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
     counts = ", ".join(f"{n} {kind}" for kind, n in pair_kind_counts(train_dataset).items())
     trainer.accelerator.print(f"Training on {len(train_dataset)} cross-prompt pairs: {counts}")
 
-    train_and_save(trainer)
+    train_and_save(trainer, data_args, model_args)
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.accelerator.print("Held-out: " + ", ".join(

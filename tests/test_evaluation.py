@@ -10,7 +10,8 @@ import torch
 from conftest import REPO, perturbed_copy
 from datasets import Dataset
 
-from prefalign.evaluation import evaluate_preferences, evaluate_reward_model, judge_win_rate
+from prefalign.data import load_preference_dataset
+from prefalign.evaluation import evaluate_preferences, evaluate_reward_model, judge_win_rate, load_reward_model
 from prefalign.evaluation import main as eval_main
 from prefalign.models import load_model, load_processing_class, resolve_model_path
 
@@ -180,3 +181,54 @@ def test_eval_runs_on_every_recipes_output(recipe, use_peft, tmp_path, capsys):
         assert resolve_model_path(report["base"]) == resolve_model_path("tiny-causal-lm")
         assert report["kl_chosen"] > 0 and math.isfinite(report["reward_margin"])  # one step moved the model
         assert (report["phrases"] > 0) == (recipe == "rrpo")
+
+
+# ---- the recipes' --report ------------------------------------------------------------------------------------
+
+
+def test_rrpo_report_before_and_after(tmp_path, capsys):
+    from PIL import Image
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    main = runpy.run_path(str(REPO / "recipes" / "rrpo.py"))["main"]
+    main(["--model_name_or_path", "tiny-causal-lm", "--output_dir", str(out), "--max_steps", "3",
+                    "--logging_steps", "1", "--max_train_samples", "6", "--per_device_train_batch_size", "2",
+                    "--save_strategy", "no", "--learning_rate", "1e-2", "--max_eval_samples", "4", "--report", "true",
+                    "--report_max_new_tokens", "5"])
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["before"], report["after"]
+    assert before["pairs"] == after["pairs"] == 4 and report["dataset"] == "wordnet-phrases"
+    assert before["kl_chosen"] == 0 and before["reward_margin"] == 0  # the base against itself
+    assert after["kl_chosen"] > 0 and after["phrases"] == before["phrases"] > 0
+    # the "after" numbers are the eval command's on the saved adapter
+    evaluated = eval_main(["--model", str(out), "--dataset", "wordnet-phrases", "--max-samples", "4",
+                           "--output", str(tmp_path / "e.json")])
+    assert {k: evaluated[k] for k in after} == after
+    # answers: two held-out prompts, the base's equal to plain greedy generation with the base
+    tokenizer = load_processing_class("tiny-causal-lm")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-causal-lm"))
+    assert len(report["answers"]) == 2
+    for item, row in zip(report["answers"], load_preference_dataset("wordnet-phrases", "test", 2)):
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        new = base.generate(**ids, max_new_tokens=5, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        assert item["base"] == tokenizer.decode(new, skip_special_tokens=True).strip()
+    # the curves: a small PNG with the logged loss, margin and KL; the markdown printed and saved
+    image = Image.open(out / "training_curves.png")
+    assert image.size[0] <= 1000 and (out / "training_curves.png").stat().st_size < 100_000
+    markdown = (out / "report.md").read_text()
+    assert "![training curves](training_curves.png)" in markdown and "| base | trained |" in markdown
+    assert f"| {after['kl_chosen']:.3f} |" in markdown.split("KL(base")[1].split("\n")[0]
+    assert markdown in capsys.readouterr().out
+
+
+def test_reward_model_report(tmp_path):
+    out = tmp_path / "out"
+    main = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
+    main([*COMMON, "--output_dir", str(out), "--max_eval_samples", "3", "--report", "true"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["pairs"] == 3 and "answers" not in report
+    model, tokenizer = load_reward_model(str(out))
+    assert report["after"] == evaluate_reward_model(model, tokenizer, load_preference_dataset("wordnet-definitions",
+                                                                                              "test", 3))
