@@ -181,6 +181,10 @@ class PairMining:
         epochs = self.epochs_recorded
         rows, table = self.memory.loss_history(epochs)
         self.rows_without_history = len(self.memory.history) - len(rows)
+        if self.rows_without_history:
+            logger.info("pair_mining: %d of %d rows lack a loss for some of the %d epochs (not visited: a partial "
+                        "epoch); they are left out of the statistics and never flagged", self.rows_without_history,
+                        len(self.memory.history), epochs)
         if not rows:
             return
         stats = dbpm_statistics(table, max(self.max_epochs, epochs), self.args.mining_cut_noisy,
@@ -241,7 +245,8 @@ class PLDSampler(Sampler[int]):
         self.mining, self.rows, self.seed, self.sample_size = mining, list(rows), seed, sample_size
         _, self.group = torch.unique(groups, return_inverse=True)
         self.groups = groups
-        self.members = [torch.nonzero(self.group == g).flatten() for g in range(int(self.group.max()) + 1)]
+        order = torch.argsort(self.group, stable=True)
+        self.members = list(torch.split(order, torch.bincount(self.group).tolist()))  # dataset positions per group
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
