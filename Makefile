@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $@
 
+# RRPO on the embedded model and phrase pairs, then a before/after report saved next to the adapter
+# (outputs/rrpo/report.md, report.json, training_curves.png) and printed.
 demo: install
-	$(VENV)/bin/accelerate launch --num_processes 1 --mixed_precision no --dynamo_backend no recipes/rrpo.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --mixed_precision no --dynamo_backend no recipes/rrpo.py --report true
 
 test: install
 	$(PY) -m pytest -ra --durations=15
