@@ -104,7 +104,7 @@ def pair_statistics(model, base, batch: dict[str, torch.Tensor], beta: float) ->
     the implicit reward margin, KL(π_base ‖ π) summed over the chosen tokens, and per phrase k [B, K] the phrase
     log-prob sums of both models on both sides (K = 0 when the batch has no phrase)."""
     logps, hidden = _forward(model, batch)
-    base_logps, base_hidden = _forward(base, batch)
+    base_logps, base_hidden = (logps, hidden) if base is model else _forward(base, batch)
     mask = batch["completion_mask"][:, 1:].bool()
     head, base_head = model.get_output_embeddings(), base.get_output_embeddings()
     half = batch["input_ids"].size(0) // 2
