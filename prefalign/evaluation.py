@@ -273,7 +273,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> list[str]
 
 
 def _cell(value) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _report_markdown(report: dict) -> str:
@@ -295,7 +295,7 @@ def _report_markdown(report: dict) -> str:
 PREFERENCE_METRICS = [("logp_accuracy", "preference accuracy (log π(chosen) > log π(rejected))"),
                       ("reward_accuracy", "implicit-reward accuracy (margin > 0 against the base)"),
                       ("reward_margin", "mean implicit reward margin"),
-                      ("phrase_logp_accuracy", "phrase accuracy (log π, per <MASK> phrase)"),
+                      ("phrase_logp_accuracy", "phrase accuracy (log π, per `<MASK>` phrase)"),
                       ("phrase_accuracy", "phrase implicit-reward accuracy"),
                       ("kl_chosen", "KL(base ‖ model) summed over chosen tokens")]
 REWARD_METRICS = [("pairwise_accuracy", "pairwise accuracy"), ("auc", "AUC"), ("reward_margin", "mean reward margin")]

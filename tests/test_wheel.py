@@ -1,10 +1,11 @@
 """The installable product: the wheel holds every module, the recipes and their configs; installed (not editable)
-into a fresh venv, `prefalign --version` and `prefalign train dpo` work from an empty folder.
+into a fresh venv, `prefalign --version`, `prefalign train dpo`, `prefalign eval` and `prefalign build` work from an empty folder.
 
 The fresh venv reuses this venv's third-party packages through a .pth file (no torch download) and gets the
 wheel with --no-deps; the test asserts that the imported prefalign is the wheel's copy, not this checkout.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,11 @@ def test_installed_wheel_trains_dpo_from_an_empty_folder(wheel, tmp_path, tiny_c
     assert run.returncode == 0, run.stderr[-3000:]
     assert (empty / "out" / "adapter_model.safetensors").is_file()
     assert "Saved the trained LoRA adapter to out" in run.stdout
+
+    evaluate = subprocess.run([str(prefalign), "eval", "--model", "out", "--dataset", "wordnet-definitions",
+                               "--max-samples", "2"], cwd=empty, env=env, capture_output=True, text=True)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads((empty / "out" / "eval_wordnet-definitions.json").read_text())["pairs"] == 2
+    build = subprocess.run([str(prefalign), "build", "phrases", "--help"], cwd=empty, env=env, capture_output=True,
+                           text=True)
+    assert build.returncode == 0 and "usage" in build.stdout, build.stderr[-3000:]
