@@ -232,3 +232,28 @@ def test_reward_model_report(tmp_path):
     model, tokenizer = load_reward_model(str(out))
     assert report["after"] == evaluate_reward_model(model, tokenizer, load_preference_dataset("wordnet-definitions",
                                                                                               "test", 3))
+
+
+def test_judge_option_compares_greedy_answers_with_trustjudge(tmp_path):
+    from prefalign.generation import generate
+    from prefalign.judges.judge import TrustJudge
+
+    model_dir = tmp_path / "model"
+    base = load_model("tiny-causal-lm")
+    perturbed_copy(base, seed=5, scale=0.3).save_pretrained(model_dir)
+    load_processing_class("tiny-causal-lm").save_pretrained(model_dir)
+    report = eval_main(["--model", str(model_dir), "--base", "tiny-causal-lm", "--dataset", "wordnet-definitions",
+                        "--max-samples", "3", "--judge", "--judge-model", "tiny-causal-lm", "--judge-prompts", "2",
+                        "--max-new-tokens", "4"])
+    # the same verdicts by hand: greedy answers of both models, judged in both orders by the judge
+    tokenizer = load_processing_class("tiny-causal-lm")
+    prompts = load_preference_dataset("wordnet-definitions", "test", 2)["prompt"]
+    trained = load_model(str(model_dir))
+    answers = [a[0] for a in generate(trained, tokenizer, prompts, max_new_tokens=4, do_sample=False, progress=False)]
+    base_answers = [a[0] for a in generate(base, tokenizer, prompts, max_new_tokens=4, do_sample=False,
+                                           progress=False)]
+    judge = TrustJudge(load_model("tiny-causal-lm"), tokenizer)
+    verdicts = [judge.compare(p, a, b).verdict for p, a, b in zip(prompts, answers, base_answers)]
+    assert report["judge"] == {"model": "tiny-causal-lm", "prompts": 2, "wins": verdicts.count("first"),
+                               "ties": verdicts.count("tie"), "losses": verdicts.count("second"),
+                               "win_rate": (verdicts.count("first") + 0.5 * verdicts.count("tie")) / 2}
