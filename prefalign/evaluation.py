@@ -153,7 +153,14 @@ def evaluate_preferences(model, base, processing_class, dataset, beta: float = 0
     base.eval()
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = [tokenize_pair(processing_class, dataset[i]) for i in range(len(dataset))]
+    pairs, problems = [], []
+    for i in range(len(dataset)):
+        try:
+            pairs.append(tokenize_pair(processing_class, dataset[i]))
+        except ValueError as error:  # phrase tags that cannot be aligned, completions not found in their tokens
+            problems.append(f"  row {i}, columns 'chosen'/'rejected': {error}")
+    if problems:
+        raise ValueError(f"{len(problems)} of {len(dataset)} pairs cannot be evaluated:\n" + "\n".join(problems[:10]))
     totals: dict[str, list[float]] = {k: [] for k in ("reward_margin", "kl_chosen", "reward_correct", "logp_correct")}
     phrase_reward, phrase_logp, tagged = [], [], 0
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, disable=not progress):

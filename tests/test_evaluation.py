@@ -257,3 +257,14 @@ def test_judge_option_compares_greedy_answers_with_trustjudge(tmp_path):
     assert report["judge"] == {"model": "tiny-causal-lm", "prompts": 2, "wins": verdicts.count("first"),
                                "ties": verdicts.count("tie"), "losses": verdicts.count("second"),
                                "win_rate": (verdicts.count("first") + 0.5 * verdicts.count("tie")) / 2}
+
+
+def test_bad_rows_and_image_data_are_refused_naming_them(models):
+    model, base, tokenizer = models
+    rows = _rows(True)
+    rows[1]["rejected"] = [{"role": "assistant", "content": "To move <MASK>slowly on foot."}]  # unclosed tag
+    with pytest.raises(ValueError, match=r"1 of 3 pairs cannot be evaluated:\n  row 1, columns 'chosen'/'rejected'"):
+        evaluate_preferences(model, base, tokenizer, Dataset.from_list(rows), progress=False)
+    with_images = Dataset.from_list([{**row, "images": []} for row in _rows(False)])
+    with pytest.raises(NotImplementedError, match="text pairs"):
+        evaluate_preferences(model, base, tokenizer, with_images, progress=False)
