@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import REPO, accelerate_launch, perturbed_copy
 from datasets import Dataset
+from packing_driver import SHAPES as DRIVER_SHAPES
+from packing_driver import pairs
 from peft import LoraConfig
 
 import prefalign.trainers.preference as preference
@@ -22,8 +24,7 @@ from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               per_device_train_batch_size=4, logging_steps=1, seed=0, max_length=256)
-# (prompt words, chosen filler words, rejected filler words): very unequal prompt+completion lengths
-SHAPES = [(2, 45, 1), (30, 1, 6), (1, 2, 55), (12, 8, 8)]
+SHAPES = DRIVER_SHAPES[:4]  # (prompt, chosen, rejected filler words): very unequal prompt+completion lengths
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,7 @@ def tokenizer():
 
 
 def _pairs() -> Dataset:
-    return Dataset.from_list([{"prompt": "Question " + "about things " * p,
-                               "chosen": "It is " + "really " * c + "<MASK>a good answer</MASK> here.",
-                               "rejected": "It is " + "rather " * r + "<MASK>a bad reply</MASK> here."}
-                              for p, c, r in SHAPES])
+    return pairs().select(range(len(SHAPES)))
 
 
 def _anchor_rows() -> Dataset:

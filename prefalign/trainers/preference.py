@@ -88,7 +88,7 @@ class ReplayModel:
         """The stored outputs for a fused-head call, else the real model's forward."""
         if fused_lm_head:
             return self.outputs
-        return self.model(*args, **kwargs)
+        return self.model(*args, **{k: v for k, v in kwargs.items() if k not in NON_MODEL_KEYS})
 
 
 def completion_log_probs(model, inputs: dict[str, Any], packed: bool = False, capacity: int | None = None,

@@ -270,9 +270,11 @@ class RRPOTrainer(PreferenceTrainer):
             raise TypeError("RRPOTrainer needs map-style datasets (phrases are aligned before training)")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
 
-        def with_spans(dataset, name):
-            return add_phrase_spans(video_frames_as_images(dataset), tokenizer, args.drop_unaligned, name,
-                                    args.dataset_num_proc)
+        def with_spans(dataset, name):  # vision data only: TRL collates it raw and skips `_prepare_dataset`
+            dataset = video_frames_as_images(dataset)
+            if not {"image", "images"} & set(dataset.column_names):
+                return dataset  # text: `_prepare_dataset` adds the spans, as for `evaluate` and the diagnostics
+            return add_phrase_spans(dataset, tokenizer, args.drop_unaligned, name, args.dataset_num_proc)
 
         train_dataset = with_spans(train_dataset, "train")
         if isinstance(eval_dataset, dict | DatasetDict):
