@@ -322,15 +322,16 @@ def training_report(output_dir: str | Path, base_name: str, dataset_name: str, s
     report: dict[str, Any] = {"output_dir": str(output_dir), "base": base_name, "dataset": dataset_name, "split": split}
     if is_reward_model(str(output_dir)):
         model, processing_class = load_reward_model(str(output_dir))
+        model = _on_device(model)
         from prefalign.trainers.reward_wintie import load_reward_model as load_base_reward_model
 
-        base = load_base_reward_model(base_name)
+        base = _on_device(load_base_reward_model(base_name))
         report["metrics"] = REWARD_METRICS
         report["before"] = evaluate_reward_model(base, processing_class, dataset, batch_size, progress=False)
         report["after"] = evaluate_reward_model(model, processing_class, dataset, batch_size, progress=False)
     else:
         model, processing_class = load_model_or_adapter(str(output_dir))
-        base = load_model(base_name)
+        model, base = _on_device(model), _on_device(load_model(base_name))
         base_processing = load_processing_class(base_name)
         report["metrics"] = PREFERENCE_METRICS
         report["before"] = evaluate_preferences(base, base, base_processing, dataset, beta, batch_size,
@@ -354,6 +355,13 @@ def training_report(output_dir: str | Path, base_name: str, dataset_name: str, s
 
 
 # ---- loading and the command ----------------------------------------------------------------------------------
+
+
+def _on_device(model):
+    """``model`` on this process's device (``prefalign.generation.process_device``: a GPU when there is one)."""
+    from prefalign.generation import process_device
+
+    return model.to(process_device())
 
 
 def is_reward_model(name_or_path: str) -> bool:
@@ -431,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.judge:
             parser.error("--judge compares generated answers; a reward model does not generate")
         model, processing_class = load_reward_model(args.model)
+        model = _on_device(model)
         dataset = validate_preference_dataset(dataset, None, source=f"{args.dataset}, split {args.split!r}")
         report["kind"] = "reward model"
         report.update(evaluate_reward_model(model, processing_class, dataset, args.batch_size))
@@ -440,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{args.model} is a full model: name its base with --base (the reference for the rewards "
                          "and the KL)")
         model, processing_class = load_model_or_adapter(args.model)
-        base = load_model(base_name)
+        model, base = _on_device(model), _on_device(load_model(base_name))
         dataset = validate_preference_dataset(dataset, processing_class, source=f"{args.dataset}, split {args.split!r}")
         report.update(kind="causal LM", base=base_name)
         report.update(evaluate_preferences(model, base, processing_class, dataset, args.beta, args.batch_size))
@@ -449,6 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             judge_name = args.judge_model or DEFAULT_CAUSAL_LM
             judge_model, judge_processing = load_model_or_adapter(judge_name)
+            judge_model = _on_device(judge_model)
             prompts = dataset["prompt"][: args.judge_prompts]
             answers = greedy_answers(model, processing_class, prompts, args.max_new_tokens)
             base_answers = greedy_answers(base, processing_class, prompts, args.max_new_tokens)
