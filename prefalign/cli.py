@@ -5,6 +5,7 @@
     prefalign eval --model M --dataset D [--base B] [--judge]   preference accuracy, margins, KL against the base
     prefalign judge score|compare|consistency --data FILE [--judge-model NAME]   TrustJudge over a data set
     prefalign models [--prepare NAME ...]         lists the embedded models; --prepare converts/caches them now
+    prefalign recipes                             lists the recipes and the folder holding them and their configs
     prefalign --version
 """
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("builder", choices=sorted(BUILDERS))
     sub.add_parser("eval", help="evaluate a trained model against its base on preference pairs", add_help=False)
     sub.add_parser("judge", help="TrustJudge: score | compare | consistency over a data file", add_help=False)
+    sub.add_parser("recipes", help="list the recipes and where they are (for accelerate launch and --config)")
     models = sub.add_parser("models", help="list or prepare the embedded models")
     models.add_argument("--prepare", nargs="*", default=None, metavar="NAME",
                         help="convert and cache these embedded models now (all when no name is given)")
@@ -68,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         from prefalign.judges.cli import main as judge_main
 
         judge_main(rest)
+    elif args.command == "recipes":
+        if rest:
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        print(f"recipes in {RECIPES_DIR} (configs in configs/, accelerate configs in accelerate/):")
+        print("  " + " ".join(_recipes()))
+        print(f"accelerate launch --config_file {RECIPES_DIR / 'accelerate' / 'ddp.yaml'} -m prefalign.cli train rrpo")
     elif args.command == "models":
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")

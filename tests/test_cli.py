@@ -31,3 +31,13 @@ def test_eval_of_a_full_model_needs_its_base(tmp_path):
         cli_main(["eval", "--model", "tiny-causal-lm", "--dataset", "wordnet-phrases", "--output",
                   str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_recipes_lists_every_recipe_and_its_folder(capsys):
+    from conftest import REPO
+
+    cli_main(["recipes"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"recipes in {REPO / 'recipes'} ")
+    assert lines[1].split() == sorted(p.stem for p in (REPO / "recipes").glob("*.py"))
+    assert (REPO / "recipes" / "accelerate" / "ddp.yaml").is_file() and "-m prefalign.cli train rrpo" in lines[2]
