@@ -153,7 +153,7 @@ def load_model_or_adapter(name_or_path: str, **kwargs) -> tuple[PreTrainedModel,
     """A causal LM and its processing class from a short name, hub id, full-model folder or LoRA adapter folder.
 
     An adapter folder (with ``adapter_config.json``) is merged into its base model, loaded by the adapter's
-    ``base_model_name_or_path``; the processing class is the adapter folder's own when it saved one, else the base's.
+    ``base_model_name_or_path``; the processing class is the base's (or the folder's own when it also holds a config.json).
     Extra ``kwargs`` go to ``from_pretrained`` (``dtype``, ...).
     """
     adapter_config = Path(name_or_path) / "adapter_config.json"
