@@ -159,7 +159,9 @@ def test_smollm2_converts_once_matches_gguf_and_reloads_from_the_cache(tmp_path,
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
     conversions = []
     convert = models._convert_smollm2
-    monkeypatch.setattr(models, "_convert_smollm2", lambda folder: (conversions.append(folder), convert(folder)))
+    # the registry holds the builder itself, so the spy replaces the registry entry
+    monkeypatch.setitem(models._BUILT_MODELS, "smollm2-135m-instruct",
+                        lambda folder: (conversions.append(folder), convert(folder)))
     model = load_model("smollm2-135m-instruct")
     tokenizer = load_processing_class("smollm2-135m-instruct")
     assert len(conversions) == 1  # converted on first use, once for the model and its tokenizer
@@ -180,7 +182,7 @@ def test_smollm2_converts_once_matches_gguf_and_reloads_from_the_cache(tmp_path,
     def converted_again(folder):
         raise AssertionError(f"the GGUF conversion ran again, into {folder}")
 
-    monkeypatch.setattr(models, "_convert_smollm2", converted_again)
+    monkeypatch.setitem(models._BUILT_MODELS, "smollm2-135m-instruct", converted_again)
     load_model("smollm2-135m-instruct")
     load_processing_class("smollm2-135m-instruct")
     assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == written
