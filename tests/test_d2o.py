@@ -2,6 +2,7 @@
 α = β, a float64 brute force from full logits through the trainer, PEFT and precomputed references, online anchor
 refresh, the recipe in 1 and 2 processes, and (slow) the embedded model learning to avoid held-out negatives."""
 
+import copy
 import math
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from conftest import REPO, accelerate_launch, log_history, perturbed_copy
 from datasets import Dataset
 from peft import LoraConfig
+from PIL import Image
 from tiny_models import tiny_model_path
 from trl import DPOConfig, DPOTrainer
 
@@ -335,3 +337,122 @@ def test_d2o_steps_lower_the_log_prob_of_held_out_negatives(tmp_path):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert logs[-1]["rewards/gap"] > logs[0]["rewards/gap"]
     assert after < before - 1.0  # nats per held-out negative, summed over its tokens
+
+
+# ---- vision: images and videos-as-frames on the tiny Qwen2-VL ------------------------------------------------------
+
+
+def _vision_rows(with_video: bool = False, k: int = 2, swap: bool = False) -> Dataset:
+    """Four prompts about a plain-coloured picture (or a 3-frame clip), each with a wrong caption and K anchors."""
+    rows = []
+    for rgb, colour in [((255, 0, 0), "red"), ((0, 0, 255), "blue"), ((0, 255, 0), "green"), ((9, 9, 9), "black")]:
+        frames = [Image.new("RGB", (56, 56), rgb) for _ in range(3 if with_video else 1)]
+        part = {"type": "video"} if with_video else {"type": "image"}
+        anchors = [f"It is {colour}.", "I see one colour.", "A plain picture."][:k]
+        rows.append({("video" if with_video else "images"): frames,
+                     "prompt": [{"role": "user", "content": [part, {"type": "text", "text": "What colour is it?"}]}],
+                     "rejected": [{"role": "assistant", "content": "It is a cat with a hat."}],
+                     "anchors": [[{"role": "assistant", "content": a}] for a in anchors]})
+    if swap:  # the pictures of rows 0 and 1 exchanged
+        rows[0]["images"], rows[1]["images"] = rows[1]["images"], rows[0]["images"]
+    return Dataset.from_list(rows)
+
+
+def _vision_d2o(tmp_path, dataset, model=None, ref=None, **config):
+    model = model if model is not None else perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2)
+    ref = ref if ref is not None else load_model("tiny-qwen2-vl")
+    args = D2OConfig(output_dir=str(tmp_path / "d2o-vlm"), **{"anchor_refresh_steps": 0, "num_anchors": 2,
+                                                              "max_length": None, **COMMON, **config})
+    return D2OTrainer(model, ref, args=args, train_dataset=dataset,
+                      processing_class=load_processing_class("tiny-qwen2-vl"))
+
+
+def _vision_sequence_logps(model, processor, row: dict, completion: list[dict]) -> torch.Tensor:
+    """Summed log-prob of one completion after one prompt with its images, from full logits in float64: the
+    sequence rendered and processed on its own (no batch, no padding)."""
+    images = row["images"]
+    prompt = [{**m, "content": [p for part in m["content"] for p in
+                                ([{"type": "image"}] * len(images) if part["type"] == "video" else [part])]}
+              for m in row["prompt"]]
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = processor.apply_chat_template(prompt + completion, tokenize=False)
+    assert full_text.startswith(prompt_text)
+    prompt_len = processor(text=[prompt_text], images=[images], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(text=[full_text], images=[images], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    ids = inputs["input_ids"]
+    logits = model(**inputs).logits[0, :-1].double().log_softmax(-1)
+    return logits.gather(-1, ids[0, 1:].unsqueeze(-1)).squeeze(-1)[prompt_len - 1 :].sum()
+
+
+@pytest.mark.parametrize("with_video", [False, True], ids=["images", "frames"])
+def test_vision_d2o_trains_and_encodes_each_prompt_k_plus_1_times(tmp_path, with_video):
+    """Images (and videos as frame lists) train; the vision tower runs once per forward, encoding each prompt's
+    images K+1 times for the policy and K+1 times for the reference (measured with a forward hook)."""
+    trainer = _vision_d2o(tmp_path, _vision_rows(with_video), model=load_model("tiny-qwen2-vl"), max_steps=2,
+                          learning_rate=1e-2)
+    frames = 3 if with_video else 1
+    encoded = {"policy": [], "ref": []}
+    def count(name):  # images encoded by one call of the vision tower: the rows of its grid_thw
+        return lambda module, args, kwargs, out: encoded[name].append(
+            (args[1] if len(args) > 1 else kwargs["grid_thw"]).shape[0])
+
+    hooks = [m.model.visual.register_forward_hook(count(name), with_kwargs=True)
+             for name, m in (("policy", trainer.model), ("ref", trainer.ref_model))]
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the first step
+    assert logs[1]["loss"] < logs[0]["loss"] - 1e-3
+    # 2 steps × one forward; each forward encodes B = 2 prompts × (K+1 = 3) sequences × frames images
+    assert len(encoded["policy"]) == 2 and len(encoded["ref"]) == 2
+    per_prompt = [n / (2 * frames) for n in encoded["policy"] + encoded["ref"]]
+    assert per_prompt == [3, 3, 3, 3]
+
+
+def test_vision_d2o_images_change_the_log_probs(tmp_path):
+    """Swapping the images of two rows changes their anchors' and negative's log-probs (and nothing else)."""
+    logps = []
+    for dataset in (_vision_rows(), _vision_rows(swap=True)):
+        trainer = _vision_d2o(tmp_path, dataset, model=load_model("tiny-qwen2-vl"), per_device_train_batch_size=4)
+        batch = _first_batch(trainer)
+        with torch.no_grad():
+            logps.append(trainer.sequence_log_probs(trainer.model, batch).per_token.sum(-1))
+    # layout [K anchors of rows 0..3, the 4 negatives]: rows 0 and 1 are sequences 0-3 and negatives 8, 9
+    moved = [0, 1, 2, 3, 8, 9]
+    kept = [4, 5, 6, 7, 10, 11]
+    assert (logps[0][moved] - logps[1][moved]).abs().min() > 1e-4
+    torch.testing.assert_close(logps[0][kept], logps[1][kept], rtol=0, atol=1e-5)
+
+
+def test_vision_d2o_loss_matches_a_float64_brute_force(tmp_path):
+    """The loss on a batch of images equals docs/methods/d2o.md computed in float64 from each sequence processed on
+    its own (its prompt's image, no padding) through copies of the policy and the reference."""
+    policy, ref = perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl")
+    rows = _vision_rows()
+    trainer = _vision_d2o(tmp_path, rows, policy, ref, beta=0.7, alpha=0.4)
+    batch = _first_batch(trainer)
+    assert batch["input_ids"].shape[0] == 2 * 3
+    with torch.no_grad():
+        got = trainer.compute_loss(trainer.model, batch).item()
+    processor = load_processing_class("tiny-qwen2-vl")
+    policy64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
+    losses = []
+    with torch.no_grad():
+        for row in rows.select(range(2)):
+            ratio = [_vision_sequence_logps(policy64, processor, row, c) - _vision_sequence_logps(ref64, processor,
+                                                                                                  row, c)
+                     for c in [*row["anchors"], row["rejected"]]]
+            gap = 0.7 / 2 * (ratio[0] + ratio[1]) - 0.4 * ratio[2]
+            losses.append(-torch.nn.functional.logsigmoid(gap))
+    expected = torch.stack(losses).mean().item()
+    assert abs(expected - math.log(2)) > 1e-3
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_vision_d2o_refuses_padding_free_and_online_anchors(tmp_path):
+    with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):
+        _vision_d2o(tmp_path, _vision_rows(), padding_free=True)
+    with pytest.raises(NotImplementedError, match="set anchor_refresh_steps=0"):
+        _vision_d2o(tmp_path, _vision_rows(), anchor_refresh_steps=1)

@@ -13,6 +13,13 @@ both forwards run on the sequences packed without padding (``prefalign.trainers.
 `ref_model`, the base model with the adapter disabled under PEFT, or precomputed log-probs; it serves as both π_r−
 (anchors) and π_r+ (negative), the paper's basic setting.
 
+Images and videos: rows with an `images` (or `image`) column, or a `video` column of frames (each frame becomes one
+image, `prefalign.data.video_frames_as_images`), are processed on the fly by `DataCollatorForVisionAnchors`; the K
+anchors and the negative of a prompt carry its images in the same single batched forward, and the vision tower
+encodes each prompt's images K+1 times per forward (policy and reference each; measured in tests/test_d2o.py).
+With images, anchors are the stored ones only (`anchor_refresh_steps=0`), and `padding_free` and
+`precompute_ref_log_probs` are refused at start.
+
 Online anchors: from global step `anchor_warmup_steps` on, every `anchor_refresh_steps` steps, the prompts of that
 step's batch get K new anchors sampled from the current policy (`prefalign.generation.generate`), which replace
 their stored anchors from then on (later epochs too). Under several processes each rank samples, with its own seed,
@@ -32,11 +39,11 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import DPOConfig
-from trl.data_utils import _tokenize, common_prefix_length
+from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, prepare_multimodal_messages
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import global_then_local_main_first, pad
+from trl.trainer.utils import flush_left, global_then_local_main_first, pad
 
-from prefalign.data import PreferenceDataError, validate_preference_dataset
+from prefalign.data import PreferenceDataError, validate_preference_dataset, video_frames_as_images
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
 from prefalign.trainers import papers
@@ -158,6 +165,56 @@ class DataCollatorForAnchors:
         return batch
 
 
+@dataclass
+class DataCollatorForVisionAnchors:
+    """Processes raw rows {prompt, rejected, anchors (K), images} on the fly (as TRL's
+    `DataCollatorForVisionPreference`) into one batch of B·(K+1) sequences in `DataCollatorForAnchors`' order; each
+    sequence carries its prompt's images, so `pixel_values` holds every row's images K+1 times (the vision tower
+    encodes each prompt's images K+1 times per forward). Keep-start truncation to `max_length`."""
+
+    processor: Any
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        num_anchors = len(examples[0]["anchors"])
+        if any(len(example["anchors"]) != num_anchors for example in examples):
+            raise ValueError(f"every row of a batch needs the same number of anchors; got "
+                             f"{[len(example['anchors']) for example in examples]}")
+        tokenizer = self.processor.tokenizer
+        order = [i for i in range(len(examples)) for _ in range(num_anchors)] + list(range(len(examples)))
+        completions = [a for e in examples for a in e["anchors"]] + [e["rejected"] for e in examples]
+        images = [e["images"] if "images" in e else [e["image"]] for e in examples]
+        prompts = [examples[i]["prompt"] for i in order]
+        if isinstance(prompts[0], list):  # conversational: the chat template renders prompt and completion
+            rendered = [apply_chat_template({"prompt": prepare_multimodal_messages(prompt, images=images[i]),
+                                             "completion": prepare_multimodal_messages(completion)}, self.processor)
+                        for prompt, completion, i in zip(prompts, completions, order)]
+            prompts, completions = [r["prompt"] for r in rendered], [r["completion"] for r in rendered]
+        else:
+            eos = tokenizer.eos_token
+            completions = [c if c.endswith(eos) else c + eos for c in completions]
+        all_images = [images[i] for i in order]
+        processed = self.processor(images=None if all(not x for x in all_images) else all_images, text=prompts,
+                                   padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        completion = tokenizer(completions, padding=True, padding_side="right", return_tensors="pt",
+                               add_special_tokens=False)
+        prompt_mask = processed["attention_mask"]
+        input_ids = torch.cat((processed["input_ids"], completion["input_ids"]), dim=1)
+        attention_mask = torch.cat((prompt_mask, completion["attention_mask"]), dim=1)
+        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion["attention_mask"]), dim=1)
+        extra = [k for k in ("token_type_ids", "mm_token_type_ids") if k in processed]
+        extras = [torch.cat((processed[k], torch.zeros_like(completion["input_ids"])), dim=1) for k in extra]
+        attention_mask, input_ids, completion_mask, *extras = flush_left(attention_mask, input_ids, completion_mask,
+                                                                        *extras)
+        keep = slice(None, self.max_length)
+        batch = dict(processed)
+        batch.update(input_ids=input_ids[:, keep], attention_mask=attention_mask[:, keep],
+                     completion_mask=completion_mask[:, keep], **{k: v[:, keep] for k, v in zip(extra, extras)})
+        if "row_index" in examples[0]:
+            batch["row_index"] = torch.tensor([e["row_index"] for e in examples])
+        return batch
+
+
 def check_anchor_rows(dataset: Dataset, num_anchors: int, name: str = "train") -> None:
     """Raise PreferenceDataError naming row and column unless every row has a prompt, a non-empty `rejected` and
     exactly `num_anchors` anchors in the format of `rejected`."""
@@ -208,9 +265,17 @@ class D2OTrainer(PreferenceTrainer):
         datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
         if any(isinstance(d, IterableDataset) for d in datasets):
             raise TypeError("D2OTrainer needs map-style datasets (anchors are refreshed by row)")
-        if any(d is not None and {"image", "images"} & set(d.column_names) for d in datasets):
-            raise NotImplementedError("D2OTrainer supports text data only; image columns are not supported yet")
         refresh = args.anchor_refresh_steps > 0
+        vision = any(d is not None and {"image", "images", "video"} & set(d.column_names) for d in datasets)
+        if vision:  # TRL collates vision rows raw (no _prepare_dataset): check and index them here
+            if refresh:
+                raise NotImplementedError("D2OTrainer with images or videos trains on stored anchors only (online "
+                                          "sampling with images is not implemented): set anchor_refresh_steps=0")
+            train_dataset = self._vision_rows(train_dataset, args, "train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._vision_rows(d, args, k) for k, d in eval_dataset.items()}
+            elif eval_dataset is not None:
+                eval_dataset = self._vision_rows(eval_dataset, args, "eval")
         if args.precompute_ref_log_probs and refresh and ref_model is None and peft_config is None \
                 and not is_peft_model(model):
             raise ValueError("precompute_ref_log_probs with online anchors (anchor_refresh_steps > 0) needs a "
@@ -218,7 +283,9 @@ class D2OTrainer(PreferenceTrainer):
                              "anchor_refresh_steps=0")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
-        if data_collator is None:
+        if data_collator is None and vision:
+            data_collator = DataCollatorForVisionAnchors(processing_class, args.max_length)
+        elif data_collator is None:
             data_collator = DataCollatorForAnchors(tokenizer.convert_tokens_to_ids(pad_token), args.max_length,
                                                    args.pad_to_multiple_of)
         self._anchor_store: dict[int, dict[str, list]] = {}  # train row → refreshed anchor_ids (+ ref log-probs)
@@ -228,6 +295,15 @@ class D2OTrainer(PreferenceTrainer):
         super().__init__(model, ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
+
+    @staticmethod
+    def _vision_rows(dataset, args, name):
+        """A vision dataset with videos as frame images, checked anchors and a `row_index` column."""
+        if dataset is None:
+            return None
+        dataset = video_frames_as_images(dataset)
+        check_anchor_rows(dataset, args.num_anchors, name)
+        return dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Check the anchors, then tokenise like TRL: `prompt_ids`, `rejected_ids`, `anchor_ids` (K lists) and a
@@ -261,7 +337,8 @@ class D2OTrainer(PreferenceTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = [*self._signature_columns, "anchor_ids", "row_index"]
+        raw = ["anchors"] if self._is_vision_dataset else []  # vision rows are collated raw
+        self._signature_columns = [*self._signature_columns, *raw, "anchor_ids", "row_index"]
 
     def _split(self, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence values of a [B·(K+1)] batch → anchors [B,K], negatives [B]."""
