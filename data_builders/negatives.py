@@ -14,6 +14,11 @@ stored prompt is the original one. A prompt with an anchor cut off at `--max-new
 and counted, since D²O would train the cut-off text as a complete answer (`--keep-truncated` keeps it). The command loads
 the `--model` onto the process's device (the GPU when there is one); `build_anchors` takes the loaded model.
 
+Prompts with images: an `images` (or `image`) column, or a `video` column of frames (each frame becomes one image,
+as the trainers read it), is passed with the prompt to the model's processor for sampling and carried through: the
+images are written as PNG files in `<output>.images/` and the rows name them by absolute path in an `images`
+column, which the D²O trainer reads back.
+
 The build is resumable and atomic: prompts are processed in shards of `--shard-size`, each finished shard is saved
 in `<output>.shards/`, a restarted build samples only the missing shards, and `<output>` itself appears (renamed from
 a temporary file) only when every shard is done. Shard i is sampled with seed `seed + i`, so an interrupted and
@@ -35,7 +40,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.data import load_preference_dataset, validate_preference_dataset, video_frames_as_images
 from prefalign.files import ShardStore, check_settings, write_jsonl
 from prefalign.generation import generate, load_for_generation
 from prefalign.models import DEFAULT_CAUSAL_LM
@@ -55,6 +60,32 @@ def settings_path(output: Path) -> Path:
 def shards_path(output: Path) -> Path:
     """Where the finished shards of an unfinished build of ``output`` are kept: ``<output>.shards/``."""
     return output.with_name(output.name + ".shards")
+
+
+def images_path(output: Path) -> Path:
+    """Where the images of the rows of ``output`` are written: ``<output>.images/``."""
+    return output.with_name(output.name + ".images")
+
+
+def row_images(row: dict) -> list:
+    """The images of a row: its `images` list, or its single `image` ([] when it has neither)."""
+    return list(row["images"]) if "images" in row else [row["image"]] if "image" in row else []
+
+
+def saved_images(images: list, folder: Path, row: int, write: bool) -> list[str]:
+    """Absolute paths of ``images`` (PIL images written as ``row<row>-<j>.png`` in ``folder`` when ``write``; paths
+    kept as they are)."""
+    paths = []
+    for j, image in enumerate(images):
+        if isinstance(image, str):
+            paths.append(image)
+            continue
+        path = folder / f"row{row:07d}-{j}.png"
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        paths.append(str(path.resolve()))
+    return paths
 
 
 def _as_completion(text: str, like: str | list) -> str | list:
@@ -99,7 +130,8 @@ def build_anchors(
     """
     if num_anchors < 1 or shard_size < 1:
         raise ValueError(f"num_anchors ({num_anchors}) and shard_size ({shard_size}) must be ≥ 1")
-    dataset = validate_preference_dataset(dataset, required=("prompt", "rejected"))
+    dataset = video_frames_as_images(validate_preference_dataset(dataset, required=("prompt", "rejected")))
+    vision = bool({"image", "images"} & set(dataset.column_names))
     output = Path(output)
     is_main = True
     if distributed:
@@ -136,7 +168,8 @@ def build_anchors(
     todo = store.missing(num_shards)
     if len(todo) < num_shards:
         logger.info("%s: resuming, %d of %d shard(s) already sampled", output, num_shards - len(todo), num_shards)
-    extra_columns = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", "anchors")]
+    extra_columns = [c for c in dataset.column_names
+                     if c not in ("prompt", "chosen", "rejected", "anchors", "image", "images")]
     if "chosen" in dataset.column_names:
         logger.info("the 'chosen' column is not written: D²O trains on negatives and self-generated anchors only")
 
@@ -148,9 +181,10 @@ def build_anchors(
                                    batch_size=batch_size, seed=seed + shard_index, instruction=instruction,
                                    progress=progress and is_main, return_finished=True,
                                    split_across_processes=distributed,
+                                   images=[row_images(row) for row in shard] if vision else None,
                                    desc=f"Sampling anchors, shard {shard_index + 1}/{num_shards}")
         rows, counts = [], {"empty": 0, "truncated_anchors": 0, "dropped_prompts": 0}
-        for row, anchors, flags in zip(shard, texts, finished):
+        for offset, (row, anchors, flags) in enumerate(zip(shard, texts, finished)):
             counts["empty"] += sum(not text for text in anchors)
             counts["truncated_anchors"] += sum(not flag for flag in flags)
             if not all(flags) and not keep_truncated:
@@ -158,6 +192,8 @@ def build_anchors(
                 continue
             rows.append({"prompt": row["prompt"], "rejected": row["rejected"],
                          "anchors": [_as_completion(text, row["rejected"]) for text in anchors],
+                         **({"images": saved_images(row_images(row), images_path(output), shard_start + offset,
+                                                    write=is_main)} if vision else {}),
                          **{c: row[c] for c in extra_columns}})
         if is_main:
             store.save(shard_index, {"rows": rows, "counts": counts})

@@ -114,6 +114,7 @@ def generate(
     backend: str = "transformers",
     return_finished: bool = False,
     split_across_processes: bool = False,
+    images: Sequence[list] | None = None,
 ) -> list[list[str]] | tuple[list[list[str]], list[list[bool]]]:
     """``num_return_sequences`` responses (stripped text, special tokens removed) to each prompt, in input order;
     with ``return_finished``, also a flag per response: True when it ended with an end token before the limit.
@@ -126,6 +127,9 @@ def generate(
     ``do_sample=False`` is greedy decoding and allows one sequence per prompt only. ``backend``: "transformers"
     (default) or "vllm" (one engine per model path, kept for later calls until ``close_vllm_engines``). ``split_across_processes``: a collective call, every process passes the same prompts,
     generates its share of the batches on its own device, and all get every answer (identical to one process).
+    ``images``: one list of images (PIL images or file paths) per prompt, for a vision-language model; the
+    ``processing_class`` must then be its processor, chat prompts hold one ``{"type": "image"}`` part per image
+    (transformers backend only).
     """
     if num_return_sequences < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"generate: num_return_sequences ({num_return_sequences}), batch_size ({batch_size}) and "
@@ -138,6 +142,8 @@ def generate(
     if processing_class is None:
         raise ValueError("generate: pass the model's processing_class (tokenizer or processor)")
     if backend == "vllm":
+        if images is not None:
+            raise ValueError("generate: images are supported by backend='transformers' only")
         check_vllm_available()
         if not isinstance(model, str):
             raise ValueError("generate: backend='vllm' needs the model's folder or hub id, not a loaded model (vLLM "
@@ -157,6 +163,9 @@ def generate(
         logger.warning("generate: the model is on the CPU while this process has %s; generation runs on the CPU "
                        "(move the model with .to(process_device()) first)", process_device())
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if images is not None and (len(images) != len(prompts) or not hasattr(processing_class, "image_processor")):
+        raise ValueError(f"generate: images needs one list per prompt ({len(images)} for {len(prompts)} prompts) and "
+                         f"the model's processor (got {type(processing_class).__name__})")
     ids = prompt_token_ids(processing_class, [with_instruction(p, instruction) for p in prompts])
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable: ties keep input order
     batches = [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
@@ -176,12 +185,17 @@ def generate(
             for b in mine:
                 torch.manual_seed(_batch_seed(seed, b))
                 batch = batches[b]
-                width = max(len(ids[i]) for i in batch)
-                input_ids = torch.tensor([[pad_id] * (width - len(ids[i])) + ids[i] for i in batch])
-                attention_mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
+                if images is None:
+                    width = max(len(ids[i]) for i in batch)
+                    input_ids = torch.tensor([[pad_id] * (width - len(ids[i])) + ids[i] for i in batch])
+                    attention_mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
+                    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                else:
+                    inputs = _vision_inputs(processing_class, [with_instruction(prompts[i], instruction)
+                                                               for i in batch], [images[i] for i in batch])
+                    width = inputs["input_ids"].shape[1]
                 output = model.generate(
-                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                    max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
+                    **{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                     pad_token_id=pad_id, **sampling,
                 )
                 new = output[:, width:].cpu()
@@ -206,6 +220,17 @@ def generate(
         results[index], finished[index] = texts, ended
     _log_truncated(finished, max_new_tokens, desc)
     return (results, finished) if return_finished else results
+
+
+def _vision_inputs(processor: Any, prompts: list[Prompt], images: list[list]) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts with their images, processed as TRL's vision collators process prompts."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    texts = [processor.apply_chat_template(prepare_multimodal_messages(p, images=list(im)), tokenize=False,
+                                           add_generation_prompt=True) if isinstance(p, list) else p
+             for p, im in zip(prompts, images)]
+    return dict(processor(text=texts, images=None if all(not im for im in images) else [list(im) for im in images],
+                          padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False))
 
 
 def _process_index() -> int:

@@ -179,3 +179,70 @@ def test_d2o_recipe_refuses_to_sample_anchors_under_zero3(negatives_rows, monkey
     monkeypatch.setattr(recipe, "is_deepspeed_zero3_enabled", lambda: True)
     with pytest.raises(ValueError, match="build them first"):
         recipe.with_anchors(negatives_rows, "train", None, None, None)
+
+
+# ---- prompts with images (tiny Qwen2-VL) ----------------------------------------------------------------------------
+
+
+def _vision_negatives(with_video: bool = False, swap: bool = False):
+    from datasets import Dataset
+    from PIL import Image
+
+    rows = []
+    for rgb in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]:
+        frames = [Image.new("RGB", (56, 56), rgb) for _ in range(2 if with_video else 1)]
+        part = {"type": "video"} if with_video else {"type": "image"}
+        rows.append({("video" if with_video else "images"): frames, "source": f"rgb{rgb}",
+                     "prompt": [{"role": "user", "content": [part, {"type": "text", "text": "Describe it."}]}],
+                     "rejected": [{"role": "assistant", "content": "A cat in a hat."}]})
+    if swap:
+        rows[0]["images"], rows[1]["images"] = rows[1]["images"], rows[0]["images"]
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    return load_model("tiny-qwen2-vl"), load_processing_class("tiny-qwen2-vl")
+
+
+def test_vision_anchors_carry_the_images_and_the_model_sees_them(tmp_path, tiny_vlm):
+    """Images are written beside the output and named by path; swapping two rows' images changes their sampled
+    anchors (same seed, same batches), and leaves the third row's unchanged."""
+    from PIL import Image
+
+    model, processor = tiny_vlm
+    options = {**OPTIONS, "shard_size": 3, "batch_size": 3}
+    built = build_anchors(_vision_negatives(), tmp_path / "a.jsonl", model, processor, **options)
+    swapped = build_anchors(_vision_negatives(swap=True), tmp_path / "b.jsonl", model, processor, **options)
+    rows = _rows(tmp_path / "a.jsonl")
+    assert [r["source"] for r in rows] == ["rgb(255, 0, 0)", "rgb(0, 0, 255)", "rgb(0, 255, 0)"]
+    for row, rgb in zip(rows, [(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        assert len(row["images"]) == 1 and len(row["anchors"]) == 3
+        assert Image.open(row["images"][0]).convert("RGB").getpixel((10, 10)) == rgb
+    assert built["anchors"][0] != swapped["anchors"][0] and built["anchors"][1] != swapped["anchors"][1]
+    assert built["anchors"][2] == swapped["anchors"][2]
+
+
+def test_vision_anchors_round_trip_into_d2o(tmp_path, tiny_vlm):
+    """Anchors built for prompts given as video frames are read back by D2OTrainer, which trains on them."""
+    import math
+
+    from prefalign.trainers.d2o import D2OConfig, D2OTrainer
+
+    model, processor = tiny_vlm
+    build_anchors(_vision_negatives(with_video=True), tmp_path / "v.jsonl", model, processor,
+                  **{**OPTIONS, "num_anchors": 2})
+    dataset = load_preference_dataset(str(tmp_path / "v.jsonl"))
+    assert [len(images) for images in dataset["images"]] == [2, 2, 2]
+    assert [part["type"] for part in dataset[0]["prompt"][0]["content"]] == ["image", "image", "text"]
+    args = D2OConfig(output_dir=str(tmp_path / "d2o"), num_anchors=2, anchor_refresh_steps=0, max_steps=2,
+                     learning_rate=1e-2, max_length=None, report_to="none", bf16=False, use_cpu=True,
+                     gradient_checkpointing=False, save_strategy="no", per_device_train_batch_size=1, logging_steps=1,
+                     seed=0)
+    trainer = D2OTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=args, train_dataset=dataset,
+                         processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["image_grid_thw"].shape[0] == 3 * 2  # K+1 sequences × 2 frames
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] != losses[0]
