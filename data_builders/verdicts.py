@@ -10,6 +10,10 @@ verdict; `verdict`, `pair_index` (the source row), `chosen_first`, `question`, `
 evaluation. Rows are validated first (missing columns, empty completions, chosen == rejected name row and column).
 The output is written under a temporary name and renamed when complete: an interrupted build leaves no partial file,
 and running it again gives exactly the uninterrupted output (the build is deterministic).
+
+Pairs with images (an `images` or `image` column, or a `video` column of frames, which becomes one image per frame)
+keep them: both rows of a pair get the pair's `images`, and the judge conversation stays text (the SFT and reward
+model collators put the image placeholders before the user turn, as TRL's `prepare_multimodal_messages` does).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from prefalign.data import load_preference_dataset, validate_preference_dataset
+from prefalign.data import load_preference_dataset, validate_preference_dataset, video_frames_as_images
 from prefalign.files import save_dataset
 from prefalign.messages import conversation_text
 from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
@@ -31,12 +35,17 @@ logger = logging.getLogger("data_builders.verdicts")
 
 def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, drop_invalid: bool = False) -> Dataset:
     """Two verdict rows per preference pair (chosen first → "1", rejected first → "2"), in the pairs' order."""
-    dataset = validate_preference_dataset(dataset, drop_invalid=drop_invalid)
+    dataset = video_frames_as_images(validate_preference_dataset(dataset, drop_invalid=drop_invalid))
+    image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
 
     def both_orders(batch: dict, indices: list[int]) -> dict:
         out: dict[str, list] = {k: [] for k in ("prompt", "completion", "verdict", "pair_index", "chosen_first",
                                                 "question", "response_1", "response_2")}
-        for index, prompt, chosen, rejected in zip(indices, batch["prompt"], batch["chosen"], batch["rejected"]):
+        if image_column:
+            out["images"] = []
+        images = batch[image_column] if image_column else [None] * len(indices)
+        for index, prompt, chosen, rejected, pictures in zip(indices, batch["prompt"], batch["chosen"],
+                                                             batch["rejected"], images):
             question, chosen, rejected = conversation_text(prompt), conversation_text(chosen), conversation_text(rejected)
             for first, second, verdict in ((chosen, rejected, VERDICT_LABELS[0]), (rejected, chosen, VERDICT_LABELS[1])):
                 out["prompt"].append(verdict_prompt(question, first, second, template))
@@ -47,6 +56,8 @@ def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, dr
                 out["question"].append(question)
                 out["response_1"].append(first)
                 out["response_2"].append(second)
+                if image_column:
+                    out["images"].append(list(pictures) if image_column == "images" else [pictures])
         return out
 
     built = dataset.map(both_orders, batched=True, with_indices=True, remove_columns=dataset.column_names,

@@ -191,7 +191,7 @@ def generate(
                     attention_mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
                     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
                 else:
-                    inputs = _vision_inputs(processing_class, [with_instruction(prompts[i], instruction)
+                    inputs = vision_prompt_inputs(processing_class, [with_instruction(prompts[i], instruction)
                                                                for i in batch], [images[i] for i in batch])
                     width = inputs["input_ids"].shape[1]
                 output = model.generate(
@@ -222,7 +222,7 @@ def generate(
     return (results, finished) if return_finished else results
 
 
-def _vision_inputs(processor: Any, prompts: list[Prompt], images: list[list]) -> dict[str, torch.Tensor]:
+def vision_prompt_inputs(processor: Any, prompts: list[Prompt], images: list[list]) -> dict[str, torch.Tensor]:
     """A left-padded batch of prompts with their images, processed as TRL's vision collators process prompts."""
     from trl.data_utils import prepare_multimodal_messages
 

@@ -209,7 +209,7 @@ def _ppo_batch(tmp_path, rm, tokenizer, pairs, advantage, k=4):
     batch = next(iter(trainer.get_train_dataloader()))
     contexts = []
     original = rm.prompt_verdict_logits
-    rm.prompt_verdict_logits = lambda prompts: contexts.append(len(prompts)) or original(prompts)
+    rm.prompt_verdict_logits = lambda prompts, images=None: contexts.append(len(prompts)) or original(prompts, images)
     try:
         output = trainer._generate_and_score_completions(batch)
     finally:
@@ -338,3 +338,97 @@ def test_pairwise_ppo_recipe_two_processes(tmp_path, tokenizer):
         assert last["advantages"] == pytest.approx([r - 0.5 for r in rewards], abs=1e-5)
         assert max(abs(r - 0.5) for r in rewards) > 1e-4  # the rewards are not all ½: the check is not vacuous
         assert len(logs) == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+# ---- images (tiny Qwen2-VL) -----------------------------------------------------------------------------------------
+
+
+def _picture(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (56, 56, 3), dtype=np.uint8))
+
+
+def _vision_pairs(with_video: bool = False) -> Dataset:
+    rows = []
+    for seed in range(3):
+        media = {"video": [_picture(seed), _picture(seed + 10)]} if with_video else {"images": [_picture(seed)]}
+        rows.append({**media, "prompt": [{"role": "user", "content": "What is in the picture?"}],
+                     "chosen": [{"role": "assistant", "content": f"Noise number {seed}."}],
+                     "rejected": [{"role": "assistant", "content": "A dog."}]})
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    from conftest import perturbed_copy
+
+    return perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.3), load_processing_class("tiny-qwen2-vl")
+
+
+def _verdict_logits_alone(model, processor, prompt, images) -> torch.Tensor:
+    """Verdict-position logits of one judge conversation with its images, processed on its own, in float64."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    text = processor.apply_chat_template(prepare_multimodal_messages(prompt, images=images), tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[images], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return copy.deepcopy(model).double()(**inputs).logits[0, -1]
+
+
+def test_vision_verdicts_keep_the_images_and_the_rm_judges_with_them(vlm):
+    """Both verdict rows of a pair carry its images (video frames as images); the RM's verdict logits with images equal
+    each context processed alone in float64, the images change them, and the reward of a response against an anchor
+    with images is ½·[P(y ≻ a) + 1 − P(a ≻ y)] from those single forwards."""
+    model, processor = vlm
+    verdicts = build_verdict_examples(_vision_pairs(with_video=True))
+    assert len(verdicts) == 6 and [len(images) for images in verdicts["images"]] == [2] * 6
+    assert verdicts[0]["images"][0].tobytes() == verdicts[1]["images"][0].tobytes() == _picture(0).tobytes()
+    assert verdicts[2]["images"][1].tobytes() == _picture(11).tobytes()
+
+    rm = PairwiseRewardModel(model, processor, batch_size=2)
+    prompts, images = verdicts["prompt"], verdicts["images"]
+    got = rm.prompt_verdict_logits(prompts, images)
+    with torch.no_grad():
+        expected = torch.stack([_verdict_logits_alone(model, processor, p, i)[rm.verdict_ids]
+                                for p, i in zip(prompts, images)])
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+    swapped = rm.prompt_verdict_logits(prompts[:2], [images[2], images[0]])
+    assert (swapped - got[:2]).abs().max() > 1e-3
+
+    question, response, anchor = "What is in the picture?", "Noise.", "A dog."
+    reward = rm.reward([question], [response], [anchor], images=[images[0]]).item()
+    p = [torch.sigmoid(logits[0] - logits[1]).item() for logits in (
+        _verdict_logits_alone(model, processor, verdict_prompt(question, a, b), images[0])[rm.verdict_ids].detach()
+        for a, b in ((response, anchor), (anchor, response)))]
+    assert reward == pytest.approx(0.5 * (p[0] + 1 - p[1]), abs=1e-4)
+
+
+def test_vision_rm_trainer_loss_is_the_verdict_cross_entropy(tmp_path, vlm):
+    """On image verdict rows the training loss of a batch is the cross-entropy of the verdict token alone, computed
+    from each row's own float64 forward; a few steps train; padding_free is refused with images."""
+    model, processor = vlm
+    verdicts = build_verdict_examples(_vision_pairs())
+    args = PairwiseRMConfig(output_dir=str(tmp_path / "rm"), max_steps=2, learning_rate=1e-2,
+                            per_device_train_batch_size=2, max_length=None, train_sampling_strategy="sequential",
+                            **COMMON)
+    trainer = PairwiseRMTrainer(copy.deepcopy(model), args=args, train_dataset=verdicts, processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ((batch["labels"] != -100).sum(-1) == 1).all()  # the verdict token alone
+    with torch.no_grad():
+        got = trainer.model(**batch).loss.item()
+        verdict_ids = trainer.verdict_ids
+        expected = []
+        for row in verdicts.select(range(2)):
+            logits = _verdict_logits_alone(model, processor, row["prompt"], row["images"])
+            expected.append(-logits.log_softmax(-1)[verdict_ids[0 if row["verdict"] == "1" else 1]])
+    assert got == pytest.approx(torch.stack(expected).mean().item(), abs=1e-4)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and losses[1] != losses[0]
+    with pytest.raises(NotImplementedError, match="padding_free"):
+        PairwiseRMTrainer(copy.deepcopy(model), args=PairwiseRMConfig(output_dir=str(tmp_path / "pf"),
+                                                                      padding_free=True, **COMMON),
+                          train_dataset=verdicts, processing_class=processor)

@@ -14,6 +14,11 @@ position of the assistant's reply.
   P(#1 ≻ #2) (expected calibration error, Brier score) to SFT's loss.
 - ``PairwiseRewardModel`` wraps a trained (or any instruct) model: ``prob_first_better(q, a, b)`` and the position-
   consistent ``reward(q, y, anchor)``, batched; it is the reward of ``prefalign.trainers.pairwise_ppo``.
+
+Images (a vision-language model with its processor): verdict rows with an `images` column (``build_verdict_examples``
+keeps a pair's images, video frames as images) are collated by TRL's vision collator, whose labels
+``VerdictOnlyVisionCollator`` keeps on the verdict token alone; ``PairwiseRewardModel`` takes ``images`` (one list per
+context) and shows them before the judge text, in both orders.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from prefalign.generation import prompt_token_ids
+from prefalign.generation import prompt_token_ids, vision_prompt_inputs
 from prefalign.losses import pairwise_reward
 from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
 from prefalign.trainers import papers
@@ -81,8 +87,12 @@ class PairwiseRewardModel:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.verdict_ids = verdict_token_ids(processing_class)
 
-    def prompt_verdict_logits(self, prompts: Sequence[list[dict[str, str]]]) -> torch.Tensor:
-        """Verdict logits (first-better, second-better) of already rendered judge conversations: [N, 2] float32."""
+    def prompt_verdict_logits(self, prompts: Sequence[list[dict[str, str]]],
+                              images: Sequence[list] | None = None) -> torch.Tensor:
+        """Verdict logits (first-better, second-better) of already rendered judge conversations: [N, 2] float32.
+        ``images``: one list of images per conversation (shown before its text; needs the model's processor)."""
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"PairwiseRewardModel: {len(images)} image lists for {len(prompts)} contexts")
         ids = prompt_token_ids(self.processing_class, prompts)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding per batch
         logits = torch.empty(len(ids), 2)
@@ -93,11 +103,18 @@ class PairwiseRewardModel:
                 for start in tqdm(range(0, len(order), self.batch_size), desc="Pairwise RM", unit="batch",
                                   disable=not self.progress):
                     batch = order[start : start + self.batch_size]
+                    device = self.model.device
+                    if images is not None:  # the model places its own (multimodal) positions
+                        inputs = vision_prompt_inputs(self.processing_class, [prompts[i] for i in batch],
+                                                      [images[i] for i in batch])
+                        out = self.model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1,
+                                         use_cache=False)
+                        logits[batch] = out.logits[:, -1, self.verdict_ids].float().cpu()
+                        continue
                     width = max(len(ids[i]) for i in batch)
                     input_ids = torch.tensor([[self.pad_id] * (width - len(ids[i])) + ids[i] for i in batch])
                     mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch])
                     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                    device = self.model.device
                     out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                      position_ids=positions.to(device), logits_to_keep=1, use_cache=False)
                     logits[batch] = out.logits[:, -1, self.verdict_ids].float().cpu()
@@ -105,8 +122,10 @@ class PairwiseRewardModel:
             self.model.train(was_training)
         return logits
 
-    def verdict_logits(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> torch.Tensor:
-        """Verdict logits (first-better, second-better) for each (question, response #1, response #2): [N, 2]."""
+    def verdict_logits(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any],
+                       images: Sequence[list] | None = None) -> torch.Tensor:
+        """Verdict logits (first-better, second-better) for each (image(s), question, response #1, response #2):
+        [N, 2]."""
         for name, values in (("questions", questions), ("firsts", firsts), ("seconds", seconds)):
             if isinstance(values, str):
                 raise TypeError(f"PairwiseRewardModel: {name} must be a sequence of items, got one string")
@@ -114,20 +133,24 @@ class PairwiseRewardModel:
             raise ValueError(f"PairwiseRewardModel: {len(questions)} questions, {len(firsts)} first and "
                              f"{len(seconds)} second responses")
         return self.prompt_verdict_logits([verdict_prompt(q, a, b, self.template)
-                                           for q, a, b in zip(questions, firsts, seconds)])
+                                           for q, a, b in zip(questions, firsts, seconds)], images)
 
-    def prob_first_better(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any]) -> torch.Tensor:
-        """P(#1 ≻ #2) = sigmoid(z_1 − z_2) for each (question, response #1, response #2): [N]."""
-        logits = self.verdict_logits(questions, firsts, seconds)
+    def prob_first_better(self, questions: Sequence[Any], firsts: Sequence[Any], seconds: Sequence[Any],
+                          images: Sequence[list] | None = None) -> torch.Tensor:
+        """P(#1 ≻ #2) = sigmoid(z_1 − z_2) for each ((image(s),) question, response #1, response #2): [N]."""
+        logits = self.verdict_logits(questions, firsts, seconds, images)
         return torch.sigmoid(logits[:, 0] - logits[:, 1])
 
-    def reward(self, questions: Sequence[Any], responses: Sequence[Any], anchors: Sequence[Any]) -> torch.Tensor:
+    def reward(self, questions: Sequence[Any], responses: Sequence[Any], anchors: Sequence[Any],
+               images: Sequence[list] | None = None) -> torch.Tensor:
         """Position-consistent r(y) = ½·[P(y ≻ y*) + 1 − P(y* ≻ y)] of each response against its anchor: [N] in [0, 1].
 
-        Both orders of every pair go through the RM in the same batches: 2 contexts per response.
+        Both orders of every pair go through the RM in the same batches: 2 contexts per response, each with the
+        question's ``images`` when given.
         """
         n = len(responses)
-        logits = self.verdict_logits([*questions, *questions], [*responses, *anchors], [*anchors, *responses])
+        logits = self.verdict_logits([*questions, *questions], [*responses, *anchors], [*anchors, *responses],
+                                     None if images is None else [*images, *images])
         return pairwise_reward(logits[:n], logits[n:])
 
 
@@ -183,8 +206,9 @@ class PairwiseRMConfig(SFTConfig):
             only each example's first completion token is kept), `completion_only_loss=False` (the loss would
             start at the prompt's first token) and `assistant_only_loss=True` (the loss is on the verdict token
             whatever the assistant mask says), `dataset_kwargs={"skip_prepare_dataset": True}` (the verdict-only
-            labels are made in the preparation). Image data is refused too (SFT skips the preparation for it).
-            See docs/methods/pairwise_rl.md.
+            labels are made in the preparation). With image data (which SFT collates on the fly) the verdict-only
+            labels are made in the collator instead, and `padding_free=True` is refused. See
+            docs/methods/pairwise_rl.md.
     """
 
     calibration_bins: int = field(default=10, metadata={"help": "Bins of P(#1 ≻ #2) for the calibration error."})
@@ -206,6 +230,31 @@ class PairwiseRMConfig(SFTConfig):
                              "skip_prepare_dataset would skip keeping the verdict token alone.")
 
 
+@dataclass
+class VerdictOnlyVisionCollator(DataCollatorForVisionLanguageModeling):
+    """TRL's vision collator (prompt-completion rows with images), with the labels kept on each row's first
+    completion token, which must be a verdict token (an error names the row of the batch otherwise)."""
+
+    verdict_ids: Sequence[int] = ()
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        labels = batch["labels"]
+        kept = torch.full_like(labels, -100)
+        for row in range(labels.shape[0]):
+            positions = (labels[row] != -100).nonzero()
+            first = int(positions[0]) if len(positions) else None
+            if first is None or int(labels[row, first]) not in self.verdict_ids:
+                found = "no completion token (cut off by max_length?)" if first is None else \
+                    f"token {int(labels[row, first])}"
+                raise ValueError(f"batch row {row}, column 'completion': the completion must start with a verdict "
+                                 f"token {sorted(self.verdict_ids)}, found {found}; build the rows with "
+                                 "data_builders.verdicts.build_verdict_examples")
+            kept[row, first] = labels[row, first]
+        batch["labels"] = kept
+        return batch
+
+
 class PairwiseRMTrainer(SFTTrainer):
     """SFTTrainer whose loss is the cross-entropy of the verdict token alone, with pairwise-judge eval metrics."""
 
@@ -215,13 +264,21 @@ class PairwiseRMTrainer(SFTTrainer):
     def __init__(self, model: Any, args: PairwiseRMConfig | None = None, train_dataset: Dataset | None = None,
                  eval_dataset: Dataset | None = None, processing_class: Any = None, peft_config: Any = None,
                  callbacks: list | None = None, optimizers: tuple = (None, None)):
+        vision = False
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             if isinstance(dataset, Dataset):
                 _check_verdict_columns(dataset, name)
-                if {"image", "images"} & set(dataset.column_names):
-                    raise NotImplementedError(f"PairwiseRMTrainer: {name} has image columns; SFTTrainer skips the "
-                                              "preparation that keeps the loss on the verdict token for image data")
-        super().__init__(model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                vision = vision or bool({"image", "images"} & set(dataset.column_names))
+        data_collator = None
+        if vision:  # SFT collates image rows on the fly: the verdict-only labels are made there
+            if args is not None and args.padding_free:
+                raise NotImplementedError("PairwiseRMTrainer: padding_free=True is not supported with image data")
+            data_collator = VerdictOnlyVisionCollator(
+                processor=processing_class, max_length=None if args is None else args.max_length,
+                completion_only_loss=True, pad_to_multiple_of=None if args is None else args.pad_to_multiple_of,
+                verdict_ids=verdict_token_ids(processing_class))
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks,
                          optimizers=optimizers)
         self.verdict_ids = verdict_token_ids(self.processing_class)
@@ -263,7 +320,10 @@ class PairwiseRMTrainer(SFTTrainer):
         mine = [min(i, len(dataset) - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)]
         rm = PairwiseRewardModel(self.accelerator.unwrap_model(self.model), self.processing_class,
                                  batch_size=self.args.per_device_eval_batch_size)
-        probs = torch.sigmoid(rm.prompt_verdict_logits(dataset.select(mine)["prompt"]) @ torch.tensor([1.0, -1.0]))
+        rows = dataset.select(mine)
+        images = rows["images"] if "images" in rows.column_names else \
+            [[image] for image in rows["image"]] if "image" in rows.column_names else None
+        probs = torch.sigmoid(rm.prompt_verdict_logits(rows["prompt"], images) @ torch.tensor([1.0, -1.0]))
         gathered = self.accelerator.gather(probs.to(self.accelerator.device)).cpu()[: len(dataset)]
         return verdict_metrics(gathered.tolist(), [v == VERDICT_LABELS[0] for v in dataset["verdict"]],
                                dataset["pair_index"], self.args.calibration_bins)
