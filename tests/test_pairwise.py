@@ -432,3 +432,59 @@ def test_vision_rm_trainer_loss_is_the_verdict_cross_entropy(tmp_path, vlm):
         PairwiseRMTrainer(copy.deepcopy(model), args=PairwiseRMConfig(output_dir=str(tmp_path / "pf"),
                                                                       padding_free=True, **COMMON),
                           train_dataset=verdicts, processing_class=processor)
+
+
+@pytest.mark.parametrize("advantage", ["anchor", "round_robin"])
+def test_vision_pairwise_ppo_rewards_use_the_prompts_images(tmp_path, vlm, advantage):
+    """Pairwise PPO on a VLM with image prompts: the policy samples through TRL's GRPO vision path, and each reward is
+    the position-consistent RM score read with the prompt's images (recomputed by hand, one RM call per order);
+    reading the same completions without the images gives other rewards; a training step runs."""
+    model, processor = vlm
+    rm = PairwiseRewardModel(model, processor)
+    k = 2
+    args = PairwisePPOConfig(output_dir=str(tmp_path), advantage=advantage, anchor_column="chosen",
+                             num_generations=k, per_device_train_batch_size=2 * k, max_completion_length=5,
+                             max_steps=1, learning_rate=1e-2, **COMMON)
+    trainer = PairwisePPOTrainer(load_model("tiny-qwen2-vl"), rm, args=args, train_dataset=_vision_pairs(),
+                                 processing_class=processor)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert len(batch) == 2 * k and all(len(row["images"]) == 1 for row in batch)
+    trainer._generate_and_score_completions(batch)
+    completions = list(trainer._logs["completion"])
+    question = "What is in the picture?"
+
+    def by_hand(y, a, images):
+        return 0.5 * (rm.prob_first_better([question], [y], [a], [images]).item() + 1
+                      - rm.prob_first_better([question], [a], [y], [images]).item())
+
+    if advantage == "anchor":
+        expected = [by_hand(y, row["chosen"], row["images"]) for y, row in zip(completions, batch)]
+        blind = [0.5 * (rm.prob_first_better([question], [y], [row["chosen"]]).item() + 1
+                        - rm.prob_first_better([question], [row["chosen"]], [y]).item())
+                 for y, row in zip(completions, batch)]
+        assert max(abs(e - b) for e, b in zip(expected, blind)) > 1e-4
+    else:
+        expected = [by_hand(completions[i], completions[i ^ 1], batch[i]["images"]) for i in range(2 * k)]
+    assert trainer._gathered_rewards.tolist() == pytest.approx(expected, abs=1e-5)
+    trainer.train()
+    assert [e for e in trainer.state.log_history if "loss" in e]
+
+
+def test_vision_greedy_reference_anchors_see_the_images(tmp_path, vlm):
+    """Greedy reference anchors for image prompts are the policy's greedy answers given each prompt's images: equal
+    to a one-prompt-at-a-time greedy generation with that prompt's images, and not all equal to the text-only ones."""
+    from prefalign.generation import generate
+
+    model, processor = vlm
+    args = PairwisePPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=4,
+                             max_completion_length=4, max_steps=1, anchor_keep_truncated=True, **COMMON)
+    pairs = _vision_pairs()
+    trainer = PairwisePPOTrainer(copy.deepcopy(model), PairwiseRewardModel(model, processor), args=args,
+                                 train_dataset=pairs, processing_class=processor)
+    anchors = trainer.train_dataset["reference_anchor"]
+    alone = [generate(model, processor, [row["prompt"]], images=[row["images"]], do_sample=False, max_new_tokens=4,
+                      progress=False)[0][0] for row in pairs]
+    blind = generate(model, processor, pairs["prompt"], do_sample=False, max_new_tokens=4, progress=False)
+    assert anchors == alone
+    assert anchors != [answers[0] for answers in blind]

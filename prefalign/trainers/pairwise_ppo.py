@@ -18,6 +18,10 @@ Anchors: a data set column with a reference answer (`anchor_column`), or, by def
 reference policy (the model as given, before training) to every prompt, generated once before training (shared out
 across processes) and kept in the data set's `reference_anchor` column for every epoch.
 
+Images: prompts with an `images` (or `image`) column, or a `video` column of frames (one image per frame), go to the
+policy through TRL's GRPO vision support and, with each completion, to the pairwise RM (`PairwiseRewardModel` with
+``images``: the prompt's images in both orders); greedy reference anchors are generated with them too.
+
 Left out: the paper's learned value baseline with GAE. A critic would need its own model, optimizer and distributed
 wrapping next to TRL's loop, and the paper's critic conditioning is not public (docs/methods/pairwise_rl.md). With a sequence-level
 reward and no critic, GAE with γ = λ = 1 gives every token the sequence advantage, which is what GRPO's loss uses.
@@ -37,6 +41,7 @@ from datasets import Dataset
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
+from prefalign.data import video_frames_as_images
 from prefalign.generation import generate
 from prefalign.losses import round_robin_rewards
 from prefalign.messages import conversation_text
@@ -124,6 +129,10 @@ class PairwisePPOTrainer(GRPOTrainer):
             raise TypeError(f"PairwisePPOTrainer needs a PairwisePPOConfig, got {type(args).__name__}")
         self.reward_model = reward_model
         reward_model.batch_size = args.reward_batch_size
+        train_dataset, eval_dataset = (
+            video_frames_as_images(d) if isinstance(d, Dataset) else
+            {k: video_frames_as_images(v) for k, v in d.items()} if isinstance(d, dict) else d
+            for d in (train_dataset, eval_dataset))
         self._anchor_column = None
         if args.advantage != "round_robin":
             if args.anchor_column is None:
@@ -162,7 +171,10 @@ class PairwisePPOTrainer(GRPOTrainer):
         prompts = dataset["prompt"]
         limit = args.anchor_max_new_tokens or args.max_completion_length
         with state.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
+            vision = bool({"image", "images"} & set(dataset.column_names))
+            images = _row_images(dataset.select(mine)[:]) if vision and mine else [] if vision else None
             answers, finished = generate(model, processing_class, [prompts[i] for i in mine], do_sample=False,
+                                         images=images,
                                          max_new_tokens=limit, batch_size=args.anchor_generation_batch_size,
                                          progress=state.is_local_main_process, return_finished=True,
                                          desc=f"Greedy reference anchors ({split})")
@@ -191,19 +203,21 @@ class PairwisePPOTrainer(GRPOTrainer):
     def _pairwise_rewards(self, prompts: list, completions: list, columns: dict, log_metric) -> list[float]:
         """The reward function TRL calls with this process's completions (prompts repeated K times)."""
         if self.args.advantage == "round_robin":
-            return self._round_robin_rewards(prompts, completions).tolist()
+            return self._round_robin_rewards(prompts, completions, _row_images(columns)).tolist()
         if self._anchor_column not in columns:
             raise KeyError(f"PairwisePPOTrainer: anchor column {self._anchor_column!r} did not reach the reward; "
                            f"columns: {sorted(columns)}")
-        rewards = self.reward_model.reward(prompts, completions, columns[self._anchor_column])
+        rewards = self.reward_model.reward(prompts, completions, columns[self._anchor_column],
+                                           images=_row_images(columns))
         if log_metric is not None:
             log_metric("pairwise/win_rate", float((rewards > 0.5).float().mean()))
         return rewards.tolist()
 
-    def _round_robin_rewards(self, prompts: list, completions: list) -> torch.Tensor:
+    def _round_robin_rewards(self, prompts: list, completions: list, images: list | None = None) -> torch.Tensor:
         """Round-robin rewards of this process's completions; groups may span processes, so pairs are shared out."""
         k = self.num_generations if self.model.training else self.num_generations_eval
         all_prompts, all_completions = gather_object(list(prompts)), gather_object(list(completions))
+        all_images = None if images is None else gather_object(list(images))
         if len(all_completions) % k:
             raise ValueError(f"round_robin: {len(all_completions)} completions are not whole groups of {k}")
         pairs = [(g * k + i, g * k + j) for g in range(len(all_completions) // k)
@@ -212,7 +226,9 @@ class PairwisePPOTrainer(GRPOTrainer):
         mine = list(range(rank, len(pairs), world))
         scores = self.reward_model.reward([all_prompts[pairs[p][0]] for p in mine],
                                           [all_completions[pairs[p][0]] for p in mine],
-                                          [all_completions[pairs[p][1]] for p in mine]) if mine else torch.empty(0)
+                                          [all_completions[pairs[p][1]] for p in mine],
+                                          images=None if all_images is None else
+                                          [all_images[pairs[p][0]] for p in mine]) if mine else torch.empty(0)
         pair_rewards = torch.empty(len(pairs))
         for p, score in gather_object(list(zip(mine, scores.tolist()))):
             pair_rewards[p] = score
@@ -238,6 +254,15 @@ class PairwisePPOTrainer(GRPOTrainer):
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.tolist())
         return output
+
+
+def _row_images(columns: dict) -> list | None:
+    """Each row's list of images from a batch's columns ({"images": ...} or {"image": ...}); None without images."""
+    if "images" in columns:
+        return [list(images) for images in columns["images"]]
+    if "image" in columns:
+        return [[image] for image in columns["image"]]
+    return None
 
 
 def _check_anchors(dataset: Dataset, column: str, name: str) -> None:
