@@ -42,3 +42,28 @@ def test_generate_refuses_images_it_cannot_use(tiny_vlm):
         generate(model, processor.tokenizer, [PROMPT], images=[[image]], progress=False)
     with pytest.raises(ValueError, match="backend='transformers' only"):
         generate("tiny-qwen2-vl", processor, [PROMPT], images=[[image]], backend="vllm", progress=False)
+
+
+@pytest.mark.multiproc
+def test_d2o_with_images_two_processes_equal_one(tmp_path):
+    """D²O on image rows: 2 DDP processes × 2 rows give the logged losses of 1 process × 4 rows (same rows, sequential
+    sampler), and the losses move from log 2."""
+    import json
+    import math
+    import subprocess
+    import sys
+
+    from conftest import REPO, accelerate_launch
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "tests/vlm_ddp_driver.py", str(one), "4"], cwd=REPO, check=True,
+                   capture_output=True)
+    launch = subprocess.run([*accelerate_launch("ddp.yaml"), "tests/vlm_ddp_driver.py", str(two), "2"], cwd=REPO,
+                            capture_output=True, text=True)
+    errors = [line for line in launch.stderr.splitlines() if "Error" in line or "error" in line]
+    assert launch.returncode == 0, f"rc {launch.returncode}: " + "\n".join(errors)[-3000:]
+    single, double = (json.loads((d / "losses.json").read_text()) for d in (one, two))
+    assert (single["processes"], double["processes"]) == (1, 2)
+    assert len(single["losses"]) == 3 and single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(single["losses"][-1] - math.log(2)) > 1e-3
+    assert double["losses"] == pytest.approx(single["losses"], abs=1e-5)

@@ -1,0 +1,63 @@
+"""D²O with images on the tiny Qwen2-VL for tests/test_vlm.py: the same 12 image rows, 3 steps of 4 rows, in 1 process
+(batch 4) or under `accelerate launch` with 2 processes (batch 2 each); rank 0 writes the logged losses to
+OUTPUT_DIR/losses.json.
+
+    python tests/vlm_ddp_driver.py OUTPUT_DIR 4
+    accelerate launch --config_file recipes/accelerate/ddp.yaml tests/vlm_ddp_driver.py OUTPUT_DIR 2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tiny_models import register_tiny_models  # noqa: E402
+
+register_tiny_models()
+
+
+def rows():
+    """12 prompts about plain-coloured pictures, each with a wrong caption and 2 anchors."""
+    from datasets import Dataset
+    from PIL import Image
+
+    out = []
+    for i in range(12):
+        rgb = (20 * i, 255 - 20 * i, (70 * i) % 256)
+        out.append({"images": [Image.new("RGB", (56, 56), rgb)],
+                    "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                    "rejected": [{"role": "assistant", "content": "A cat."}],
+                    "anchors": [[{"role": "assistant", "content": f"Colour {i}."}],
+                                [{"role": "assistant", "content": "One colour."}]]})
+    return Dataset.from_list(out)
+
+
+def main(output_dir: str, batch_size: int) -> None:
+    from prefalign.models import load_model, load_processing_class
+    from prefalign.trainers.d2o import D2OConfig, D2OTrainer
+
+    torch.set_num_threads(1)
+    args = D2OConfig(output_dir=output_dir, num_anchors=2, anchor_refresh_steps=0, max_steps=3, learning_rate=1e-2,
+                     max_length=None, per_device_train_batch_size=batch_size, train_sampling_strategy="sequential",
+                     report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+                     logging_steps=1, seed=0, lr_scheduler_type="constant")
+    trainer = D2OTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=args, train_dataset=rows(),
+                         processing_class=load_processing_class("tiny-qwen2-vl"))
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        Path(output_dir, "losses.json").write_text(json.dumps({"losses": losses,
+                                                               "processes": trainer.accelerator.num_processes}))
+    trainer.accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
