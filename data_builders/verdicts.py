@@ -14,6 +14,7 @@ and running it again gives exactly the uninterrupted output (the build is determ
 Pairs with images (an `images` or `image` column, or a `video` column of frames, which becomes one image per frame)
 keep them: both rows of a pair get the pair's `images`, and the judge conversation stays text (the SFT and reward
 model collators put the image placeholders before the user turn, as TRL's `prepare_multimodal_messages` does).
+Images given as file paths stay paths (any output); pictures need a `.parquet` output (a `.jsonl` one is refused).
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
         parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
     dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
     built = build_verdict_examples(dataset, drop_invalid=args.drop_invalid)
+    if output.suffix == ".jsonl" and "images" in built.column_names and "Image" in repr(built.features["images"]):
+        parser.error(f"{args.dataset} holds pictures, not image file paths: a .jsonl output cannot store them; write "
+                     f"a .parquet file ({output.with_suffix('.parquet')})")
     save_dataset(built, output)
     print(f"wrote {len(built)} verdict examples from {len(dataset)} pairs to {output}")
     return built

@@ -488,3 +488,23 @@ def test_vision_greedy_reference_anchors_see_the_images(tmp_path, vlm):
     blind = generate(model, processor, pairs["prompt"], do_sample=False, max_new_tokens=4, progress=False)
     assert anchors == alone
     assert anchors != [answers[0] for answers in blind]
+
+
+def test_vision_verdicts_command_line_keeps_image_paths_and_refuses_pictures_in_jsonl(tmp_path):
+    """`prefalign build verdicts` on pairs naming image files writes the paths on both rows; pairs holding pictures
+    are written to parquet and refused, before writing, for a jsonl output."""
+    from data_builders.verdicts import main
+
+    _picture(0).save(tmp_path / "p.png")
+    rows = [{"images": [str(tmp_path / "p.png")], "prompt": "What is it?", "chosen": "Noise.", "rejected": "A dog."}]
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    built = main(["--dataset", str(tmp_path / "pairs.jsonl"), "--output", str(tmp_path / "v.jsonl")])
+    assert load_preference_dataset(str(tmp_path / "v.jsonl"))["images"] == [[str(tmp_path / "p.png")]] * 2
+    assert len(built) == 2
+    Dataset.from_list([{**rows[0], "images": [_picture(0)]}]).to_parquet(tmp_path / "pictures.parquet")
+    main(["--dataset", str(tmp_path / "pictures.parquet"), "--output", str(tmp_path / "v.parquet")])
+    stored = load_preference_dataset(str(tmp_path / "v.parquet"))["images"]
+    assert [image.convert("RGB").tobytes() for images in stored for image in images] == [_picture(0).tobytes()] * 2
+    with pytest.raises(SystemExit):
+        main(["--dataset", str(tmp_path / "pictures.parquet"), "--output", str(tmp_path / "w.jsonl")])
+    assert not (tmp_path / "w.jsonl").exists()
