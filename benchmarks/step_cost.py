@@ -268,7 +268,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--workload", choices=("fixed", "variable"), default="fixed",
                         help="fixed: B pairs × seq-len tokens; variable: log-normal lengths (module docstring)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--batch-size", type=int, default=None, help="preference pairs per step (default: 4; 8 with "
+                        "--workload variable)")
     parser.add_argument("--seq-len", type=int, default=256, help="prompt+completion tokens; also max_length")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
@@ -286,12 +287,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     processing_class = load_processing_class(opts.model)
     if opts.workload == "variable":
-        opts.batch_size = 8 if opts.batch_size == 4 else opts.batch_size  # the workload: 8 pairs
+        opts.batch_size = opts.batch_size or 8  # the workload: 8 pairs
         opts.seq_len = LENGTH_CAP
         opts.methods = opts.methods or VARIABLE_METHODS
         dataset = build_variable_workload(processing_class, opts.batch_size)
     else:
         opts.methods = opts.methods or "dpo,rrpo"
+        opts.batch_size = opts.batch_size or 4
         dataset = build_workload(processing_class, opts.batch_size, opts.seq_len)
     if opts.child:
         method, out = opts.child.split(":", 1)
