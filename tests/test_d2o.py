@@ -451,8 +451,33 @@ def test_vision_d2o_loss_matches_a_float64_brute_force(tmp_path):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_vision_d2o_refuses_padding_free_and_online_anchors(tmp_path):
+def test_vision_d2o_refuses_padding_free(tmp_path):
     with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):
         _vision_d2o(tmp_path, _vision_rows(), padding_free=True)
-    with pytest.raises(NotImplementedError, match="set anchor_refresh_steps=0"):
-        _vision_d2o(tmp_path, _vision_rows(), anchor_refresh_steps=1)
+
+
+def test_vision_online_refresh_samples_with_the_prompts_images(tmp_path, monkeypatch):
+    """Online anchors for image prompts: generate gets each batch prompt's images, and the refreshed rows train on the
+    new anchors with their images (the collated batch decodes to them; its image tokens are those of the prompts)."""
+    calls = []
+
+    def fake_generate(model, processing_class, prompts, num_return_sequences, images=None, **kwargs):
+        calls.append(images)
+        texts = [[f"Fresh {len(calls)}.{i}.{j}" for j in range(num_return_sequences)] for i in range(len(prompts))]
+        return texts, [[True] * num_return_sequences for _ in prompts]
+
+    monkeypatch.setattr(d2o_module, "generate", fake_generate)
+    rows = _vision_rows()
+    trainer = _vision_d2o(tmp_path, rows, max_steps=2, anchor_warmup_steps=1, anchor_refresh_steps=1,
+                          learning_rate=1e-3)
+    trainer.train()
+    assert len(calls) == 1 and [len(images) for images in calls[0]] == [1, 1]  # step 2: rows 2 and 3
+    assert [images[0].getpixel((5, 5)) for images in calls[0]] == [(0, 255, 0), (9, 9, 9)]
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["anchors/refreshes"] for e in logs] == [0, 1]
+    batch = trainer._collate_rows([2, 3])
+    tokenizer = trainer.processing_class.tokenizer
+    texts = [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch["input_ids"][:4],
+                                                                       batch["completion_mask"][:4])]
+    assert texts == [f"Fresh 1.{i}.{j}<|im_end|>\n" for i in range(2) for j in range(2)]
+    assert batch["image_grid_thw"].shape[0] == 2 * 3

@@ -17,8 +17,8 @@ Images and videos: rows with an `images` (or `image`) column, or a `video` colum
 image, `prefalign.data.video_frames_as_images`), are processed on the fly by `DataCollatorForVisionAnchors`; the K
 anchors and the negative of a prompt carry its images in the same single batched forward, and the vision tower
 encodes each prompt's images K+1 times per forward (policy and reference each; measured in tests/test_d2o.py).
-With images, anchors are the stored ones only (`anchor_refresh_steps=0`), and `padding_free` and
-`precompute_ref_log_probs` are refused at start.
+Online anchors are sampled with the prompt's images; `padding_free` and `precompute_ref_log_probs` are refused at
+start.
 
 Online anchors: from global step `anchor_warmup_steps` on, every `anchor_refresh_steps` steps, the prompts of that
 step's batch get K new anchors sampled from the current policy (`prefalign.generation.generate`), which replace
@@ -268,9 +268,6 @@ class D2OTrainer(PreferenceTrainer):
         refresh = args.anchor_refresh_steps > 0
         vision = any(d is not None and {"image", "images", "video"} & set(d.column_names) for d in datasets)
         if vision:  # TRL collates vision rows raw (no _prepare_dataset): check and index them here
-            if refresh:
-                raise NotImplementedError("D2OTrainer with images or videos trains on stored anchors only (online "
-                                          "sampling with images is not implemented): set anchor_refresh_steps=0")
             train_dataset = self._vision_rows(train_dataset, args, "train")
             if isinstance(eval_dataset, dict):
                 eval_dataset = {k: self._vision_rows(d, args, k) for k, d in eval_dataset.items()}
@@ -413,6 +410,11 @@ class D2OTrainer(PreferenceTrainer):
     def _collate_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """A batch of these train rows, with refreshed anchors (and their reference log-probs) where there are."""
         data = self.train_dataset[rows]
+        if self._is_vision_dataset:  # raw rows, anchors as responses
+            return self.data_collator([{"prompt": data["prompt"][i], "rejected": data["rejected"][i],
+                                        "images": data["images"][i], "row_index": row,
+                                        "anchors": self._anchor_store.get(row, {}).get("anchors", data["anchors"][i])}
+                                       for i, row in enumerate(rows)])
         examples = []
         for i, row in enumerate(rows):
             stored = self._anchor_store.get(row, {})
@@ -424,6 +426,23 @@ class D2OTrainer(PreferenceTrainer):
             examples.append(example)
         return self.data_collator(examples)
 
+    def _store_raw_anchors(self, rows: list[int], data: dict, texts: list, finished: list) -> int:
+        """Store sampled anchors as responses (vision rows are collated raw); a cut-off one keeps the previous anchor
+        unless `anchor_keep_truncated`. Returns how many were cut off and not used."""
+        cut = 0
+        for i, row in enumerate(rows):
+            anchors = []
+            current = self._anchor_store.get(row, {}).get("anchors", data["anchors"][i])
+            for old, text, ended in zip(current, texts[i], finished[i]):
+                if not ended and not self.args.anchor_keep_truncated:
+                    cut += 1
+                    anchors.append(old)
+                else:
+                    anchors.append(text if isinstance(data["rejected"][i], str) else
+                                   [{"role": "assistant", "content": text}])
+            self._anchor_store[row] = {"anchors": anchors}
+        return cut
+
     def _refresh_anchors(self, rows: list[int]) -> None:
         """Sample K anchors per prompt of these rows from the current policy and store their token ids."""
         args = self.args
@@ -433,12 +452,15 @@ class D2OTrainer(PreferenceTrainer):
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as policy:
             texts, finished = generate(policy, self.processing_class, data["prompt"],
+                                       images=data["images"] if self._is_vision_dataset else None,
                                        num_return_sequences=args.num_anchors, max_new_tokens=args.anchor_max_new_tokens,
                                        temperature=args.anchor_temperature, top_p=args.anchor_top_p,
                                        batch_size=args.anchor_generation_batch_size, seed=seed,
                                        instruction=args.anchor_instruction, progress=False, return_finished=True)
         kept, lengths, cut = 0, [], 0
-        for i, row in enumerate(rows):
+        if self._is_vision_dataset:
+            cut = self._store_raw_anchors(rows, data, texts, finished)
+        for i, row in enumerate([] if self._is_vision_dataset else rows):
             prompt, prompt_ids, rejected = data["prompt"][i], data["prompt_ids"][i], data["rejected"][i]
             current = self._anchor_store.get(row, {}).get("anchor_ids", data["anchor_ids"][i])
             anchor_ids = []
