@@ -451,6 +451,15 @@ def test_vision_d2o_loss_matches_a_float64_brute_force(tmp_path):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
+def test_vision_d2o_single_image_column(tmp_path):
+    """A single `image` per row is read as a one-image list: the batch carries it for all K+1 sequences."""
+    single = Dataset.from_list([{"image": row["images"][0], "prompt": row["prompt"], "rejected": row["rejected"],
+                                 "anchors": row["anchors"]} for row in _vision_rows()])
+    trainer = _vision_d2o(tmp_path, single)
+    assert _first_batch(trainer)["image_grid_thw"].shape[0] == 2 * 3
+    assert trainer._collate_rows([2, 3])["image_grid_thw"].shape[0] == 2 * 3  # the refresh path's collation
+
+
 def test_vision_d2o_refuses_padding_free(tmp_path):
     with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):
         _vision_d2o(tmp_path, _vision_rows(), padding_free=True)

@@ -295,10 +295,13 @@ class D2OTrainer(PreferenceTrainer):
 
     @staticmethod
     def _vision_rows(dataset, args, name):
-        """A vision dataset with videos as frame images, checked anchors and a `row_index` column."""
+        """A vision dataset with videos as frame images and a single `image` as an `images` list, checked anchors and
+        a `row_index` column."""
         if dataset is None:
             return None
         dataset = video_frames_as_images(dataset)
+        if "image" in dataset.column_names:  # one image per row: TRL's `images` list
+            dataset = dataset.map(lambda row: {"images": [row["image"]]}, remove_columns=["image"])
         check_anchor_rows(dataset, args.num_anchors, name)
         return dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
 
