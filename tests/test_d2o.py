@@ -386,9 +386,9 @@ def _vision_sequence_logps(model, processor, row: dict, completion: list[dict]) 
 
 
 @pytest.mark.parametrize("with_video", [False, True], ids=["images", "frames"])
-def test_vision_d2o_trains_and_encodes_each_prompt_k_plus_1_times(tmp_path, with_video):
-    """Images (and videos as frame lists) train; the vision tower runs once per forward, encoding each prompt's
-    images K+1 times for the policy and K+1 times for the reference (measured with a forward hook)."""
+def test_vision_d2o_trains_and_encodes_each_prompt_once(tmp_path, with_video):
+    """Images (and videos as frame lists) train; the vision tower runs once per forward and encodes each prompt's
+    images once for the policy and once for the reference, not K+1 times (measured with a forward hook)."""
     trainer = _vision_d2o(tmp_path, _vision_rows(with_video), model=load_model("tiny-qwen2-vl"), max_steps=2,
                           learning_rate=1e-2)
     frames = 3 if with_video else 1
@@ -405,10 +405,33 @@ def test_vision_d2o_trains_and_encodes_each_prompt_k_plus_1_times(tmp_path, with
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the first step
     assert logs[1]["loss"] < logs[0]["loss"] - 1e-3
-    # 2 steps × one forward; each forward encodes B = 2 prompts × (K+1 = 3) sequences × frames images
+    # 2 steps × one forward; each forward encodes B = 2 prompts × frames images (K+1 = 3 sequences share them)
     assert len(encoded["policy"]) == 2 and len(encoded["ref"]) == 2
     per_prompt = [n / (2 * frames) for n in encoded["policy"] + encoded["ref"]]
-    assert per_prompt == [3, 3, 3, 3]
+    assert per_prompt == [1, 1, 1, 1]
+
+
+def test_vision_shared_encoding_equals_encoding_every_copy(tmp_path):
+    """Encoding each prompt's images once gives the loss and the gradients (vision tower included) of encoding the
+    K+1 copies separately (the batch without `image_source`), and the copies really are encoded then."""
+    trainer = _vision_d2o(tmp_path, _vision_rows())
+    batch = _first_batch(trainer)
+    calls = []
+    hook = trainer.model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((args[1] if len(args) > 1 else kwargs["grid_thw"]).shape[0]),
+        with_kwargs=True)
+    results = []
+    for inputs in (batch, {k: v for k, v in batch.items() if k != "image_source"}):
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]))
+    hook.remove()
+    assert calls == [2, 6]  # B images shared, then B·(K+1) copies
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    assert len(results[0][1]) == len(results[1][1]) > 0
+    for shared, separate in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(shared, separate, rtol=1e-4, atol=1e-6)
 
 
 def test_vision_d2o_images_change_the_log_probs(tmp_path):

@@ -16,7 +16,8 @@ both forwards run on the sequences packed without padding (``prefalign.trainers.
 Images and videos: rows with an `images` (or `image`) column, or a `video` column of frames (each frame becomes one
 image, `prefalign.data.video_frames_as_images`), are processed on the fly by `DataCollatorForVisionAnchors`; the K
 anchors and the negative of a prompt carry its images in the same single batched forward, and the vision tower
-encodes each prompt's images K+1 times per forward (policy and reference each; measured in tests/test_d2o.py).
+encodes each prompt's images once per forward (policy and reference each; `shared_image_encoding`, measured in
+tests/test_d2o.py), not K+1 times.
 Online anchors are sampled with the prompt's images; `padding_free` and `precompute_ref_log_probs` are refused at
 start.
 
@@ -31,6 +32,7 @@ from a checkpoint starts again from the stored anchors and refreshes at its next
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,8 +171,9 @@ class DataCollatorForAnchors:
 class DataCollatorForVisionAnchors:
     """Processes raw rows {prompt, rejected, anchors (K), images} on the fly (as TRL's
     `DataCollatorForVisionPreference`) into one batch of B·(K+1) sequences in `DataCollatorForAnchors`' order; each
-    sequence carries its prompt's images, so `pixel_values` holds every row's images K+1 times (the vision tower
-    encodes each prompt's images K+1 times per forward). Keep-start truncation to `max_length`."""
+    sequence carries its prompt's images, so `pixel_values` holds every row's images K+1 times. `image_source` [N
+    images] maps each image to its copy in the negatives' block (the last one), which `D2OTrainer` encodes alone.
+    Keep-start truncation to `max_length`."""
 
     processor: Any
     max_length: int | None = None
@@ -210,6 +213,9 @@ class DataCollatorForVisionAnchors:
         batch = dict(processed)
         batch.update(input_ids=input_ids[:, keep], attention_mask=attention_mask[:, keep],
                      completion_mask=completion_mask[:, keep], **{k: v[:, keep] for k, v in zip(extra, extras)})
+        starts = [sum(len(x) for x in images[:i]) for i in range(len(images))]
+        batch["image_source"] = torch.tensor([starts[i] + j for i in order for j in range(len(images[i]))],
+                                             dtype=torch.long)
         if "row_index" in examples[0]:
             batch["row_index"] = torch.tensor([e["row_index"] for e in examples])
         return batch
@@ -352,15 +358,50 @@ class D2OTrainer(PreferenceTrainer):
         `ref_rejected_logps`."""
         return self._split(self.reference_log_probs(inputs, model).per_token.sum(-1))
 
+    @contextlib.contextmanager
+    def shared_image_encoding(self, model, image_source: torch.Tensor | None):
+        """Within it, ``model``'s vision encoder (its `get_image_features`, as in transformers' Qwen2-VL family)
+        encodes only the negatives' block of images (each prompt's images once) and hands every sequence its prompt's
+        features (``image_source``), instead of encoding each prompt's images K+1 times. A no-op without
+        ``image_source`` or for a model without that method."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        encoders = [m for m in unwrapped.modules() if hasattr(m, "get_image_features")
+                    and hasattr(m, "language_model") and not hasattr(m, "lm_head")]
+        if image_source is None or len(encoders) != 1:
+            yield
+            return
+        encoder, source = encoders[0], image_source.tolist()
+        original = encoder.get_image_features
+
+        def encode_once(pixel_values, image_grid_thw=None, **kwargs):
+            num_unique = max(source) + 1
+            if image_grid_thw is None or len(image_grid_thw) != len(source):
+                return original(pixel_values, image_grid_thw, **kwargs)
+            first = len(source) - num_unique  # the negatives' block: the last images, each prompt's once
+            patches = int(image_grid_thw[first:].prod(-1).sum())
+            out = original(pixel_values[pixel_values.shape[0] - patches :], image_grid_thw[first:], **kwargs)
+            out.pooler_output = tuple(out.pooler_output[u] for u in source)
+            return out
+
+        encoder.get_image_features = encode_once
+        try:
+            yield
+        finally:
+            del encoder.get_image_features  # back to the class's method
+
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        policy = self.sequence_log_probs(model, inputs, router_aux_loss=self.aux_loss_enabled)
+        image_source = inputs.get("image_source")
+        inputs = {k: v for k, v in inputs.items() if k != "image_source"}
+        with self.shared_image_encoding(model, image_source):
+            policy = self.sequence_log_probs(model, inputs, router_aux_loss=self.aux_loss_enabled)
         anchor_logps, negative_logps = self._split(policy.per_token.sum(dim=1))  # summed, not mean
 
         if self.precompute_ref_logps:
             ref_anchor_logps, ref_negative_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(self.reference_model(), inputs)
+            with self.shared_image_encoding(self.reference_model(), image_source):
+                ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(self.reference_model(), inputs)
 
         losses = d2o_loss(anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, beta=self.beta,
                           alpha=self.args.alpha)
