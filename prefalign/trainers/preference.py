@@ -42,7 +42,7 @@ from prefalign.trainers.pair_mining import PairMiningMixin
 
 # Batch keys that are not model inputs (the trainers' own columns).
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps",
-                            "phrase_ids", "row_index"})
+                            "phrase_ids", "row_index", "image_source"})
 _PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 
 
