@@ -37,11 +37,11 @@ from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.files import check_settings, write_json, write_jsonl
 from prefalign.losses import dpo_pair_losses
 from prefalign.mining import dbpm_statistics
+from prefalign.trainers.preference import completion_log_probs
 
 logger = logging.getLogger("data_builders.audit")
 
 FLAGS = ("ok", "suspect", "uninformative")
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
 def probe_pair_losses(trainer, dataset: Dataset, batch_size: int) -> list[float]:
@@ -60,11 +60,7 @@ def probe_pair_losses(trainer, dataset: Dataset, batch_size: int) -> list[float]
             for batch in tqdm(loader, desc="Per-pair losses", unit="batch", leave=False):
                 batch = trainer._prepare_inputs(batch)
                 ref_chosen, ref_rejected = trainer.compute_ref_log_probs(model, batch)
-                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-                kwargs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
-                outputs = model(**kwargs, labels=labels, fused_lm_head=True, use_cache=False)
-                logps = outputs.log_probs[:, -(batch["completion_mask"].size(1) - 1):].sum(-1)
-                chosen, rejected = logps.chunk(2)
+                chosen, rejected = completion_log_probs(model, batch).per_token.sum(-1).chunk(2)
                 losses += dpo_pair_losses(chosen, rejected, ref_chosen, ref_rejected, trainer.beta).tolist()
     finally:
         model.train(was_training)
@@ -99,7 +95,8 @@ def probe_loss_history(model, processing_class, dataset: Dataset, output_dir: st
     cpu = not torch.cuda.is_available()
     config = DPOConfig(output_dir=str(output_dir), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
                        learning_rate=learning_rate, beta=beta, max_length=max_length, save_strategy="epoch",
-                       logging_steps=10, report_to=[], seed=seed, use_cpu=cpu, bf16=not cpu,
+                       logging_steps=10, report_to=[], seed=seed, use_cpu=cpu,
+                       bf16=not cpu and torch.cuda.is_bf16_supported(),
                        gradient_checkpointing=False, lr_scheduler_type="constant")
     peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
@@ -118,27 +115,14 @@ def probe_loss_history(model, processing_class, dataset: Dataset, output_dir: st
 def reward_model_losses(reward_model, processing_class, dataset: Dataset, batch_size: int = 8,
                         max_length: int = 512) -> torch.Tensor:
     """Per-pair −logsigmoid(r_chosen − r_rejected) [P, 1] from a sequence-classification reward model, each side
-    scored as its full conversation (chat template) or prompt + completion text."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    tokenised as TRL's RewardTrainer does; a side over ``max_length`` tokens is an error naming its row."""
+    from prefalign.evaluation import reward_pair_scores
 
-    def text(prompt, completion) -> str:
-        if isinstance(prompt, list):
-            return processing_class.apply_chat_template(prompt + completion, tokenize=False)
-        return prompt + completion
-
-    device = next(reward_model.parameters()).device
     reward_model.eval()
-    losses = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(dataset), batch_size), desc="Reward margins", unit="batch", leave=False):
-            rows = dataset[start:start + batch_size]
-            sides = [[text(p, c) for p, c in zip(rows["prompt"], rows[side])] for side in ("chosen", "rejected")]
-            rewards = []
-            for texts in sides:
-                batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                rewards.append(reward_model(**batch.to(device)).logits[:, 0].double())
-            losses.append(-torch.nn.functional.logsigmoid(rewards[0] - rewards[1]))
-    return torch.cat(losses).cpu().unsqueeze(-1)
+    chosen, rejected = reward_pair_scores(reward_model, processing_class, dataset, batch_size, max_length,
+                                          progress=True)
+    margins = torch.tensor(chosen, dtype=torch.float64) - torch.tensor(rejected, dtype=torch.float64)
+    return -torch.nn.functional.logsigmoid(margins).unsqueeze(-1)
 
 
 def flag_pairs(loss_history: torch.Tensor, cut_noisy: float = 2.0, cut_faulty: float = 2.0

@@ -308,7 +308,7 @@ def validate_preference_dataset(
     return dataset.select([row for row in range(len(dataset)) if row not in bad])
 
 
-def _pair_side_ids(row: dict, side: str, tokenizer: Any, add_eos: bool) -> list[int]:
+def reward_side_ids(row: dict, side: str, tokenizer: Any, add_eos: bool) -> list[int]:
     """Token ids of one side of a reward pair, built as TRL 1.16's RewardTrainer builds them (`_prepare_dataset`)."""
     value = row[side]
     if add_eos and not value.endswith(tokenizer.eos_token):
@@ -327,10 +327,16 @@ def reward_pair_token_counts(dataset: Dataset, tokenizer: Any) -> list[tuple[int
     """(chosen, rejected) token counts of each row as TRL 1.16's RewardTrainer counts them before its max_length
     filter: the prompt (if any) joined to each side, the EOS token appended to text that lacks it, the chat template
     applied to conversations; already tokenised rows (`chosen_ids`, `rejected_ids`) are counted as they are."""
+    return [(len(chosen), len(rejected)) for chosen, rejected in reward_pair_ids(dataset, tokenizer)]
+
+
+def reward_pair_ids(dataset: Dataset, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """(chosen, rejected) token ids of each row exactly as TRL 1.16's RewardTrainer builds them (see
+    ``reward_side_ids``); already tokenised rows (`chosen_ids`, `rejected_ids`) are returned as they are."""
     if {"chosen_ids", "rejected_ids"} <= set(dataset.column_names):
-        return [(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+        return list(zip(dataset["chosen_ids"], dataset["rejected_ids"]))
     add_eos = isinstance(dataset[0]["chosen"], str)  # TRL decides from the first row
-    return [tuple(len(_pair_side_ids(row, side, tokenizer, add_eos)) for side in ("chosen", "rejected"))
+    return [(reward_side_ids(row, "chosen", tokenizer, add_eos), reward_side_ids(row, "rejected", tokenizer, add_eos))
             for row in dataset]
 
 

@@ -190,43 +190,53 @@ def evaluate_preferences(model, base, processing_class, dataset, beta: float = 0
 # ---- reward models --------------------------------------------------------------------------------------------
 
 
-def _reward_text(processing_class, prompt, completion) -> str:
-    """The text a sequence-classification reward model scores, as TRL's RewardTrainer renders it."""
-    if isinstance(completion, list):
-        messages = (prompt or []) + completion
-        return processing_class.apply_chat_template(messages, tokenize=False)
-    return (prompt or "") + completion
-
-
 @torch.no_grad()
-def reward_scores(model, processing_class, texts: list[str], batch_size: int = 8) -> list[float]:
-    """The reward model's scalar output for each text (right padding, batch by batch)."""
+def reward_scores(model, processing_class, ids: list[list[int]], batch_size: int = 8,
+                  progress: bool = False) -> list[float]:
+    """The reward model's scalar output for each token-id sequence (right-padded batch by batch)."""
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    tokenizer.padding_side = "right"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt").to(model.device)
-        scores += model(**encoded).logits[:, 0].double().tolist()
+    for start in tqdm(range(0, len(ids), batch_size), desc="Reward scores", unit="batch", leave=False,
+                      disable=not progress):
+        chunk = ids[start:start + batch_size]
+        width = max(map(len, chunk))
+        input_ids = torch.tensor([seq + [pad_id] * (width - len(seq)) for seq in chunk], device=model.device)
+        attention_mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in chunk],
+                                      device=model.device)
+        scores += model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].double().tolist()
     return scores
+
+
+def reward_pair_scores(model, processing_class, dataset, batch_size: int = 8, max_length: int | None = None,
+                       progress: bool = False) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) reward-model scores of each pair, each side tokenised exactly as TRL's RewardTrainer
+    tokenises it in training (``prefalign.data.reward_pair_ids``). Sides longer than ``max_length`` are an error
+    naming their rows (``check_reward_pair_lengths``), never silently truncated."""
+    from prefalign.data import check_reward_pair_lengths, reward_pair_ids
+
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    check_reward_pair_lengths(dataset, tokenizer, max_length)
+    pairs = reward_pair_ids(dataset, tokenizer)
+    return (reward_scores(model, processing_class, [c for c, _ in pairs], batch_size, progress),
+            reward_scores(model, processing_class, [r for _, r in pairs], batch_size, progress))
 
 
 def evaluate_reward_model(model, processing_class, dataset, batch_size: int = 8, progress: bool = True
                           ) -> dict[str, Any]:
     """Pairwise accuracy (share of pairs scored chosen > rejected; ties in the data, ``is_tie``, left out and
     counted) and AUC (all chosen scores against all rejected scores, ties ½) of a reward model."""
+    from prefalign.trainers.reward_wintie import mann_whitney_auc
+
     model.eval()
-    prompts = dataset["prompt"] if "prompt" in dataset.column_names else [None] * len(dataset)
-    texts = {side: [_reward_text(processing_class, p, c) for p, c in zip(prompts, dataset[side])]
-             for side in ("chosen", "rejected")}
-    chosen = reward_scores(model, processing_class, texts["chosen"], batch_size)
-    rejected = reward_scores(model, processing_class, texts["rejected"], batch_size)
+    chosen, rejected = reward_pair_scores(model, processing_class, dataset, batch_size, progress=progress)
     ties = list(dataset["is_tie"]) if "is_tie" in dataset.column_names else [False] * len(dataset)
     wins = [(c, r) for c, r, t in zip(chosen, rejected, ties) if not t]
-    good = [c for (c, _) in wins]
-    bad = [r for (_, r) in wins]
-    auc = _mean([1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad])
+    good = torch.tensor([c for (c, _) in wins], dtype=torch.float64)
+    bad = torch.tensor([r for (_, r) in wins], dtype=torch.float64)
     return {"pairs": len(dataset), "tie_pairs": sum(map(bool, ties)),
-            "pairwise_accuracy": _mean([float(c > r) for c, r in wins]), "auc": auc,
+            "pairwise_accuracy": _mean([float(c > r) for c, r in wins]),
+            "auc": mann_whitney_auc(good, bad) if wins else None,
             "reward_margin": _mean([c - r for c, r in wins])}
 
 

@@ -122,12 +122,11 @@ def test_reward_model_accuracy_and_auc_by_hand():
             {"prompt": "Q ", "chosen": "a", "rejected": "a b c d e f g h", "is_tie": True}]  # a tie: left out
     for row in rows:
         row.setdefault("is_tie", False)
-    lengths = [[len(tokenizer(r["prompt"] + r[s])["input_ids"]) for s in ("chosen", "rejected")] for r in rows[:3]]
     report = evaluate_reward_model(Scores(), tokenizer, Dataset.from_list(rows), batch_size=3, progress=False)
     assert report["pairwise_accuracy"] == pytest.approx(2 / 3) and report["tie_pairs"] == 1
-    good, bad = [c for c, _ in lengths], [r for _, r in lengths]
-    expected_auc = sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad) / 9
-    assert report["auc"] == pytest.approx(expected_auc)
+    # Scores are token counts, one token per word plus the same prompt and end tokens on every side, so by word
+    # count: good (4, 1, 6) against bad (1, 3, 2): 3 + (½ + 0 + 0) + 3 of the 9 comparisons won.
+    assert report["auc"] == pytest.approx(6.5 / 9)
 
 
 def test_judge_win_rate_counts_ties_as_half():

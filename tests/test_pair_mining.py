@@ -274,11 +274,6 @@ def test_noisy_pairs_benchmark_smoke(tmp_path):
     assert [r["arm"] for r in results["dpo"]] == list(bench["DPO_ARMS"])
     assert [r["arm"] for r in results["reward"]] == list(bench["REWARD_ARMS"])
     assert results["steps"] == 2 * (16 // 4)
-    for row in results["dpo"]:
-        assert (row["accuracy"] * 8) == pytest.approx(round(row["accuracy"] * 8))  # a share of 8 test pairs
-        if "flags" in row:
-            p, r = row["flags"]["precision"], row["flags"]["recall"]
-            assert row["flags"]["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
     assert (tmp_path / "noisy_pairs_smoke.json").is_file() and (tmp_path / "noisy_pairs_smoke.png").is_file()
 
 
