@@ -46,8 +46,11 @@ def with_instruction(prompt: Prompt, instruction: str | None) -> Prompt:
         return prompt
     if isinstance(prompt, str):
         return f"{instruction}\n\n{prompt}"
-    if prompt and prompt[0]["role"] == "system" and isinstance(prompt[0]["content"], str):
-        return [{**prompt[0], "content": f"{instruction}\n\n{prompt[0]['content']}"}, *prompt[1:]]
+    if prompt and prompt[0]["role"] == "system":
+        content = prompt[0]["content"]
+        merged = (f"{instruction}\n\n{content}" if isinstance(content, str)  # text, or typed parts (VLM prompts)
+                  else [{"type": "text", "text": instruction}, *content])
+        return [{**prompt[0], "content": merged}, *prompt[1:]]
     return [{"role": "system", "content": instruction}, *prompt]
 
 

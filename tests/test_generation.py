@@ -62,6 +62,10 @@ def test_instruction_is_a_system_message_or_a_paragraph(model, tokenizer):
     assert with_instruction("Q?", instruction) == "Answer correctly and briefly.\n\nQ?"
     system = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Q?"}]
     assert with_instruction(system, instruction)[0]["content"] == "Answer correctly and briefly.\n\nBe kind."
+    typed = [{"role": "system", "content": [{"type": "text", "text": "Be kind."}]}, {"role": "user", "content": "Q?"}]
+    merged = with_instruction(typed, instruction)  # one system message, not a second one (templates refuse that)
+    assert len(merged) == 2 and merged[0]["content"] == [{"type": "text", "text": instruction},
+                                                          {"type": "text", "text": "Be kind."}]
     by_hand = [[{"role": "system", "content": instruction}, *p] for p in CHAT]
     got = generate(model, tokenizer, CHAT, do_sample=False, max_new_tokens=10, instruction=instruction,
                    progress=False)
