@@ -246,6 +246,13 @@ def test_online_refresh_samples_the_batch_prompts_from_the_policy(tmp_path, sour
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+def test_row_index_counts_the_rows_as_given_when_long_prompts_are_dropped(tmp_path, source, tokenizer):
+    rows = _with_anchors(source, 1).to_list()
+    rows[0]["prompt"] = [{"role": "user", "content": "word " * 300}]  # fills max_length: dropped and counted
+    trainer = _d2o(tmp_path, Dataset.from_list(rows), tokenizer, num_anchors=1, max_length=128)
+    assert trainer.train_dataset["row_index"] == [1, 2, 3]  # the rows' own numbers, not their places after the drop
+
+
 def test_bad_anchors_are_named_by_row_and_column(tmp_path, source, tokenizer):
     rows = _with_anchors(source, 2).to_list()
     rows[2]["anchors"] = rows[2]["anchors"][:1]

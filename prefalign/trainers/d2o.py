@@ -317,6 +317,8 @@ class D2OTrainer(PreferenceTrainer):
         if "anchor_ids" in dataset.column_names:  # already prepared (evaluate() prepares again)
             return dataset
         check_anchor_rows(dataset, args.num_anchors, dataset_name)
+        if "row_index" not in dataset.column_names:  # numbered before any row is dropped: rows as given
+            dataset = dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
         eos_token = self._tokenizer.eos_token
 
         def tokenize(row):
@@ -338,7 +340,6 @@ class D2OTrainer(PreferenceTrainer):
                 if len(dataset) < before:
                     logger.warning("dropped %d of %d %s rows whose prompt fills max_length=%d (nothing to train on)",
                                    before - len(dataset), before, dataset_name, args.max_length)
-            dataset = dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -367,15 +368,20 @@ class D2OTrainer(PreferenceTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         encoders = [m for m in unwrapped.modules() if hasattr(m, "get_image_features")
                     and hasattr(m, "language_model") and not hasattr(m, "lm_head")]
-        if image_source is None or len(encoders) != 1:
+        if image_source is None:
+            yield
+            return
+        if len(encoders) != 1:
+            self._warn_unshared_images(f"{len(encoders)} modules with get_image_features")
             yield
             return
         encoder, source = encoders[0], image_source.tolist()
-        original = encoder.get_image_features
+        original, previous = encoder.get_image_features, encoder.__dict__.get("get_image_features")
 
         def encode_once(pixel_values, image_grid_thw=None, **kwargs):
             num_unique = max(source) + 1
             if image_grid_thw is None or len(image_grid_thw) != len(source):
+                self._warn_unshared_images("the image grids do not match the batch's images")
                 return original(pixel_values, image_grid_thw, **kwargs)
             first = len(source) - num_unique  # the negatives' block: the last images, each prompt's once
             patches = int(image_grid_thw[first:].prod(-1).sum())
@@ -387,7 +393,17 @@ class D2OTrainer(PreferenceTrainer):
         try:
             yield
         finally:
-            del encoder.get_image_features  # back to the class's method
+            if previous is None:
+                del encoder.get_image_features  # back to the class's method
+            else:
+                encoder.get_image_features = previous
+
+    def _warn_unshared_images(self, reason: str) -> None:
+        """Say once that each prompt's images are encoded K+1 times (correct, slower) instead of once."""
+        if not getattr(self, "_warned_unshared_images", False):
+            logger.warning("D2O: %s, so each prompt's images are encoded for every one of its K+1 sequences "
+                           "(correct results, more vision-tower work)", reason)
+            self._warned_unshared_images = True
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
