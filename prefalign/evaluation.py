@@ -31,7 +31,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from prefalign.logprobs import frozen_head_token_kl
+from prefalign.logprobs import check_unscaled_logits, frozen_head_token_kl
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
 from prefalign.trainers.preference import completion_log_probs
@@ -149,6 +149,8 @@ def evaluate_preferences(model, base, processing_class, dataset, beta: float = 0
         raise ValueError(f"evaluate_preferences: beta ({beta}) must be > 0 and batch_size ({batch_size}) ≥ 1")
     if {"image", "images", "video"} & set(dataset.column_names):
         raise NotImplementedError("evaluate_preferences scores text pairs; this dataset has image or video columns")
+    for checked in (model, base):  # the KL applies the LM head to hidden states directly
+        check_unscaled_logits(checked.config, "prefalign eval's KL")
     model.eval()
     base.eval()
     tokenizer = getattr(processing_class, "tokenizer", processing_class)

@@ -12,6 +12,36 @@ from torch.utils.checkpoint import checkpoint
 
 from prefalign.losses import kl_terms, token_kl
 
+# Config attributes with which transformers models transform the logits after the backbone, each with the values
+# that leave them unchanged ("hidden_size": neutral when equal to the config's hidden size). RRPO's KL and prefalign
+# eval's KL apply the LM head to the last hidden state directly, so a model with any of them set is refused there.
+LOGIT_SCALING_ATTRIBUTES: dict[str, tuple] = {
+    "final_logit_softcapping": (None,),  # Gemma 2/3/3n/4, T5Gemma, VaultGemma, Nanochat, Inkling2, Mistral-Large-4
+    "logits_soft_cap": (None,),  # RecurrentGemma
+    "output_logit_soft_cap": (None,),  # xLSTM
+    "logit_scale": (None, 1.0),  # Cohere, Cohere2 (multiplies the logits)
+    "output_multiplier": (None, 1.0),  # Muse (multiplies before the soft-cap)
+    "lm_head_multiplier": (None, 1.0),  # Falcon-H1
+    "logits_scaling": (None, 1.0),  # Granite family and MiniCPM3 divide, HyperCLOVA X multiplies
+    "logits_mup_width_multiplier": (None, 1.0),  # Inkling (divides the hidden states)
+    "dim_model_base": (None, "hidden_size"),  # MiniCPM (hidden states divided by hidden_size / dim_model_base)
+}
+
+
+def check_unscaled_logits(config, what: str = "RRPO's token-wise KL") -> None:
+    """Raise NotImplementedError when ``config`` (or its text config) sets any of ``LOGIT_SCALING_ATTRIBUTES``;
+    ``what`` names the computation that applies the LM head to hidden states directly."""
+    text_config = config.get_text_config()
+    for name, neutral in LOGIT_SCALING_ATTRIBUTES.items():
+        value = getattr(text_config, name, None)
+        neutral_values = [getattr(text_config, "hidden_size", None) if v == "hidden_size" else v for v in neutral]
+        if value not in neutral_values:
+            raise NotImplementedError(
+                f"{what} applies the LM head to the last hidden state directly, but this model "
+                f"transforms its logits ({name}={value!r}): models with logit soft-capping or scaling are not "
+                f"supported yet.")
+
+
 
 def chunked_token_kl(
     policy_hidden: torch.Tensor,

@@ -269,3 +269,13 @@ def test_bad_rows_and_image_data_are_refused_naming_them(models):
     with_images = Dataset.from_list([{**row, "images": []} for row in _rows(False)])
     with pytest.raises(NotImplementedError, match="text pairs"):
         evaluate_preferences(model, base, tokenizer, with_images, progress=False)
+
+
+def test_models_with_scaled_logits_are_refused(models):
+    import copy
+
+    model, base, tokenizer = models
+    scaled = copy.deepcopy(base)
+    scaled.config.logit_scale = 0.5  # Cohere-style: the logits are multiplied after the head
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        evaluate_preferences(model, scaled, tokenizer, Dataset.from_list(_rows(False)), progress=False)

@@ -14,8 +14,9 @@ from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
 from prefalign.data import load_preference_dataset
+from prefalign.logprobs import LOGIT_SCALING_ATTRIBUTES, check_unscaled_logits
 from prefalign.models import load_model, load_processing_class
-from prefalign.trainers.rrpo import LOGIT_SCALING_ATTRIBUTES, RRPOConfig, RRPOTrainer, check_unscaled_logits
+from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               per_device_train_batch_size=4, logging_steps=1, seed=0)

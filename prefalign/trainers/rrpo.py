@@ -17,7 +17,7 @@ from trl.data_utils import apply_chat_template, is_conversational, prepare_multi
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from prefalign.data import video_frames_as_images
-from prefalign.logprobs import chunked_token_kl, frozen_head_token_kl
+from prefalign.logprobs import check_unscaled_logits, chunked_token_kl, frozen_head_token_kl
 from prefalign.losses import phrase_rewards, rrpo_loss
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
@@ -33,35 +33,6 @@ ROW_COLUMN = "rrpo_row"  # each pair's row in the dataset as given, to name it i
 RRPO_UNUSED_DPO_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
                           "label_smoothing", "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha",
                           "ref_model_sync_steps", "label_smoothing_factor")
-
-# Config attributes with which transformers models transform the logits after the backbone, each with the values
-# that leave them unchanged ("hidden_size": neutral when equal to the config's hidden size). RRPO's KL applies the LM
-# head to the last hidden state directly, so a model with any of them set is refused.
-LOGIT_SCALING_ATTRIBUTES: dict[str, tuple] = {
-    "final_logit_softcapping": (None,),  # Gemma 2/3/3n/4, T5Gemma, VaultGemma, Nanochat, Inkling2, Mistral-Large-4
-    "logits_soft_cap": (None,),  # RecurrentGemma
-    "output_logit_soft_cap": (None,),  # xLSTM
-    "logit_scale": (None, 1.0),  # Cohere, Cohere2 (multiplies the logits)
-    "output_multiplier": (None, 1.0),  # Muse (multiplies before the soft-cap)
-    "lm_head_multiplier": (None, 1.0),  # Falcon-H1
-    "logits_scaling": (None, 1.0),  # Granite family and MiniCPM3 divide, HyperCLOVA X multiplies
-    "logits_mup_width_multiplier": (None, 1.0),  # Inkling (divides the hidden states)
-    "dim_model_base": (None, "hidden_size"),  # MiniCPM (hidden states divided by hidden_size / dim_model_base)
-}
-
-
-def check_unscaled_logits(config) -> None:
-    """Raise NotImplementedError when ``config`` (or its text config) sets any of ``LOGIT_SCALING_ATTRIBUTES``."""
-    text_config = config.get_text_config()
-    for name, neutral in LOGIT_SCALING_ATTRIBUTES.items():
-        value = getattr(text_config, name, None)
-        neutral_values = [getattr(text_config, "hidden_size", None) if v == "hidden_size" else v for v in neutral]
-        if value not in neutral_values:
-            raise NotImplementedError(
-                f"RRPO's token-wise KL applies the LM head to the last hidden state directly, but this model "
-                f"transforms its logits ({name}={value!r}): models with logit soft-capping or scaling are not "
-                f"supported yet.")
-
 
 @dataclass
 class RRPOConfig(DPOConfig):
