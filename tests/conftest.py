@@ -60,3 +60,12 @@ def tiny_dpo_args(tmp_path):
     return ["--model_name_or_path", "tiny-causal-lm", "--output_dir", str(tmp_path / "out"), "--max_steps", "3",
             "--logging_steps", "1", "--save_steps", "3", "--max_train_samples", "48",
             "--per_device_train_batch_size", "4"]
+
+
+class LengthRewardModel(torch.nn.Module):
+    """A stand-in reward model whose score of a sequence is its length in tokens (known by hand in tests)."""
+
+    device = torch.device("cpu")
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": attention_mask.sum(-1, keepdim=True).float()})

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import LengthRewardModel
 from peft import PeftModel
 
 from data_builders import audit
@@ -110,20 +111,14 @@ def test_cli_writes_every_row_and_a_cleaned_copy(tmp_path, monkeypatch):
 
 
 def test_reward_model_losses_by_hand():
-    class Scores(torch.nn.Module):  # a "reward model" scoring a text by its length in tokens
-        device = torch.device("cpu")
-
-        def forward(self, input_ids, attention_mask):
-            return type("Out", (), {"logits": attention_mask.sum(-1, keepdim=True).float()})
-
     from datasets import Dataset
 
     tokenizer = load_processing_class("tiny-causal-lm")
     rows = Dataset.from_list([{"prompt": "Q ", "chosen": "a b c", "rejected": "a"},
                               {"prompt": "Q ", "chosen": "a", "rejected": "a b c d"}])
-    losses = audit.reward_model_losses(Scores(), tokenizer, rows, batch_size=2, max_length=64)
+    losses = audit.reward_model_losses(LengthRewardModel(), tokenizer, rows, batch_size=2, max_length=64)
     # one token per word, the same prompt and end tokens on both sides: margins 3 − 1 = 2 and 1 − 4 = −3
     expected = [float(-torch.nn.functional.logsigmoid(torch.tensor(m, dtype=torch.float64))) for m in (2.0, -3.0)]
     assert losses.shape == (2, 1) and losses[:, 0].tolist() == pytest.approx(expected)
     with pytest.raises(ValueError, match="row 1"):  # a side over max_length is named, not truncated
-        audit.reward_model_losses(Scores(), tokenizer, rows, batch_size=2, max_length=5)
+        audit.reward_model_losses(LengthRewardModel(), tokenizer, rows, batch_size=2, max_length=5)

@@ -7,7 +7,7 @@ import runpy
 
 import pytest
 import torch
-from conftest import REPO, perturbed_copy
+from conftest import REPO, LengthRewardModel, perturbed_copy
 from datasets import Dataset
 
 from prefalign.data import load_preference_dataset
@@ -109,12 +109,6 @@ def test_the_base_against_itself_has_zero_margin_and_kl(models):
 
 
 def test_reward_model_accuracy_and_auc_by_hand():
-    class Scores(torch.nn.Module):  # a "reward model" scoring a text by its length in tokens
-        device = torch.device("cpu")
-
-        def forward(self, input_ids, attention_mask):
-            return type("Out", (), {"logits": attention_mask.sum(-1, keepdim=True).float()})
-
     tokenizer = load_processing_class("tiny-causal-lm")
     rows = [{"prompt": "Q ", "chosen": "a b c d", "rejected": "a"},  # right
             {"prompt": "Q ", "chosen": "a", "rejected": "a b c"},  # wrong
@@ -122,7 +116,7 @@ def test_reward_model_accuracy_and_auc_by_hand():
             {"prompt": "Q ", "chosen": "a", "rejected": "a b c d e f g h", "is_tie": True}]  # a tie: left out
     for row in rows:
         row.setdefault("is_tie", False)
-    report = evaluate_reward_model(Scores(), tokenizer, Dataset.from_list(rows), batch_size=3, progress=False)
+    report = evaluate_reward_model(LengthRewardModel(), tokenizer, Dataset.from_list(rows), batch_size=3, progress=False)
     assert report["pairwise_accuracy"] == pytest.approx(2 / 3) and report["tie_pairs"] == 1
     # Scores are token counts, one token per word plus the same prompt and end tokens on every side, so by word
     # count: good (4, 1, 6) against bad (1, 3, 2): 3 + (½ + 0 + 0) + 3 of the 9 comparisons won.
