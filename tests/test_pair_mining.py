@@ -9,8 +9,9 @@ import torch
 
 from prefalign.data import load_preference_dataset
 from prefalign.models import load_processing_class
+from prefalign.reward_models import load_reward_model
 from prefalign.trainers.pair_mining import MEMORY_FILE, PairMining, PairMiningArguments, PLDSampler
-from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, logging_steps=1, seed=0,
               learning_rate=5e-3, per_device_train_batch_size=2)
@@ -348,3 +349,117 @@ def test_resume_from_a_checkpoint_without_memory_is_refused(tmp_path, tokenizer,
     mining = _trainer(tmp_path, tokenizer, pairs, pair_mining="dbpm", num_train_epochs=2)
     with pytest.raises(FileNotFoundError, match="pair_mining.json is missing"):
         mining.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+# ---- the DPO-family trainers of prefalign: RRPO, D²O, disentangled ---------------------------------------------
+
+
+class HookSpy:
+    """Mixin for a PreferenceTrainer: keeps, per training batch, (epoch, rows, the per-pair losses handed to the
+    pair-mining hook, what the hook returned, the step's loss)."""
+
+    def _per_pair_loss_hook(self, losses, inputs):
+        weighted = super()._per_pair_loss_hook(losses, inputs)
+        if self.model.training:
+            self.hooked.append([self.pair_mining.epoch, inputs["row_index"].tolist(), losses.detach().double().tolist(),
+                                weighted.detach().double().tolist()])
+        return weighted
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:
+            self.hooked[-1].append(result.item())
+        return result
+
+
+def _family_trainer(name: str, tmp_path, **config):
+    """A trainer of the family on 8 kept rows of 9 given (row 3 is dropped while preparing the data), batches of 2."""
+    from datasets import Dataset
+
+    from prefalign.models import load_model
+    from prefalign.trainers.d2o import D2OConfig, D2OTrainer
+    from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer
+    from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
+
+    source = load_preference_dataset("wordnet-phrases", split="train").select(range(9)).to_list()
+    settings = {**COMMON, "learning_rate": 1e-2, "save_strategy": "no", "pair_mining": "dbpm",
+                "mining_cut_noisy": 0.8, "mining_cut_faulty": 0.8, "num_train_epochs": 2, **config}
+    if name == "rrpo":  # row 3 cannot be aligned (no difference): dropped and counted
+        source[3]["rejected"] = source[3]["chosen"] = [{"role": "assistant", "content": "Same answer."}]
+        cls, args = RRPOTrainer, RRPOConfig(output_dir=str(tmp_path), drop_unaligned=True, **settings)
+    else:  # row 3's prompt fills max_length: TRL's (and D²O's) preparation drops it
+        source[3]["prompt"] = [{"role": "user", "content": "word " * 400}]
+        settings["max_length"] = 256
+        if name == "d2o":
+            source = [{"prompt": r["prompt"], "rejected": r["rejected"], "anchors": [r["chosen"]]} for r in source]
+            cls = D2OTrainer
+            args = D2OConfig(output_dir=str(tmp_path), num_anchors=1, anchor_refresh_steps=0, **settings)
+        else:
+            cls, args = DisentangledDPOTrainer, DisentangledDPOConfig(output_dir=str(tmp_path),
+                                                                      disentangle="anchored", **settings)
+
+    class Trainer(HookSpy, cls):
+        pass
+
+    torch.manual_seed(0)
+    trainer = Trainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"), args=args,
+                      train_dataset=Dataset.from_list(source), processing_class=load_processing_class("tiny-causal-lm"))
+    trainer.hooked = []
+    return trainer
+
+
+KEPT_ROWS = [0, 1, 2, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("name", ["rrpo", "d2o", "disentangled"])
+def test_family_trainers_weight_flagged_pairs_by_hand(tmp_path, name):
+    """2 shuffled epochs, warm-up 1: epoch 1 records every kept row once (keyed by its row as given, the dropped row 3
+    absent) at the loss the trainer computed, with weight 1; in epoch 2 each pair's loss is multiplied by
+    exp(−(ℓ−μ)²/2σ²) when its epoch-1 history is flagged (μ, σ, flags by hand in float64 from m = ℓ⁽¹⁾·1/2), by 1
+    otherwise, and the step's loss is the mean of those products."""
+    trainer = _family_trainer(name, tmp_path)
+    trainer.train()
+    memory = trainer.pair_mining.memory.history
+    assert sorted(memory) == KEPT_ROWS
+    first = [(row, loss, weighted) for e, rows, losses, weighted, _ in trainer.hooked if e == 0
+             for row, loss, weighted in zip(rows, losses, weighted)]
+    assert sorted(row for row, *_ in first) == KEPT_ROWS
+    for row, loss, weighted in first:
+        assert memory[row][0] == loss and weighted == loss
+    order = [row for row, *_ in first]
+    assert order != sorted(order) or [r for e, rows, *_ in trainer.hooked if e == 1 for r in rows] != order
+
+    m = {row: 0.5 * memory[row][0] for row in KEPT_ROWS}  # (1/t)·Σ (e/E)·ℓ with t = 1, E = 2
+    mu = sum(m.values()) / len(m)
+    sigma = math.sqrt(sum((v - mu) ** 2 for v in m.values()) / len(m))
+    flagged = {row for row, v in m.items() if v <= mu - 0.8 * sigma or v >= mu + 0.8 * sigma}
+    assert flagged and set(trainer.pair_mining.flags) != set()
+    seen_flagged = 0
+    for epoch, rows, losses, weighted, step_loss in trainer.hooked:
+        if epoch != 1:
+            continue
+        weights = []
+        for row, loss, got in zip(rows, losses, weighted):
+            w = math.exp(-((loss - mu) ** 2) / (2 * sigma**2)) if row in flagged else 1.0
+            seen_flagged += row in flagged
+            assert got == pytest.approx(w * loss, rel=1e-5, abs=1e-7), (row, w)
+            weights.append(w)
+        assert step_loss == pytest.approx(sum(w * h for w, h in zip(weights, losses)) / len(losses), rel=1e-5)
+    assert seen_flagged == len(flagged)  # every flagged row visited in epoch 2, once
+
+
+def test_family_memory_is_restored_on_resume(tmp_path):
+    """D²O, 2 epochs saved at each epoch end vs a new trainer resumed from the epoch-1 checkpoint: it reads the
+    memory file, so its epoch-2 per-pair weights and losses, and its final memory, equal the uninterrupted run's."""
+    full = _family_trainer("d2o", tmp_path / "full", save_strategy="epoch")
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / MEMORY_FILE).is_file()
+    resumed = _family_trainer("d2o", tmp_path / "resumed", save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    after = [step for step in full.hooked if step[0] == 1]
+    assert [step[:2] for step in resumed.hooked] == [step[:2] for step in after]
+    for got, want in zip(resumed.hooked, after):
+        assert [*got[2], *got[3], got[4]] == pytest.approx([*want[2], *want[3], want[4]], rel=1e-5)
+    assert any(w < loss for step in after for loss, w in zip(step[2], step[3]))  # some pair was down-weighted
+    assert _close(resumed.pair_mining.memory.history, full.pair_mining.memory.history)

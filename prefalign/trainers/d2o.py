@@ -50,7 +50,9 @@ from prefalign.generation import generate
 from prefalign.losses import d2o_loss
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.pair_mining import PairMiningArguments, check_pair_mining_arguments
 from prefalign.trainers.preference import PreferenceTrainer
+from prefalign.trainers.reference_cache import ReferenceCacheArguments
 
 logger = logging.getLogger("prefalign.trainers.d2o")
 
@@ -62,7 +64,7 @@ MAX_LISTED_PROBLEMS = 10
 
 
 @dataclass
-class D2OConfig(DPOConfig):
+class D2OConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`D2OTrainer`]: every [`~trl.DPOConfig`] field, plus the D²O ones below.
 
     Defaults marked "reproduction" come from a public reproduction of the paper (see docs/methods/d2o.md)
@@ -89,6 +91,11 @@ class D2OConfig(DPOConfig):
         anchor_keep_truncated (`bool`, defaults to `False`): train anchors cut off at `anchor_max_new_tokens` (no end
             token) as if complete. By default a refreshed anchor that was cut off is not used (the prompt keeps its
             previous anchor, counted in the log) and the recipe's anchor builder drops such prompts.
+
+    Noisy-pair mining (docs/methods/noisy_pairs.md): the fields of
+    [`~prefalign.trainers.pair_mining.PairMiningArguments`] (`pair_mining="dbpm"|"pld"`, ...); the memory records
+    each prompt's D²O loss (one row: its K anchors against its negative), keyed by the `row_index` column. PLD draws
+    within prompt groups, so it needs several rows per prompt (or a `group_id` column).
 
     Inherited settings (every [`~trl.DPOConfig`] field that changes DPOTrainer's loss or training objective):
         honoured: `beta` (β above); `router_aux_loss_coef` (the MoE load-balancing loss is added with this weight,
@@ -123,6 +130,7 @@ class D2OConfig(DPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_pair_mining_arguments(self)
         for name in ("num_anchors", "anchor_max_new_tokens", "anchor_generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")

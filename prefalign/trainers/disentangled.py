@@ -21,7 +21,15 @@ from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss
 from prefalign.phrases import CLOSE_TAG, OPEN_TAG, parse_phrase_tags
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.pair_mining import (
+    ROW_COLUMN,
+    PairMiningArguments,
+    RowIndexCollator,
+    add_row_index,
+    check_pair_mining_arguments,
+)
 from prefalign.trainers.preference import PreferenceTrainer
+from prefalign.trainers.reference_cache import ReferenceCacheArguments
 
 logger = logging.getLogger("prefalign.trainers.disentangled")
 
@@ -32,7 +40,7 @@ DISENTANGLED_REFUSED_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "use_wei
 
 
 @dataclass
-class DisentangledDPOConfig(DPOConfig):
+class DisentangledDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`DisentangledDPOTrainer`]: every [`~trl.DPOConfig`] field, plus the ones below.
 
     Parameters that control the loss (docs/methods/disentangled.md):
@@ -55,6 +63,10 @@ class DisentangledDPOConfig(DPOConfig):
         shared_token_weight (`float`, defaults to `0.0`): weight in [0, 1] of the tokens both responses share in
             "token_mask"'s margin (0: the sparse mask of §4(b); 1: DPO).
 
+    Noisy-pair mining (docs/methods/noisy_pairs.md): the fields of
+    [`~prefalign.trainers.pair_mining.PairMiningArguments`] (`pair_mining="dbpm"|"pld"`, ...); the memory records
+    each pair's loss in the chosen mode, keyed by a `row_index` column (the rows as given, added when absent).
+
     Inherited settings (every [`~trl.DPOConfig`] field that changes DPOTrainer's loss or training objective):
         honoured: `beta` (β above); `router_aux_loss_coef` (the MoE load-balancing loss is added with this weight,
             as DPOTrainer does, in every mode); `precompute_ref_log_probs` ("pngd" and "anchored"); `sync_ref_model`,
@@ -76,8 +88,15 @@ class DisentangledDPOConfig(DPOConfig):
     shared_token_weight: float = field(
         default=0.0, metadata={"help": "token_mask: weight of the tokens both responses share (0 sparse, 1 DPO)."})
 
+    def live_reference_reason(self) -> str | None:
+        """The "token_mask" mode reads per-token reference log-probs every step, which the reference cache lacks."""
+        if self.disentangle == "token_mask":
+            return "disentangle='token_mask' needs per-token reference log-probs every step"
+        return super().live_reference_reason()
+
     def __post_init__(self):
         super().__post_init__()
+        check_pair_mining_arguments(self)
         if self.disentangle not in MODES:
             raise ValueError(f"disentangle must be one of {MODES}, got {self.disentangle!r}")
         refuse_unhonoured_fields(self, DPOConfig, DISENTANGLED_REFUSED_FIELDS, "DisentangledDPOTrainer",
@@ -150,7 +169,12 @@ class DisentangledDPOTrainer(PreferenceTrainer):
             args = DisentangledDPOConfig("DisentangledDPO")
         if not isinstance(args, DisentangledDPOConfig):
             raise TypeError(f"DisentangledDPOTrainer needs a DisentangledDPOConfig, got {type(args).__name__}")
+        if args.pair_mining is not None and isinstance(kwargs.get("train_dataset"), Dataset):
+            # numbered as given, before TRL drops any row (text and vision rows alike)
+            kwargs["train_dataset"] = add_row_index(kwargs["train_dataset"])
         super().__init__(model, ref_model, args=args, **kwargs)
+        if self.pair_mining is not None:
+            self.data_collator = RowIndexCollator(self.data_collator)
         if args.disentangle == "pngd" and self.is_deepspeed_enabled \
                 and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise NotImplementedError("pngd takes per-response gradients of whole weights: DeepSpeed ZeRO-3 shards "
@@ -159,6 +183,11 @@ class DisentangledDPOTrainer(PreferenceTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's tokenisation, after stripping any `<MASK>` phrase tags (they are not text to train on)."""
         return super()._prepare_dataset(strip_phrase_tags(dataset, dataset_name), processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.pair_mining is not None and ROW_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_COLUMN]
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -177,7 +206,8 @@ class DisentangledDPOTrainer(PreferenceTrainer):
         sequence_args = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
         if self.args.disentangle == "pngd":
             if torch.is_grad_enabled():  # training: each pair's two gradient norms, taken on the unwrapped model
-                stats = pair_gradient_stats(self.accelerator.unwrap_model(self.model), inputs)
+                stats = pair_gradient_stats(self.accelerator.unwrap_model(self.model),
+                                            {k: v for k, v in inputs.items() if k != ROW_COLUMN})
                 norm_w, norm_l = stats["norm_w_sq"].sqrt().float(), stats["norm_l_sq"].sqrt().float()
                 per_pair.update({"pngd/grad_norm_chosen": norm_w, "pngd/grad_norm_rejected": norm_l,
                                  "pngd/cos": stats["cos"].float(), "pngd/dpo_chosen_up": stats["chosen_up"].float(),

@@ -23,11 +23,11 @@ from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
+from prefalign.trainers.pair_mining import ROW_COLUMN, PairMiningArguments, add_row_index, check_pair_mining_arguments
 from prefalign.trainers.preference import PreferenceTrainer
+from prefalign.trainers.reference_cache import ReferenceCacheArguments
 
 logger = logging.getLogger("prefalign.trainers.rrpo")
-
-ROW_COLUMN = "rrpo_row"  # each pair's row in the dataset as given, to name it in messages
 
 # DPOConfig fields that change the stock DPO loss but are not part of RRPO's objective: refused when not default.
 RRPO_UNUSED_DPO_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef",
@@ -35,7 +35,7 @@ RRPO_UNUSED_DPO_FIELDS = ("loss_type", "loss_weights", "ld_alpha", "f_divergence
                           "ref_model_sync_steps", "label_smoothing_factor")
 
 @dataclass
-class RRPOConfig(DPOConfig):
+class RRPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`RRPOTrainer`]: every [`~trl.DPOConfig`] field, plus the RRPO ones below.
 
     Parameters that control the loss (docs/methods/rrpo.md):
@@ -47,6 +47,10 @@ class RRPOConfig(DPOConfig):
         drop_unaligned (`bool`, defaults to `False`): pairs whose phrases cannot be aligned (bad or unequal
             `<MASK>` tags, no difference) stop training with an error naming them; with `True` they are dropped
             and counted in the log instead. Never trained as a silent zero margin.
+
+    Noisy-pair mining (docs/methods/noisy_pairs.md): the fields of
+    [`~prefalign.trainers.pair_mining.PairMiningArguments`] (`pair_mining="dbpm"|"pld"`, `mining_warmup_epochs`,
+    ...); the memory records each pair's RRPO loss (phrase term plus α·KL), keyed by the `row_index` column.
 
     Parameters that control memory:
         kl_chunk_size (`int`, defaults to `256`): token positions per chunk of the full-vocabulary KL. The KL is
@@ -81,8 +85,15 @@ class RRPOConfig(DPOConfig):
     log_rejected_kl: bool = field(
         default=True, metadata={"help": "Also log the (unoptimised) KL on the rejected, on logging steps."})
 
+    def live_reference_reason(self) -> str | None:
+        """α > 0: the token-wise KL needs the full reference distribution, which the reference cache does not hold."""
+        if self.alpha > 0:
+            return f"RRPO's token-wise KL (alpha={self.alpha} > 0) needs the full reference distribution every step"
+        return super().live_reference_reason()
+
     def __post_init__(self):
         super().__post_init__()
+        check_pair_mining_arguments(self)
         if self.alpha < 0:
             raise ValueError(f"alpha must be ≥ 0, got {self.alpha}")
         if self.kl_chunk_size < 1:
@@ -97,10 +108,10 @@ class RRPOConfig(DPOConfig):
 def add_phrase_spans(dataset: Dataset, tokenizer, drop_unaligned: bool, name: str = "train",
                      num_proc: int | None = None) -> Dataset:
     """Strip `<MASK>` tags (or diff chosen against rejected) into clean completions plus `chosen_spans` and
-    `rejected_spans` columns, and a `rrpo_row` column (each pair's row as given); report pairs that cannot be aligned
-    or have no visible phrase character (error naming the rows, or counted drop with `drop_unaligned`)."""
-    if ROW_COLUMN not in dataset.column_names:
-        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    `rejected_spans` columns, and a `row_index` column (each pair's row as given, kept when the data has one: it names
+    the pair in messages and keys the pair-mining memory); report pairs that cannot be aligned or have no visible
+    phrase character (error naming the rows, or counted drop with `drop_unaligned`)."""
+    dataset = add_row_index(dataset)
 
     def split_row(row):
         try:
@@ -148,8 +159,9 @@ def _completion_values(values: torch.Tensor, mask: torch.Tensor, width: int) -> 
 
 
 class _PhraseIdsCollator:
-    """Wraps TRL's preference collator and adds `phrase_ids` [2B, L] aligned with `input_ids` (0 off-phrase), and,
-    when the rows carry precomputed per-token reference log-probs, `ref_token_logps` [2B, L] aligned the same way.
+    """Wraps TRL's preference collator and adds `phrase_ids` [2B, L] aligned with `input_ids` (0 off-phrase), the
+    pairs' `row_index` [B], and, when the rows carry precomputed per-token reference log-probs, `ref_token_logps`
+    [2B, L] aligned the same way.
 
     Pairs left without a phrase token (on the vision path, where TRL truncates at collation) are an error naming
     their rows, or, with `drop_unaligned`, removed from the batch and counted in the log."""
@@ -179,6 +191,8 @@ class _PhraseIdsCollator:
                    else self._rendered_phrase_ids(example, side) for side in ("chosen", "rejected") for example in examples]
         model_examples = [{k: v for k, v in e.items() if k != ROW_COLUMN} for e in examples]
         batch = self.collator(model_examples)
+        if ROW_COLUMN in examples[0]:  # the pairs' rows as given (pair mining keys its memory by them)
+            batch[ROW_COLUMN] = torch.tensor([int(e[ROW_COLUMN]) for e in examples])
         phrase_ids = torch.zeros_like(batch["input_ids"])
         for row, ids in enumerate(per_row):
             positions = batch["completion_mask"][row].nonzero().squeeze(-1)
