@@ -27,7 +27,12 @@ is refused (``--overwrite`` starts again); ``<split>.jsonl`` is written atomical
 ladder models are held in memory at once, each on the process's device (a model used by several rungs is loaded
 once, by ``load_ladder_models`` at the edge: the command or a recipe; ``build_delta_pairs`` takes them loaded).
 ``--backend vllm`` generates through vLLM instead (one engine per model, reused for every shard and released at the
-end). With ``distributed=True`` every process of a multi-process run calls the builder, generates its share
+end).
+
+Prompts with images: an `images` (or single `image`) column, or a `video` column of frames (one image per frame, as
+the trainers read it), goes with each prompt to every rung, which then needs a vision-language model and its processor
+(transformers backend); the judge sees the images too. The pictures are written as PNG files in ``<output>/images/``
+and every row names its prompt's images by absolute path in an `images` column, which the DPO trainers read back. With ``distributed=True`` every process of a multi-process run calls the builder, generates its share
 of each shard and the main process writes (see docs/builders.md).
 """
 
@@ -48,7 +53,14 @@ from typing import Any
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from prefalign.data import PreferenceDataError, load_preference_dataset
+from data_builders.negatives import saved_images
+from prefalign.data import (
+    VISION_COLUMNS,
+    PreferenceDataError,
+    has_vision_columns,
+    load_preference_dataset,
+    vision_as_images,
+)
 from prefalign.files import ShardStore, check_settings, write_json, write_jsonl
 from prefalign.generation import BACKENDS, check_vllm_available, generate, load_for_generation, vllm_engines
 from prefalign.models import DEFAULT_CAUSAL_LM, load_processing_class, resolve_model_path
@@ -158,9 +170,11 @@ def normalised_prompt(value: Any, row: int, column: str, chat: bool) -> str | li
 
 def _shard_rows(prompts: list, indices: list[int], answers: list[list[str]], finished: list[list[bool]],
                 rungs: list[Rung], min_rung_gap: int, chat: bool, judge: Any, judge_min_margin: float,
-                judge_disagree: str) -> tuple[list[dict], Counter]:
+                judge_disagree: str, images: list[list] | None = None,
+                image_paths: list[list[str]] | None = None) -> tuple[list[dict], Counter]:
     """The preference rows of one shard (``answers[r][i]``: rung r's answer to prompt i, ``finished[r][i]`` whether
-    it ended before the limit; all True to keep cut-off answers) and the drop counts."""
+    it ended before the limit; all True to keep cut-off answers) and the drop counts. ``images``: each prompt's
+    images (shown to the judge); ``image_paths``: the files written for them (the rows' `images` column)."""
     rows, counts = [], Counter()
     for i, (prompt, index) in enumerate(zip(prompts, indices)):
         kept, dropped = ladder_pairs([answers[r][i] for r in range(len(rungs))], min_rung_gap,
@@ -168,12 +182,15 @@ def _shard_rows(prompts: list, indices: list[int], answers: list[list[str]], fin
         counts.update(dropped)
         for strong, weak in kept:
             rows.append({"prompt": prompt, "chosen": answers[strong][i], "rejected": answers[weak][i],
-                         "prompt_index": index, "chosen_rung": strong, "rejected_rung": weak})
+                         "prompt_index": index, "chosen_rung": strong, "rejected_rung": weak,
+                         **({} if image_paths is None else {"images": image_paths[i]})})
     if judge is not None and rows:
         from prefalign.judges import label_pairs
 
+        position = {index: i for i, index in enumerate(indices)}
         actions = label_pairs(judge, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
-                              [r["rejected"] for r in rows], min_margin=judge_min_margin)
+                              [r["rejected"] for r in rows], min_margin=judge_min_margin,
+                              images=None if images is None else [images[position[r["prompt_index"]]] for r in rows])
         judged = []
         for row, action in zip(rows, actions):
             if action == "flip" and judge_disagree == "flip":
@@ -243,7 +260,18 @@ def build_delta_pairs(
         check_vllm_available()
     if prompt_column not in dataset.column_names:
         raise PreferenceDataError(f"no prompt column {prompt_column!r}; columns: {dataset.column_names}")
-    prompts = [normalised_prompt(v, i, prompt_column, chat) for i, v in enumerate(dataset[prompt_column])]
+    vision = has_vision_columns(dataset)
+    if vision and (backend != "transformers" or not chat):
+        raise ValueError("prompts with images need backend='transformers' and chat prompts (the image placeholders "
+                         f"are message parts); got backend={backend!r}, chat={chat}")
+    source_column = prompt_column
+    if vision:  # videos as frames (their prompt parts too), a single image as a one-image list: every row's `images`
+        dataset = dataset.select_columns([prompt_column, *(set(VISION_COLUMNS) & set(dataset.column_names))])
+        if prompt_column != "prompt":
+            dataset = dataset.rename_column(prompt_column, "prompt")
+        dataset, source_column = vision_as_images(dataset), "prompt"
+    prompts = [normalised_prompt(v, i, prompt_column, chat) for i, v in enumerate(dataset[source_column])]
+    images = [list(row) for row in dataset["images"]] if vision else None
     output, loaded_models = Path(output), dict(loaded_models or {})
     missing = sorted({rung.model for rung in rungs} - set(loaded_models))
     if missing:
@@ -262,6 +290,8 @@ def build_delta_pairs(
                     batch_size=batch_size, shard_size=shard_size, seed=seed, num_prompts=len(prompts),
                     prompts_sha256=hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
                     keep_truncated=keep_truncated)
+    if vision:  # a resumed build must see the same pictures
+        settings["images_sha256"] = _images_sha256(images)
     store, final = ShardStore(shard_dir), output / f"{split}.jsonl"
     if overwrite and is_main:
         store.clear()
@@ -290,7 +320,8 @@ def build_delta_pairs(
                                             do_sample=rung.do_sample, temperature=rung.temperature, top_p=rung.top_p,
                                             top_k=rung.top_k, batch_size=batch_size, seed=seed + s * len(rungs) + r,
                                             progress=False, backend=backend, return_finished=True,
-                                            split_across_processes=distributed)
+                                            split_across_processes=distributed,
+                                            images=None if images is None else [images[i] for i in indices])
                     answers.append([t[0] for t in texts])
                     finished.append([keep_truncated or f[0] for f in flags])
                     tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -299,8 +330,11 @@ def build_delta_pairs(
                     bar.set_postfix(shard=f"{s + 1}/{num_shards}",
                                     tokens_per_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
                 if is_main:
+                    shard_images = None if images is None else [images[i] for i in indices]
+                    paths = None if images is None else [saved_images(images[i], output / "images", i, write=True)
+                                                         for i in indices]
                     rows, counts = _shard_rows(shard_prompts, indices, answers, finished, rungs, min_rung_gap, chat,
-                                               judge, judge_min_margin, judge_disagree)
+                                               judge, judge_min_margin, judge_disagree, shard_images, paths)
                     store.save(s, {"counts": dict(counts), "rows": rows})
     finally:
         bar.close()
@@ -324,6 +358,17 @@ def build_delta_pairs(
             write_jsonl(final, rows)
     _sync(distributed)
     return load_preference_dataset(str(final))
+
+
+def _images_sha256(images: list[list]) -> str:
+    """A digest of every prompt's images (a file path's text, or a picture's size, mode and pixels)."""
+    digest = hashlib.sha256()
+    for row in images:
+        for image in row:
+            digest.update(image.encode() if isinstance(image, str) else
+                          f"{image.size}{image.mode}".encode() + image.tobytes())
+        digest.update(b"|")
+    return digest.hexdigest()
 
 
 def _sync(distributed: bool) -> None:

@@ -420,3 +420,24 @@ def video_frames_as_images(dataset: Dataset) -> Dataset:
         return {"images": frames, "prompt": prompt}
 
     return dataset.map(expand, with_indices=True, remove_columns=["video"], desc="Video frames as images")
+
+
+VISION_COLUMNS = ("images", "image", "video")
+
+
+def has_vision_columns(columns: Dataset | Sequence[str]) -> bool:
+    """Whether a dataset (or a list of column names) has an `images`, `image` or `video` column."""
+    names = columns.column_names if isinstance(columns, Dataset) else columns
+    return any(c in names for c in VISION_COLUMNS)
+
+
+def vision_as_images(dataset: Dataset) -> Dataset:
+    """TRL's `images` column (a list of images per row) from any vision column: a `video`'s frames
+    (`video_frames_as_images`) or a single `image` (a one-image list); a dataset without them is returned as is."""
+    dataset = video_frames_as_images(dataset)
+    if "image" in dataset.column_names:
+        if "images" in dataset.column_names:
+            raise PreferenceDataError("columns 'image' and 'images': rows with both are not supported")
+        dataset = dataset.map(lambda row: {"images": [row["image"]]}, remove_columns=["image"],
+                              desc="Single image as an images list")
+    return dataset

@@ -156,7 +156,7 @@ def test_judge_keeps_flips_or_drops(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(delta, "generate", _scripted_generate)
     actions = iter(["keep", "flip", "drop"] * 10)
     monkeypatch.setattr("prefalign.judges.label_pairs",
-                        lambda judge, prompts, chosen, rejected, min_margin: [next(actions) for _ in prompts])
+                        lambda judge, prompts, chosen, rejected, min_margin, images=None: [next(actions) for _ in prompts])
     judge = type("Judge", (), {"model": load_model("tiny-causal-lm")})()
     loaded = {name: (name, tokenizer) for name in ANSWERS}
     kwargs = dict(ladder=["strong", "mid", "weak"], loaded_models=loaded, progress=False, judge=judge)
@@ -290,6 +290,69 @@ def test_recipe_builds_pairs_once_and_trains(tmp_path, monkeypatch):
 
     monkeypatch.setattr(delta, "generate", lambda *a, **k: pytest.fail("pairs were generated again"))
     recipe.main([*argv, "--output_dir", str(out), "--max_steps", "1"])  # the cached pairs are reused
+
+
+# ---- prompts with images (tiny Qwen2-VL) ----------------------------------------------------------------------
+
+
+def test_vision_prompts_build_pairs_that_the_recipe_trains_on(tmp_path, monkeypatch):
+    """Image prompts (a jsonl of prompts naming PNG files, and a single `image` column in memory): every rung
+    generates with each prompt's own picture, the rows name it, and the recipe trains delta DPO on the built rows
+    (the tiny Qwen2-VL as both rungs and as the policy; LoRA starts at log 2 and moves)."""
+    import importlib.util
+
+    import numpy as np
+    from conftest import REPO
+    from PIL import Image
+
+    pictures = [Image.new("RGB", (56, 56), (40 * i, 255 - 40 * i, 90)) for i in range(4)]
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    seen = []
+
+    def recording_generate(model, processing_class, prompts, images=None, **kwargs):
+        seen.append([[np.asarray(Image.open(p) if isinstance(p, str) else p) for p in row] for row in images])
+        return generate(model, processing_class, prompts, images=images, **kwargs)
+
+    monkeypatch.setattr(delta, "generate", recording_generate)
+    # In memory, one `image` per row: the builder writes the pictures and the rows name them.
+    vlm = (load_model("tiny-qwen2-vl"), load_processing_class("tiny-qwen2-vl"))
+    ladder = ["tiny-qwen2-vl@temperature=1.0", "tiny-qwen2-vl@temperature=3.0"]
+    built = build_delta_pairs(Dataset.from_list([{"prompt": question, "image": p} for p in pictures[:2]]),
+                              tmp_path / "memory", ladder, max_new_tokens=4, keep_truncated=True, progress=False,
+                              loaded_models={"tiny-qwen2-vl": vlm})
+    assert len(seen) == 2 and all(len(rows) == 2 for rows in seen)  # one generate call per rung, 2 prompts each
+    for rows in seen:
+        for row, picture in zip(rows, pictures):
+            assert len(row) == 1 and np.array_equal(row[0], np.asarray(picture))
+    assert [r["prompt_index"] for r in built] == [0, 1]
+    for row in built:
+        assert row["images"] == [str(tmp_path / "memory" / "images" / f"row{row['prompt_index']:07d}-0.png")]
+        assert np.array_equal(np.asarray(Image.open(row["images"][0])), np.asarray(pictures[row["prompt_index"]]))
+
+    # Through the recipe: prompts file with image paths, pairs built by the ladder, then trained.
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    for i, picture in enumerate(pictures):
+        picture.save(folder / f"{i}.png")
+    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": question, "images": [str(folder / f"{i}.png")]})
+                                                + "\n" for i in range(4)))
+    spec = importlib.util.spec_from_file_location("delta_dpo_recipe", REPO / "recipes" / "delta_dpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    out = tmp_path / "out"
+    seen.clear()
+    trainer = recipe.main(["--model_name_or_path", "tiny-qwen2-vl", "--dataset_name", str(folder), "--ladder", *ladder,
+                           "--pairs_max_new_tokens", "4", "--pairs_keep_truncated", "true", "--max_train_samples",
+                           "4", "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "no",
+                           "--logging_steps", "1",
+                           "--learning_rate", "5e-2", "--per_device_train_batch_size", "2", "--report_to", "none",
+                           "--warmup_steps", "0"])
+    pairs = load_preference_dataset(str(out / "delta-pairs"), "train")
+    assert len(pairs) == 4 and all(row["images"] == [str(folder / f"{row['prompt_index']}.png")] for row in pairs)
+    assert [len(rows) for rows in seen] == [4, 4]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(losses[1] - losses[0]) > 1e-4
 
 
 # ---- slow: the embedded model at two decoding settings -----------------------------------------------------------
