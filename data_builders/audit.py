@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
                                                                   max_samples=args.max_samples))
     if args.reward_model:
-        from prefalign.trainers.reward_wintie import load_reward_model
+        from prefalign.reward_models import load_reward_model
 
         processing_class = load_processing_class(args.reward_model)
         history = reward_model_losses(load_reward_model(args.reward_model), processing_class, dataset,

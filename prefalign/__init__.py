@@ -13,6 +13,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "PackedDPOConfig": "prefalign.trainers.dpo",
+    "PackedDPOTrainer": "prefalign.trainers.dpo",
     "RRPOConfig": "prefalign.trainers.rrpo",
     "RRPOTrainer": "prefalign.trainers.rrpo",
     "D2OConfig": "prefalign.trainers.d2o",
@@ -31,6 +33,7 @@ _EXPORTS = {
     "JudgeReward": "prefalign.judges.rewards",
     "load_model": "prefalign.models",
     "load_processing_class": "prefalign.models",
+    "load_reward_model": "prefalign.reward_models",
     "load_preference_dataset": "prefalign.data",
     "validate_preference_dataset": "prefalign.data",
 }

@@ -27,13 +27,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
 from prefalign.logprobs import check_unscaled_logits, frozen_head_token_kl
 from prefalign.messages import completion_text, with_completion_text
+from prefalign.models import adapter_base
 from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
+from prefalign.reward_models import is_reward_model, load_reward_model, load_reward_model_and_processor
 from prefalign.trainers.preference import completion_log_probs
 
 logger = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def evaluate_reward_model(model, processing_class, dataset, batch_size: int = 8,
                           ) -> dict[str, Any]:
     """Pairwise accuracy (share of pairs scored chosen > rejected; ties in the data, ``is_tie``, left out and
     counted) and AUC (all chosen scores against all rejected scores, ties ½) of a reward model."""
-    from prefalign.trainers.reward_wintie import mann_whitney_auc
+    from prefalign.losses import mann_whitney_auc
 
     model.eval()
     chosen, rejected = reward_pair_scores(model, processing_class, dataset, batch_size, progress=progress)
@@ -333,11 +334,9 @@ def training_report(output_dir: str | Path, base_name: str, dataset_name: str, s
     dataset = load_preference_dataset(dataset_name, split=split, max_samples=max_samples)
     report: dict[str, Any] = {"output_dir": str(output_dir), "base": base_name, "dataset": dataset_name, "split": split}
     if is_reward_model(str(output_dir)):
-        model, processing_class = load_reward_model(str(output_dir))
+        model, processing_class = load_reward_model_and_processor(str(output_dir))
         model = _on_device(model)
-        from prefalign.trainers.reward_wintie import load_reward_model as load_base_reward_model
-
-        base = _on_device(load_base_reward_model(base_name))
+        base = _on_device(load_reward_model(base_name))
         report["metrics"] = REWARD_METRICS
         report["before"] = evaluate_reward_model(base, processing_class, dataset, batch_size, progress=False)
         report["after"] = evaluate_reward_model(model, processing_class, dataset, batch_size, progress=False)
@@ -376,46 +375,6 @@ def _on_device(model):
     return model.to(process_device())
 
 
-def is_reward_model(name_or_path: str) -> bool:
-    """True for a sequence-classification checkpoint, or a LoRA adapter of task type SEQ_CLS."""
-    from transformers import AutoConfig
-
-    from prefalign.models import resolve_model_path
-
-    adapter = Path(name_or_path) / "adapter_config.json"
-    if adapter.is_file():
-        return json.loads(adapter.read_text()).get("task_type") == "SEQ_CLS"
-    architectures = AutoConfig.from_pretrained(resolve_model_path(name_or_path)).architectures or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
-
-
-def base_model_name(name_or_path: str) -> str | None:
-    """The base an adapter was trained from (``base_model_name_or_path``), else None."""
-    adapter = Path(name_or_path) / "adapter_config.json"
-    return json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else None
-
-
-def load_reward_model(name_or_path: str):
-    """A sequence-classification reward model (full folder, or LoRA adapter merged into its base; with its
-    query-attention head when one was saved, see ``prefalign.trainers.reward_wintie``) and its tokenizer (the base's
-    for an adapter)."""
-    from prefalign.models import load_processing_class
-    from prefalign.trainers import reward_wintie
-
-    base = base_model_name(name_or_path)
-    if base is None:
-        return reward_wintie.load_reward_model(name_or_path), load_processing_class(name_or_path)
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(reward_wintie.load_reward_model(base), name_or_path).merge_and_unload()
-    folder = Path(name_or_path)
-    if (folder / reward_wintie.HEAD_CONFIG).is_file():
-        settings = json.loads((folder / reward_wintie.HEAD_CONFIG).read_text())
-        head = reward_wintie.add_query_attention_head(model, settings["layers"], settings["num_heads"])
-        head.load_state_dict(safetensors.torch.load_file(str(folder / reward_wintie.HEAD_WEIGHTS)))
-    return model, load_processing_class(base)
-
-
 def write_report(report: dict, path: str | Path) -> None:
     """Write ``report`` as indented JSON (atomically, through ``prefalign.files``)."""
     from prefalign.files import write_json
@@ -450,13 +409,13 @@ def main(argv: list[str] | None = None) -> dict:
     if is_reward_model(args.model):
         if args.judge:
             parser.error("--judge compares generated answers; a reward model does not generate")
-        model, processing_class = load_reward_model(args.model)
+        model, processing_class = load_reward_model_and_processor(args.model)
         model = _on_device(model)
         dataset = validate_preference_dataset(dataset, None, source=f"{args.dataset}, split {args.split!r}")
         report["kind"] = "reward model"
         report.update(evaluate_reward_model(model, processing_class, dataset, args.batch_size))
     else:
-        base_name = args.base or base_model_name(args.model)
+        base_name = args.base or adapter_base(args.model)
         if base_name is None:
             parser.error(f"{args.model} is a full model: name its base with --base (the reference for the rewards "
                          "and the KL)")

@@ -338,6 +338,15 @@ def mann_whitney_loss(rewards: torch.Tensor, labels: torch.Tensor,
     return -F.logsigmoid(rewards[good_index] - rewards[bad_index]).mean()
 
 
+def mann_whitney_auc(good: torch.Tensor, bad: torch.Tensor) -> float:
+    """P(score of a good item > score of a bad item) + ½·P(equal), from average ranks (Mann–Whitney U)."""
+    scores = torch.cat([good, bad]).double()
+    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
+    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean rank
+    rank_sum = average_rank[inverse[: len(good)]].sum().item()
+    return (rank_sum - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad))
+
+
 def dpo_pair_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                     ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
     """DPO's sigmoid loss per pair, −logsigmoid(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]):

@@ -149,6 +149,12 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+def adapter_base(name_or_path: str) -> str | None:
+    """The base model a LoRA adapter folder was trained from (its ``base_model_name_or_path``), else None."""
+    adapter = Path(name_or_path) / "adapter_config.json"
+    return json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file() else None
+
+
 def load_model_or_adapter(name_or_path: str, **kwargs) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its processing class from a short name, hub id, full-model folder or LoRA adapter folder.
 
@@ -156,12 +162,11 @@ def load_model_or_adapter(name_or_path: str, **kwargs) -> tuple[PreTrainedModel,
     ``base_model_name_or_path``; the processing class is the base's (or the folder's own when it also holds a config.json).
     Extra ``kwargs`` go to ``from_pretrained`` (``dtype``, ...).
     """
-    adapter_config = Path(name_or_path) / "adapter_config.json"
-    if not adapter_config.is_file():
+    base = adapter_base(name_or_path)
+    if base is None:
         return load_model(name_or_path, **kwargs), load_processing_class(name_or_path)
     from peft import PeftModel
 
-    base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(load_model(base, **kwargs), name_or_path).merge_and_unload()
     # the adapter folder's own tokenizer when it saved one (load_processing_class reads config.json there too)
     has_tokenizer = all((Path(name_or_path) / f).is_file() for f in ("tokenizer_config.json", "config.json"))

@@ -12,7 +12,7 @@ Data (`dataset_name`): preference pairs {prompt, chosen, rejected} are split int
 rejected = bad) and re-paired ACROSS prompts; items {prompt, completion, label} are paired directly; a dataset that
 already has `is_tie` (from `prefalign build cross-prompt`, images allowed) is used as it is. Output: the reward
 model in output_dir; with the query-attention head also reward_head.{json,safetensors} (load with
-`prefalign.trainers.reward_wintie.load_reward_model`).
+`prefalign.reward_models.load_reward_model`).
 """
 
 from dataclasses import dataclass, field
@@ -23,7 +23,8 @@ from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_pref
 from prefalign.data import check_reward_pair_lengths, load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
 from prefalign.recipe_args import DataArguments, end_process_group, parse_recipe_args, train_and_save
-from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, load_reward_model
+from prefalign.reward_models import load_reward_model
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
 
 
 @dataclass

@@ -434,7 +434,7 @@ def trl_prepared(dataset, tokenizer, max_length, tmp_path):
     """Stock TRL: the train dataset a RewardTrainer builds (tokenised, then filtered by max_length)."""
     from trl import RewardConfig, RewardTrainer
 
-    from prefalign.trainers.reward_wintie import load_reward_model
+    from prefalign.reward_models import load_reward_model
 
     args = RewardConfig(output_dir=str(tmp_path), max_length=max_length, report_to="none", use_cpu=True, bf16=False)
     trainer = RewardTrainer(load_reward_model("tiny-causal-lm"), args=args, train_dataset=dataset,

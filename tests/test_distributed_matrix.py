@@ -29,7 +29,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from prefalign.models import resolve_model_path
-from prefalign.trainers.reward_wintie import HEAD_CONFIG, add_query_attention_head, load_reward_model
+from prefalign.reward_models import HEAD_CONFIG, add_query_attention_head, load_reward_model
 
 BACKENDS = ("ddp", "zero2", "zero3", "fsdp2")
 MODES = ("lora", "full")

@@ -11,9 +11,10 @@ from conftest import REPO, LengthRewardModel, perturbed_copy
 from datasets import Dataset
 
 from prefalign.data import load_preference_dataset
-from prefalign.evaluation import evaluate_preferences, evaluate_reward_model, judge_win_rate, load_reward_model
+from prefalign.evaluation import evaluate_preferences, evaluate_reward_model, judge_win_rate
 from prefalign.evaluation import main as eval_main
 from prefalign.models import load_model, load_processing_class, resolve_model_path
+from prefalign.reward_models import load_reward_model_and_processor
 
 BETA = 0.3
 PAIRS = [  # (question, chosen with <MASK> phrases, rejected) — phrases aligned one to one
@@ -224,7 +225,7 @@ def test_reward_model_report(tmp_path):
     main([*COMMON, "--output_dir", str(out), "--max_eval_samples", "3", "--report", "true"])
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["pairs"] == 3 and "answers" not in report
-    model, tokenizer = load_reward_model(str(out))
+    model, tokenizer = load_reward_model_and_processor(str(out))
     assert report["after"] == evaluate_reward_model(model, tokenizer, load_preference_dataset("wordnet-definitions",
                                                                                               "test", 3))
 

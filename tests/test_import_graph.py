@@ -13,8 +13,8 @@ from conftest import REPO
 LAYERS = [
     ("ground floor", ["prefalign.losses", "prefalign.mining", "prefalign.messages", "prefalign.templates",
                       "prefalign.files"]),
-    ("plumbing", ["prefalign.logprobs", "prefalign.data", "prefalign.models", "prefalign.generation",
-                  "prefalign.phrases"]),
+    ("plumbing", ["prefalign.logprobs", "prefalign.data", "prefalign.models", "prefalign.reward_models",
+                  "prefalign.generation", "prefalign.phrases"]),
     ("judges", ["prefalign.judges"]),
     ("trainers", ["prefalign.trainers", "prefalign.diagnostics", "prefalign.evaluation"]),
     ("edge", ["prefalign.recipe_args", "prefalign.cli"]),

@@ -12,16 +12,10 @@ from trl import RewardConfig, RewardTrainer
 
 from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs
 from prefalign.data import load_preference_dataset
-from prefalign.losses import win_tie_bt_loss
+from prefalign.losses import mann_whitney_auc, win_tie_bt_loss
 from prefalign.models import load_processing_class
-from prefalign.trainers.reward_wintie import (
-    WinTieRewardConfig,
-    WinTieRewardTrainer,
-    load_reward_model,
-    mann_whitney_auc,
-    query_attention_head,
-    win_tie_metrics,
-)
+from prefalign.reward_models import load_reward_model, query_attention_head
+from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer, win_tie_metrics
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               per_device_train_batch_size=4, logging_steps=1, seed=0)

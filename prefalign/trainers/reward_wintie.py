@@ -17,7 +17,7 @@ Noisy-pair mining (`pair_mining="dbpm"|"pld"`, pairs only): ``prefalign.trainers
 
 Checkpoints: the last-token head is the model's own sequence-classification head, so a checkpoint loads with
 ``AutoModelForSequenceClassification.from_pretrained``. The query-attention head is saved next to the model as
-``reward_head.safetensors`` + ``reward_head.json``; load such a checkpoint with ``load_reward_model(path)``, whose
+``reward_head.safetensors`` + ``reward_head.json``; load such a checkpoint with ``prefalign.reward_models.load_reward_model(path)``, whose
 forward then returns the head's reward in ``.logits`` like any reward model.
 """
 
@@ -32,18 +32,23 @@ from typing import Any
 import safetensors.torch
 import torch
 from datasets import Dataset, IterableDataset
-from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, Qwen2VLConfig, set_seed
-from transformers.modeling_layers import GenericForSequenceClassification
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
+from transformers import PreTrainedModel, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 from prefalign.data import check_reward_pair_lengths
-from prefalign.losses import good_bad_pairs, mann_whitney_loss, win_tie_bt_pair_losses
-from prefalign.models import load_processing_class, resolve_model_path
+from prefalign.losses import good_bad_pairs, mann_whitney_auc, mann_whitney_loss, win_tie_bt_pair_losses
+from prefalign.models import load_processing_class
+from prefalign.reward_models import (
+    HEAD_ATTRIBUTE,
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    add_query_attention_head,
+    load_reward_model,
+    query_attention_head,
+)
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pair_mining import (
@@ -57,9 +62,6 @@ from prefalign.trainers.pair_mining import (
 
 logger = logging.getLogger("prefalign.trainers.reward_wintie")
 
-HEAD_CONFIG = "reward_head.json"
-HEAD_WEIGHTS = "reward_head.safetensors"
-HEAD_ATTRIBUTE = "query_attention_head"
 REWARD_HEADS = ("last_token", "query_attention")
 PAIR_KEYS = ("is_tie", "chosen_label", "rejected_label", "chosen_item", "rejected_item")
 VISION_COLUMNS = ("chosen_images", "rejected_images", "chosen_video", "rejected_video")
@@ -150,125 +152,8 @@ class WinTieRewardConfig(PairMiningArguments, RewardConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reward heads and models
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class QueryAttentionRewardHead(nn.Module):
-    """Hierarchical progressive query attention (SoliReward): per-layer queries, a final query, an MLP read-out."""
-
-    def __init__(self, hidden_size: int, layers: list[int], num_heads: int = 8):
-        super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"head_num_heads={num_heads} must divide the hidden size {hidden_size}")
-        self.layers = list(layers)
-        self.layer_queries = nn.Parameter(0.02 * torch.randn(len(self.layers), hidden_size))
-        self.layer_attention = nn.ModuleList(
-            nn.MultiheadAttention(hidden_size, num_heads, batch_first=True) for _ in self.layers)
-        self.final_query = nn.Parameter(0.02 * torch.randn(1, hidden_size))
-        self.final_attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.readout = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.SiLU(),
-                                     nn.Linear(hidden_size, 1, bias=False))
-
-    def forward(self, hidden_states: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards [B] from the model's hidden states (a tuple of [B, T, H]) and its attention mask [B, T]."""
-        padding = ~attention_mask.bool()
-        batch = attention_mask.shape[0]
-        summaries = []
-        for query, attention, layer in zip(self.layer_queries, self.layer_attention, self.layers):
-            states = hidden_states[layer].to(query.dtype)
-            summary, _ = attention(query.expand(batch, 1, -1), states, states, key_padding_mask=padding,
-                                   need_weights=False)
-            summaries.append(summary)
-        summaries = torch.cat(summaries, dim=1)  # [B, layers, H]
-        pooled, _ = self.final_attention(self.final_query.expand(batch, 1, -1), summaries, summaries,
-                                         need_weights=False)
-        return self.readout(pooled[:, 0]).squeeze(-1)
-
-
-def _ask_hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: the query-attention head needs every layer's hidden states."""
-    return args, {**kwargs, "output_hidden_states": True}
-
-
-def _query_attention_logits(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Forward hook: replace the last-token logits [B, 1] with the query-attention head's rewards."""
-    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    if mask is None:
-        mask = torch.ones(output.hidden_states[-1].shape[:2], dtype=torch.bool, device=output.logits.device)
-    output.logits = getattr(module, HEAD_ATTRIBUTE)(output.hidden_states, mask).unsqueeze(-1).to(output.logits.dtype)
-    return output
-
-
-def add_query_attention_head(model: PreTrainedModel, layers: list[int], num_heads: int = 8
-                             ) -> QueryAttentionRewardHead:
-    """Attach a query-attention head as `model.query_attention_head`; the model's forward then returns its rewards.
-
-    The head is a submodule, so optimisers, DDP, ZeRO and `state_dict` see it; hooks make the model's own forward
-    compute it (inside the forward, as distributed wrappers require).
-    """
-    text_config = model.config.get_text_config()
-    num_layers = text_config.num_hidden_layers + 1  # hidden states: embeddings, then one per layer
-    bad = [layer for layer in layers if not -num_layers <= layer < num_layers]
-    if bad:
-        raise ValueError(f"head_layers {bad} out of range: the model has {num_layers} hidden states")
-    weight = next(model.parameters())
-    head = QueryAttentionRewardHead(text_config.hidden_size, layers, num_heads).to(weight.device, weight.dtype)
-    model.add_module(HEAD_ATTRIBUTE, head)
-    model.register_forward_pre_hook(_ask_hidden_states, with_kwargs=True)
-    model.register_forward_hook(_query_attention_logits, with_kwargs=True)
-    return head
-
-
-def query_attention_head(model: nn.Module) -> QueryAttentionRewardHead | None:
-    """The query-attention head of a (possibly wrapped) model, or None for the last-token head."""
-    for name, module in model.named_modules():
-        if isinstance(module, QueryAttentionRewardHead) and "original_module" not in name:
-            return module
-    return None
-
-
-class Qwen2VLForSequenceClassification(GenericForSequenceClassification, Qwen2VLPreTrainedModel):
-    """Qwen2-VL with a linear head on the last non-padding token (transformers ships no such class); images go in
-    as `pixel_values` + `image_grid_thw`. Registered with AutoModelForSequenceClassification on import."""
-
-
-AutoModelForSequenceClassification.register(Qwen2VLConfig, Qwen2VLForSequenceClassification, exist_ok=True)
-# transformers renames Qwen2-VL checkpoint keys by class name; give ours the renaming of the generation class.
-QWEN2_VL_KEY_MAPPING = {r"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
-
-
-def load_reward_model(name_or_path: str, **kwargs) -> PreTrainedModel:
-    """Load a reward model (short name, hub id or path; text or Qwen2-VL) with one output, and its query-attention
-    head when `reward_head.json` lies next to the weights. `kwargs` go to `from_pretrained`."""
-    path = resolve_model_path(name_or_path)
-    if AutoConfig.from_pretrained(path).model_type == "qwen2_vl":
-        kwargs.setdefault("key_mapping", QWEN2_VL_KEY_MAPPING)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    text_config = model.config.get_text_config()
-    if text_config.pad_token_id is None:
-        processing_class = load_processing_class(name_or_path)
-        text_config.pad_token_id = getattr(processing_class, "tokenizer", processing_class).pad_token_id
-    folder = Path(path)
-    if (folder / HEAD_CONFIG).is_file():
-        settings = json.loads((folder / HEAD_CONFIG).read_text())
-        head = add_query_attention_head(model, settings["layers"], settings["num_heads"])
-        head.load_state_dict(safetensors.torch.load_file(str(folder / HEAD_WEIGHTS)))
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def mann_whitney_auc(good: torch.Tensor, bad: torch.Tensor) -> float:
-    """P(score of a good item > score of a bad item) + ½·P(equal), from average ranks (Mann–Whitney U)."""
-    scores = torch.cat([good, bad]).double()
-    _, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
-    average_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean rank
-    rank_sum = average_rank[inverse[: len(good)]].sum().item()
-    return (rank_sum - len(good) * (len(good) + 1) / 2) / (len(good) * len(bad))
 
 
 def win_tie_metrics(rewards_a: torch.Tensor, rewards_b: torch.Tensor, is_tie: torch.Tensor, labels_a: torch.Tensor,
