@@ -33,9 +33,9 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from prefalign.data import load_preference_dataset  # noqa: E402
 from prefalign.generation import generate  # noqa: E402
+from prefalign.judges.pairwise import PairwiseRewardModel  # noqa: E402
 from prefalign.models import load_model, load_processing_class  # noqa: E402
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer  # noqa: E402
-from prefalign.trainers.pairwise_rm import PairwiseRewardModel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_models import register_tiny_models  # noqa: E402

@@ -25,7 +25,7 @@ _EXPORTS = {
     "WinTieRewardTrainer": "prefalign.trainers.reward_wintie",
     "PairwiseRMConfig": "prefalign.trainers.pairwise_rm",
     "PairwiseRMTrainer": "prefalign.trainers.pairwise_rm",
-    "PairwiseRewardModel": "prefalign.trainers.pairwise_rm",
+    "PairwiseRewardModel": "prefalign.judges.pairwise",
     "PairwisePPOConfig": "prefalign.trainers.pairwise_ppo",
     "PairwisePPOTrainer": "prefalign.trainers.pairwise_ppo",
     "GradientEntanglementCallback": "prefalign.diagnostics",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig
 
+from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.models import load_model_or_adapter
 from prefalign.recipe_args import (
     DataArguments,
@@ -30,7 +31,6 @@ from prefalign.recipe_args import (
     whole_on_every_process,
 )
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
-from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
 
 @dataclass

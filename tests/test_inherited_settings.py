@@ -13,11 +13,12 @@ from trl import DPOConfig, DPOTrainer
 
 from data_builders.verdicts import build_verdict_examples
 from prefalign.data import load_preference_dataset
+from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer, strip_phrase_tags
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
-from prefalign.trainers.pairwise_rm import PairwiseRewardModel, PairwiseRMConfig, PairwiseRMTrainer
+from prefalign.trainers.pairwise_rm import PairwiseRMConfig, PairwiseRMTrainer
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",

@@ -15,17 +15,13 @@ from datasets import Dataset
 
 from data_builders.verdicts import build_verdict_examples
 from prefalign.data import PreferenceDataError, load_preference_dataset
+from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.losses import pairwise_reward, round_robin_rewards
 from prefalign.messages import conversation_text
 from prefalign.models import load_model, load_processing_class
 from prefalign.templates import verdict_prompt
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
-from prefalign.trainers.pairwise_rm import (
-    PairwiseRewardModel,
-    PairwiseRMConfig,
-    PairwiseRMTrainer,
-    verdict_metrics,
-)
+from prefalign.trainers.pairwise_rm import PairwiseRMConfig, PairwiseRMTrainer, verdict_metrics
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               logging_steps=1, seed=0)

@@ -12,10 +12,10 @@ from datasets import Dataset
 import prefalign.trainers.d2o as d2o_module
 import prefalign.trainers.pairwise_ppo as ppo_module
 from prefalign.data import load_preference_dataset
+from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
-from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
 COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
               logging_steps=1, seed=0)

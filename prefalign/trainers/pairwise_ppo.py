@@ -43,11 +43,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from prefalign.data import video_frames_as_images
 from prefalign.generation import generate
+from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.losses import round_robin_rewards
 from prefalign.messages import conversation_text
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
-from prefalign.trainers.pairwise_rm import PairwiseRewardModel
 
 logger = logging.getLogger("prefalign.trainers.pairwise_ppo")
 
