@@ -1,14 +1,23 @@
-"""Vision-language support shared by builders and trainers (tiny Qwen2-VL): `prefalign.generation.generate` with
-images; the trainers' and builders' own vision tests live in their test files (test_d2o, test_negatives,
-test_pairwise)."""
+"""Vision-language support (tiny Qwen2-VL): `prefalign.generation.generate` with images; DPO (`PackedDPOTrainer`) and
+disentangled DPO on image rows through the shared forward; D²O and DPO with images in 2 DDP processes. The other
+trainers' and builders' vision tests live in their test files (test_d2o, test_negatives, test_pairwise, test_delta)."""
+
+import copy
+import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import perturbed_copy
+from datasets import Dataset
 from PIL import Image
+from test_d2o import _vision_sequence_logps
+from trl import DPOConfig
 
 from prefalign.generation import generate
 from prefalign.models import load_model, load_processing_class
+from prefalign.trainers.disentangled import MODES, DisentangledDPOConfig, DisentangledDPOTrainer
+from prefalign.trainers.dpo import PackedDPOTrainer
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
 
@@ -42,6 +51,172 @@ def test_generate_refuses_images_it_cannot_use(tiny_vlm):
         generate(model, processor.tokenizer, [PROMPT], images=[[image]], progress=False)
     with pytest.raises(ValueError, match="backend='transformers' only"):
         generate("tiny-qwen2-vl", processor, [PROMPT], images=[[image]], backend="vllm", progress=False)
+
+
+# ---- DPO and disentangled DPO on image rows -----------------------------------------------------------------------
+
+COLOURS = [((255, 0, 0), "red"), ((0, 0, 255), "blue"), ((0, 255, 0), "green"), ((9, 9, 9), "black")]
+COMMON = dict(report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
+              logging_steps=1, seed=0, train_sampling_strategy="sequential", max_length=None,
+              lr_scheduler_type="constant")
+
+
+def _pair_rows(swap: bool = False) -> Dataset:
+    """Four preference pairs about a plain-coloured picture; ``swap``: the pictures of rows 0 and 1 exchanged."""
+    pictures = [Image.new("RGB", (56, 56), rgb) for rgb, _ in COLOURS]
+    if swap:
+        pictures[0], pictures[1] = pictures[1], pictures[0]
+    return Dataset.from_list([{"images": [picture],
+                               "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": "What colour is it?"}]}],
+                               "chosen": [{"role": "assistant", "content": f"It is {colour}."}],
+                               "rejected": [{"role": "assistant", "content": "A cat with a hat."}]}
+                              for picture, (_, colour) in zip(pictures, COLOURS)])
+
+
+def _vision_trainer(tmp_path, dataset, policy=None, ref=None, mode: str | None = None, **config):
+    """PackedDPOTrainer (``mode`` None) or DisentangledDPOTrainer on the tiny Qwen2-VL."""
+    policy = load_model("tiny-qwen2-vl") if policy is None else policy
+    ref = load_model("tiny-qwen2-vl") if ref is None else ref
+    config = {**COMMON, "output_dir": str(tmp_path / "vlm"), **config}
+    if mode is None:
+        return PackedDPOTrainer(policy, ref, args=DPOConfig(**config), train_dataset=dataset,
+                                processing_class=load_processing_class("tiny-qwen2-vl"))
+    return DisentangledDPOTrainer(policy, ref, args=DisentangledDPOConfig(disentangle=mode, **config),
+                                  train_dataset=dataset, processing_class=load_processing_class("tiny-qwen2-vl"))
+
+
+def _float64_copies(*models) -> list:
+    """Float64 copies, taken before a trainer is built (accelerate's prepare rebinds a model's forward, and a copy
+    taken afterwards would still run the original's)."""
+    return [copy.deepcopy(model).double() for model in models]
+
+
+def _brute_force_ratios(policy64, ref64, rows: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π − Σ log π_ref of each row's chosen and rejected, in float64 (float64 models), each sequence processed
+    alone with its own picture: ([B], [B])."""
+    processor = load_processing_class("tiny-qwen2-vl")
+    with torch.no_grad():
+        ratios = [[_vision_sequence_logps(policy64, processor, row, row[side])
+                   - _vision_sequence_logps(ref64, processor, row, row[side]) for row in rows]
+                  for side in ("chosen", "rejected")]
+    return torch.stack(ratios[0]), torch.stack(ratios[1])
+
+
+def _first_batch(trainer) -> dict:
+    return next(iter(trainer.get_train_dataloader()))
+
+
+def test_dpo_with_images_trains_and_its_log_probs_follow_each_rows_picture(tmp_path):
+    """PackedDPOTrainer on image rows: the batch's per-sequence log-probs equal float64 log-probs of each sequence
+    processed alone with its own picture; swapping the pictures of rows 0 and 1 changes exactly their chosen and
+    rejected log-probs and the loss (DPO's, by hand from the brute force); training starts at log 2 and moves."""
+    policy, ref = perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl")
+    policy64, ref64 = _float64_copies(policy, ref)
+    results = []
+    for swap in (False, True):
+        rows = _pair_rows(swap)
+        trainer = _vision_trainer(tmp_path, rows, policy, ref, beta=0.5, per_device_train_batch_size=4)
+        batch = _first_batch(trainer)
+        with torch.no_grad():
+            logps = trainer.sequence_log_probs(trainer.model, batch).per_token.sum(-1)
+            loss = trainer.compute_loss(trainer.model, batch).item()
+        processor = load_processing_class("tiny-qwen2-vl")
+        with torch.no_grad():
+            expected = torch.stack([_vision_sequence_logps(policy64, processor, row, row[side])
+                                    for side in ("chosen", "rejected") for row in rows])
+        torch.testing.assert_close(logps.double(), expected, rtol=0, atol=2e-4)
+        chosen, rejected = _brute_force_ratios(policy64, ref64, rows)
+        assert loss == pytest.approx(-torch.nn.functional.logsigmoid(0.5 * (chosen - rejected)).mean().item(),
+                                     abs=1e-5)
+        results.append((logps, loss))
+    moved, kept = [0, 1, 4, 5], [2, 3, 6, 7]  # layout [chosen 0..3; rejected 0..3]
+    assert (results[0][0][moved] - results[1][0][moved]).abs().min() > 1e-3
+    torch.testing.assert_close(results[0][0][kept], results[1][0][kept], rtol=0, atol=1e-5)
+    assert abs(results[0][1] - results[1][1]) > 1e-4
+
+    trainer = _vision_trainer(tmp_path, _pair_rows(), max_steps=2, learning_rate=1e-2, per_device_train_batch_size=2)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < losses[0] - 1e-3
+
+
+@pytest.mark.parametrize("mode", [None, *MODES], ids=["dpo", *MODES])
+def test_padding_free_with_images_is_refused_at_start(tmp_path, mode):
+    with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):
+        _vision_trainer(tmp_path, _pair_rows(), mode=mode, padding_free=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_disentangled_with_images_trains_and_its_loss_follows_each_rows_picture(tmp_path, mode):
+    """Each disentangled mode on image rows: the loss of a batch equals its formula from float64 log-ratios of each
+    sequence processed alone with its own picture (pngd's value and token_mask with shared_token_weight=1 are DPO's;
+    anchored with γ_w = 0.1, γ_l = −0.2), and so changes when rows 0 and 1 swap pictures; training starts at the
+    policy = reference value and moves."""
+    beta = 0.5
+    policy, ref = perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl")
+    extra = {"token_mask": {"shared_token_weight": 1.0},
+             "anchored": {"chosen_anchor": 0.1, "rejected_anchor": -0.2}}.get(mode, {})
+    policy64, ref64 = _float64_copies(policy, ref)
+    losses = []
+    for swap in (False, True):
+        rows = _pair_rows(swap)
+        trainer = _vision_trainer(tmp_path, rows, policy, ref, mode=mode, beta=beta, per_device_train_batch_size=4,
+                                  **extra)
+        loss = trainer.compute_loss(trainer.model, _first_batch(trainer)).item()  # pngd: with its gradient norms
+        chosen, rejected = _brute_force_ratios(policy64, ref64, rows)
+        if mode == "anchored":
+            expected = -(torch.nn.functional.logsigmoid(beta * chosen - 0.1)
+                         + torch.nn.functional.logsigmoid(-beta * rejected + 0.2)).mean()
+        else:
+            expected = -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+        assert loss == pytest.approx(expected.item(), abs=1e-5)
+        losses.append(loss)
+    assert abs(losses[0] - losses[1]) > 1e-4
+
+    trainer = _vision_trainer(tmp_path, _pair_rows(), mode=mode, max_steps=2, learning_rate=1e-2,
+                              per_device_train_batch_size=2)
+    trainer.train()
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert logged[0] == pytest.approx((2 if mode == "anchored" else 1) * math.log(2), abs=1e-6)
+    assert logged[1] < logged[0] - 1e-3
+
+
+def test_pngd_normalises_by_gradients_that_include_the_vision_tower(tmp_path):
+    """pngd's gradient on image rows is −mean_i c_i·(g_w/‖g_w‖ − g_l/‖g_l‖) with g = ∇ log π(y) over every weight,
+    the vision tower's included (brute force: float64 backward of each sequence alone with its picture); the vision
+    tower's share of ‖g‖ is large enough that norms over the language model alone would fail this test."""
+    beta = 0.5
+    policy, ref = perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl")
+    policy64, ref64 = _float64_copies(policy, ref)
+    rows = _pair_rows().select(range(2))
+    trainer = _vision_trainer(tmp_path, rows, policy, ref, mode="pngd", beta=beta, per_device_train_batch_size=2)
+    trainer.model.zero_grad()
+    trainer.compute_loss(trainer.model, _first_batch(trainer)).backward()
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    got = {n: p.grad.double() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    processor = load_processing_class("tiny-qwen2-vl")
+    params64 = dict(policy64.named_parameters())
+    chosen, rejected = _brute_force_ratios(policy64, ref64, rows)
+    coefficient = beta * torch.sigmoid(-beta * (chosen - rejected))
+    expected = {n: torch.zeros_like(g) for n, g in got.items()}
+    visual_share = []
+    for i, row in enumerate(rows):
+        directions = []
+        for side in ("chosen", "rejected"):
+            logp = _vision_sequence_logps(policy64, processor, row, row[side])
+            grads = dict(zip(names, torch.autograd.grad(logp, [params64[n] for n in names], allow_unused=True)))
+            grads = {n: torch.zeros_like(got[n]) if g is None else g for n, g in grads.items()}
+            norm_sq = sum(g.pow(2).sum() for g in grads.values())
+            visual_share.append(sum(g.pow(2).sum() for n, g in grads.items() if ".visual." in n) / norm_sq)
+            directions.append({n: g / norm_sq.sqrt() for n, g in grads.items()})
+        for n in names:
+            expected[n] -= coefficient[i] * (directions[0][n] - directions[1][n]) / len(rows)
+    assert min(visual_share) > 0.01  # without the vision tower the norms (and so the gradient) would be off by > 0.5%
+    for subset in (names, [n for n in names if ".visual." in n]):
+        difference = torch.cat([(got[n] - expected[n]).flatten() for n in subset]).norm()
+        assert difference / torch.cat([expected[n].flatten() for n in subset]).norm() < 1e-3
 
 
 @pytest.mark.multiproc
