@@ -24,10 +24,11 @@ from prefalign.trainers.pair_mining import (
     check_pair_mining_arguments,
 )
 from prefalign.trainers.preference import PreferenceTrainer, ReplayModel
+from prefalign.trainers.reference_cache import ReferenceCacheArguments
 
 
 @dataclass
-class PackedDPOConfig(PairMiningArguments, DPOConfig):
+class PackedDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`PackedDPOTrainer`]: exactly [`~trl.DPOConfig`], every field honoured as by TRL's
     DPOTrainer, and `padding_free=True` working (padding-free packing of each micro-batch; text only); plus the
     noisy-pair mining fields (`pair_mining="dbpm"|"pld"`, ...; docs/methods/noisy_pairs.md), which need TRL's plain

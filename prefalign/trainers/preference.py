@@ -12,6 +12,8 @@ define their config. It gives them:
 - `reference_log_probs(inputs)`: the same for the reference: the `ref_model`, or the PEFT base with the adapter
   disabled (the "ref" adapter when there is one), under no_grad; precomputed columns are read by the trainers.
 - `compute_ref_log_probs(model, inputs)`: TRL's precompute hook, on the same forward.
+- the reference cache (`reference_cache_dir`, ``prefalign.trainers.reference_cache``): precomputed reference columns
+  stored once per key in a folder and reused by later runs and every rank, instead of TRL's per-session cache.
 - `log_means(mode, values)`: each [B] metric gathered across processes and averaged into TRL's `_metrics`.
 - `add_aux_loss(loss, policy, mode)`: the MoE load-balancing loss with `router_aux_loss_coef`, logged.
 - `_per_pair_loss_hook(losses, inputs)`: the one place where a trainer's per-pair losses [B] and the batch's rows
@@ -29,16 +31,32 @@ because sdpa's block mask still costs attention over a whole row. Batches with i
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list, tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets, load_from_disk
+from torch.utils.data import DataLoader
 from trl import DPOTrainer
+from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from prefalign.logprobs import PackedBatch, pack_sequences, unpack_per_position, unpack_per_token
 from prefalign.trainers.pair_mining import PairMiningMixin
+from prefalign.trainers.reference_cache import (
+    REFERENCE_COLUMNS,
+    check_entry,
+    dataset_hash,
+    entry_path,
+    logger,
+    nearest_entry_change,
+    tokenizer_hash,
+    weights_hash,
+    write_entry,
+)
 
 # Batch keys that are not model inputs (the trainers' own columns).
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps",
@@ -216,9 +234,101 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """TRL's precompute (cached, distributed) on the core's forward, packed when `padding_free` is set (TRL's
-        __init__ runs it before this class has restored the switch)."""
+        __init__ runs it before this class has restored the switch); through the reference cache when the config
+        sets `reference_cache_dir`."""
         self.padding_free = self._requested_padding_free
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        if getattr(self.args, "reference_cache_dir", None) is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        return self._cached_ref_logps(dataset, name, batch_size)
+
+    # ---- the reference cache (reference_cache.py) --------------------------------------------------------------
+
+    def _reference_identity(self) -> dict[str, Any]:
+        """The key components of the reference model and tokenizer (hashed once per trainer; collective under
+        ZeRO-3, rank 0's value used by all)."""
+        if getattr(self, "_reference_identity_value", None) is None:
+            if self.ref_model is not None:
+                module, skip = self.accelerator.unwrap_model(self.ref_model), ()
+            else:  # the policy at start: under PEFT its base with the "ref" adapter if any, not the trained adapter
+                module = self.accelerator.unwrap_model(self.model)
+                skip = tuple(f".{name}." for name in getattr(module, "peft_config", {}) if name != "ref")
+            config = getattr(module, "config", None)
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            identity = [{
+                "reference_model": f"{type(module).__name__} {getattr(config, '_name_or_path', '')}".strip(),
+                "reference_weights": weights_hash(module, skip),
+                "tokenizer": getattr(tokenizer, "name_or_path", ""),
+                "tokenizer_hash": tokenizer_hash(self.processing_class),
+                "precision": f"{next(module.parameters()).dtype} autocast={self.accelerator.mixed_precision}",
+                "stored": f"{type(self).__name__} reference columns, ld_alpha={getattr(self.args, 'ld_alpha', None)}",
+            }]
+            broadcast_object_list(identity, from_process=0)
+            self._reference_identity_value = identity[0]
+        return self._reference_identity_value
+
+    def reference_cache_key(self, dataset: Dataset) -> dict[str, Any]:
+        """What the stored reference columns of ``dataset`` depend on: reference model and weights, tokenizer, data,
+        `max_length`, `truncation_mode`, precision and the trainer's stored form."""
+        key = [{**self._reference_identity(), "data": dataset_hash(dataset), "rows": len(dataset),
+                "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}]
+        broadcast_object_list(key, from_process=0)
+        return key[0]
+
+    def _cached_ref_logps(self, dataset, name: str, batch_size: int) -> Dataset:
+        """``dataset`` with its reference columns read from the cache entry of its key, computed into it first
+        (every rank its shard, rank 0 writing) when the entry is absent or unusable."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError("reference_cache_dir needs a map-style Dataset, not an IterableDataset")
+        dataset = dataset.remove_columns([c for c in REFERENCE_COLUMNS if c in dataset.column_names])
+        key = self.reference_cache_key(dataset)
+        path = entry_path(self.args.reference_cache_dir, key)
+        main = self.accelerator.is_main_process
+        problem = [None]
+        if main:
+            problem[0] = "absent" if not path.exists() else check_entry(path, key, len(dataset))
+        broadcast_object_list(problem, from_process=0)
+        problem = problem[0]
+        if problem is None:
+            if main:
+                logger.warning("reference cache: reusing %s (%d rows) for the %s dataset", path, len(dataset), name)
+        else:
+            if main and problem == "absent":
+                nearest = nearest_entry_change(self.args.reference_cache_dir, key)
+                changed = f"; the nearest entry {nearest[0]} was made with other settings ({nearest[1]})" \
+                    if nearest else ""
+                logger.warning("reference cache: computing %s (%d rows of the %s dataset)%s", path, len(dataset),
+                               name, changed)
+            elif main:
+                logger.warning("reference cache: %s cannot be reused: %s; computing it again", path, problem)
+            columns = self._compute_reference_columns(dataset, name, batch_size)
+            if main:
+                write_entry(path, key, columns)
+            self.accelerator.wait_for_everyone()
+        # in memory: later maps of the training data must not write their cache files into the entry
+        return concatenate_datasets([dataset, load_from_disk(str(path / "logps"), keep_in_memory=True)], axis=1)
+
+    def _compute_reference_columns(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """The reference columns of ``dataset`` (as TRL's precompute: each rank its shard of the batches, gathered
+        in order), with a progress bar."""
+        loader = self.accelerator.prepare(DataLoader(
+            dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory))
+        if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: one inference engine places the weights
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in tqdm(iterable=loader, desc=f"reference cache: computing the {name} reference log-probs",
+                          disable=bool(os.environ.get("TQDM_DISABLE", ""))):
+            values = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(values[0].cpu())
+            rejected.append(values[1].cpu())
+        chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        return dataset.map(lambda _, indices: {REFERENCE_COLUMNS[0]: chosen[indices], REFERENCE_COLUMNS[1]:
+                                               rejected[indices]},
+                           with_indices=True, batched=True, remove_columns=dataset.column_names, keep_in_memory=True)
 
     # ---- loss and metrics ------------------------------------------------------------------------------------
 

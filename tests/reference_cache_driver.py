@@ -1,0 +1,75 @@
+"""Train PackedDPOTrainer twice with the same `reference_cache_dir` (3 steps each, float64, sequential sampler) and
+write what tests/test_reference_cache.py checks to OUT/result.json: the logged losses of each run and the number of
+reference-model forwards of each run summed over all processes.
+
+    accelerate launch --config_file recipes/accelerate/ddp.yaml tests/reference_cache_driver.py --output_dir DIR \
+        --cache_dir CACHE                                                               # 2 processes × 2 pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from packing_driver import pairs  # noqa: E402
+from tiny_models import register_tiny_models  # noqa: E402
+
+from prefalign.models import load_model, load_processing_class  # noqa: E402
+from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer  # noqa: E402
+
+register_tiny_models()
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The policy (the tiny model with seeded noise) and the reference (the tiny model), float64."""
+    policy = load_model("tiny-causal-lm").double()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return policy, load_model("tiny-causal-lm").double()
+
+
+def config(output_dir: str, per_device: int, **extra) -> PackedDPOConfig:
+    """3 steps of 4 pairs over all processes, logged every step."""
+    settings = dict(max_steps=3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                    learning_rate=1e-3, train_sampling_strategy="sequential", per_device_train_batch_size=per_device,
+                    max_length=256, precompute_ref_batch_size=2, seed=0)
+    return PackedDPOConfig(output_dir=output_dir, **{**settings, **extra})
+
+
+def run(output_dir: str, per_device: int, **extra) -> tuple[list[float], int, PackedDPOTrainer]:
+    """One training run: its logged losses and its reference forwards summed over all processes."""
+    policy, ref = models()
+    calls = []
+    ref.register_forward_pre_hook(lambda *_: calls.append(1))
+    trainer = PackedDPOTrainer(policy, ref, args=config(output_dir, per_device, **extra), train_dataset=pairs(),
+                               processing_class=load_processing_class("tiny-causal-lm"))
+    trainer.train()
+    total = int(trainer.accelerator.reduce(torch.tensor([len(calls)]), reduction="sum").item())
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e], total, trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--cache_dir", required=True)
+    cli = parser.parse_args()
+    per_device = 4 // int(os.environ.get("WORLD_SIZE", "1"))
+    result = {}
+    for name in ("first", "second"):
+        losses, calls, trainer = run(str(Path(cli.output_dir) / name), per_device, reference_cache_dir=cli.cache_dir)
+        result[name] = {"losses": losses, "reference_forwards": calls,
+                        "processes": trainer.accelerator.num_processes}
+    if trainer.accelerator.is_main_process:
+        (Path(cli.output_dir) / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
