@@ -220,9 +220,9 @@ def test_pngd_normalises_by_gradients_that_include_the_vision_tower(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_d2o_with_images_two_processes_equal_one(tmp_path):
-    """D²O on image rows: 2 DDP processes × 2 rows give the logged losses of 1 process × 4 rows (same rows, sequential
-    sampler), and the losses move from log 2."""
+def test_d2o_and_dpo_with_images_two_processes_equal_one(tmp_path):
+    """D²O, then DPO, on image rows: 2 DDP processes × 2 rows give the logged losses of 1 process × 4 rows (same rows,
+    sequential sampler), and the losses move from log 2 (one launch for both trainers)."""
     import json
     import math
     import subprocess
@@ -242,3 +242,6 @@ def test_d2o_with_images_two_processes_equal_one(tmp_path):
     assert len(single["losses"]) == 3 and single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(single["losses"][-1] - math.log(2)) > 1e-3
     assert double["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert len(single["dpo_losses"]) == 3 and single["dpo_losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(single["dpo_losses"][-1] - math.log(2)) > 1e-3
+    assert double["dpo_losses"] == pytest.approx(single["dpo_losses"], abs=1e-5)

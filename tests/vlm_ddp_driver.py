@@ -1,6 +1,6 @@
-"""D²O with images on the tiny Qwen2-VL for tests/test_vlm.py: the same 12 image rows, 3 steps of 4 rows, in 1 process
-(batch 4) or under `accelerate launch` with 2 processes (batch 2 each); rank 0 writes the logged losses to
-OUTPUT_DIR/losses.json.
+"""D²O, then DPO (`PackedDPOTrainer`), with images on the tiny Qwen2-VL for tests/test_vlm.py: the same 12 image rows,
+3 steps of 4 rows each, in 1 process (batch 4) or under `accelerate launch` with 2 processes (batch 2 each); rank 0
+writes the logged losses to OUTPUT_DIR/losses.json ({"losses": D²O's, "dpo_losses": DPO's, "processes": N}).
 
     python tests/vlm_ddp_driver.py OUTPUT_DIR 4
     accelerate launch --config_file recipes/accelerate/ddp.yaml tests/vlm_ddp_driver.py OUTPUT_DIR 2
@@ -23,7 +23,7 @@ register_tiny_models()
 
 
 def rows():
-    """12 prompts about plain-coloured pictures, each with a wrong caption and 2 anchors."""
+    """12 prompts about plain-coloured pictures, each with a wrong caption, 2 anchors and a chosen caption."""
     from datasets import Dataset
     from PIL import Image
 
@@ -33,28 +33,40 @@ def rows():
         out.append({"images": [Image.new("RGB", (56, 56), rgb)],
                     "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
                     "rejected": [{"role": "assistant", "content": "A cat."}],
+                    "chosen": [{"role": "assistant", "content": f"Colour {i}."}],
                     "anchors": [[{"role": "assistant", "content": f"Colour {i}."}],
                                 [{"role": "assistant", "content": "One colour."}]]})
     return Dataset.from_list(out)
 
 
 def main(output_dir: str, batch_size: int) -> None:
+    from trl import DPOConfig
+
     from prefalign.models import load_model, load_processing_class
     from prefalign.trainers.d2o import D2OConfig, D2OTrainer
+    from prefalign.trainers.dpo import PackedDPOTrainer
 
     torch.set_num_threads(1)
-    args = D2OConfig(output_dir=output_dir, num_anchors=2, anchor_refresh_steps=0, max_steps=3, learning_rate=1e-2,
-                     max_length=None, per_device_train_batch_size=batch_size, train_sampling_strategy="sequential",
-                     report_to="none", bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no",
-                     logging_steps=1, seed=0, lr_scheduler_type="constant")
-    trainer = D2OTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=args, train_dataset=rows(),
-                         processing_class=load_processing_class("tiny-qwen2-vl"))
-    trainer.train()
-    if trainer.accelerator.is_main_process:
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        Path(output_dir, "losses.json").write_text(json.dumps({"losses": losses,
-                                                               "processes": trainer.accelerator.num_processes}))
-    trainer.accelerator.end_training()
+    common = dict(output_dir=output_dir, max_steps=3, learning_rate=1e-2, max_length=None,
+                  per_device_train_batch_size=batch_size, train_sampling_strategy="sequential", report_to="none",
+                  bf16=False, use_cpu=True, gradient_checkpointing=False, save_strategy="no", logging_steps=1, seed=0,
+                  lr_scheduler_type="constant")
+    data = rows()
+    d2o = D2OTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"),
+                     args=D2OConfig(num_anchors=2, anchor_refresh_steps=0, **common),
+                     train_dataset=data.remove_columns("chosen"), processing_class=load_processing_class("tiny-qwen2-vl"))
+    d2o.train()
+    dpo = PackedDPOTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=DPOConfig(beta=0.5, **common),
+                           train_dataset=data.remove_columns("anchors"),
+                           processing_class=load_processing_class("tiny-qwen2-vl"))
+    dpo.train()
+    if dpo.accelerator.is_main_process:
+        def losses(trainer):
+            return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+        Path(output_dir, "losses.json").write_text(json.dumps({"losses": losses(d2o), "dpo_losses": losses(dpo),
+                                                               "processes": dpo.accelerator.num_processes}))
+    dpo.accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
