@@ -34,5 +34,15 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check prefalign data_builders recipes benchmarks tests
 
+# The claim experiments (benchmarks/experiments/): every claim, hours on 2 CPU cores, or one with CLAIM=<name>
+# (wintie, delta, entanglement, noisy_pairs); then docs/results.md's experiments section is regenerated from the JSON.
+EXPERIMENTS := wintie delta entanglement noisy_pairs
+CLAIM ?= $(EXPERIMENTS)
+
+.PHONY: experiments
+experiments: install
+	for claim in $(CLAIM); do nice -n 19 $(PY) benchmarks/experiments/$$claim.py || exit 1; done
+	$(PY) benchmarks/experiments/report.py
+
 clean:
 	rm -rf $(VENV) outputs

@@ -265,33 +265,6 @@ def test_dpo_pair_mining_refuses_other_losses(tmp_path):
         PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", label_smoothing=0.2, use_cpu=True, bf16=False)
 
 
-def test_noisy_pairs_benchmark_smoke(tmp_path):
-    """benchmarks/noisy_pairs.py --smoke runs every arm at equal steps and writes its JSON and PNG."""
-    import runpy
-    from pathlib import Path
-
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "noisy_pairs.py"))
-    results = bench["main"](["--smoke", "--output-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)])
-    assert [r["arm"] for r in results["dpo"]] == list(bench["DPO_ARMS"])
-    assert [r["arm"] for r in results["reward"]] == list(bench["REWARD_ARMS"])
-    assert results["steps"] == 2 * (16 // 4)
-    assert (tmp_path / "noisy_pairs_smoke.json").is_file() and (tmp_path / "noisy_pairs_smoke.png").is_file()
-
-
-def test_flip_pairs_keeps_the_truth():
-    from pathlib import Path
-
-    bench = __import__("runpy").run_path(str(Path(__file__).parents[1] / "benchmarks" / "noisy_pairs.py"))
-    pairs = load_preference_dataset("wordnet-definitions", split="train").select(range(10))
-    flipped, truth = bench["flip_pairs"](pairs, 0.2, seed=0)
-    assert sum(truth) == 2
-    for i in range(10):
-        expected = (pairs[i]["rejected"], pairs[i]["chosen"]) if truth[i] else (pairs[i]["chosen"], pairs[i]["rejected"])
-        assert (flipped[i]["chosen"], flipped[i]["rejected"]) == expected
-    assert bench["flag_scores"]([True, True, False, False], [True, False, True, False]) == {
-        "precision": 0.5, "recall": 0.5, "f1": 0.5, "flagged": 2}
-
-
 @pytest.mark.multiproc
 def test_two_processes_agree_with_one(tmp_path):
     """The reward recipe with pair_mining='dbpm' for 3 epochs: 2 DDP processes × 2 pairs per step leave the same

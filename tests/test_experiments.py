@@ -1,0 +1,171 @@
+"""The claim experiments (benchmarks/experiments/): the spread over seeds and the metrics against hand computations,
+the results-page writer, and every script's --smoke run (tiny random models) writing a JSON of the shared schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import statistics
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments"
+
+
+def load(name: str) -> dict:
+    """The module namespace of benchmarks/experiments/<name>.py (its main() not run)."""
+    return runpy.run_path(str(EXPERIMENTS / f"{name}.py"))
+
+
+@pytest.fixture
+def restore_library_settings():
+    """The scripts quieten transformers and datasets for their own process: put both back for the other tests."""
+    import datasets
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+        datasets.enable_progress_bars()
+
+
+def test_spread_against_hand_computation():
+    spread = load("common")["spread"]
+    # [1, 2, 3, 4]: mean 2.5, sample sd √(5/3) = 1.2909944, t_{0.975,3} = 3.182: half-width 3.182·1.2909944/2 = 2.0539721
+    got = spread([1, 2, 3, 4])
+    assert got["n"] == 4 and got["mean"] == 2.5 and got["min"] == 1 and got["max"] == 4
+    assert got["ci95"] == pytest.approx([2.5 - 2.0539721, 2.5 + 2.0539721], abs=1e-6)
+    # two seeds: t_{0.975,1} = 12.706, sd of [0.6, 0.8] = 0.1414214, half-width 12.706·0.1414214/√2 = 1.2706
+    assert spread([0.6, 0.8])["ci95"] == pytest.approx([0.7 - 1.2706, 0.7 + 1.2706], abs=1e-6)
+    assert spread([0.3]) == {"n": 1, "mean": 0.3, "min": 0.3, "max": 0.3, "ci95": None}
+    with pytest.raises(ValueError, match="NaN"):
+        spread([1.0, math.nan])
+
+
+def test_write_result_checks_the_schema(tmp_path):
+    common = load("common")
+    kwargs = dict(title="t", claim_text="c", command="make experiments CLAIM=x", smoke=False,
+                  setup={"model": "m", "data": "d", "steps": 3, "learning_rate": 1e-4, "seeds": [0, 1]},
+                  metrics={"acc": "accuracy"}, outcome="o", started=0.0)
+    with pytest.raises(ValueError, match="one value per seed"):
+        common["write_result"](tmp_path, "x", per_seed={"a": {"acc": [0.5]}}, **kwargs)
+    with pytest.raises(ValueError, match="not in"):
+        common["write_result"](tmp_path, "x", per_seed={"a": {"loss": [0.5, 0.6]}}, **kwargs)
+    common["write_result"](tmp_path, "x", per_seed={"a": {"acc": [0.6, 0.8]}}, **kwargs)
+    stored = json.loads((tmp_path / "x.json").read_text())
+    assert stored["arms"]["a"]["per_seed"] == {"acc": [0.6, 0.8]}
+    assert stored["arms"]["a"]["summary"]["acc"]["mean"] == pytest.approx(0.7)
+
+
+def test_results_page_section(tmp_path):
+    common, report = load("common"), load("report")
+    results = tmp_path / "results"
+    results.mkdir()
+    common["write_result"](results, "wintie", title="W", claim_text="c", command="cmd", smoke=False,
+                           setup={"model": "m", "data": "d", "steps": 3, "learning_rate": 5e-5, "seeds": [0, 1]},
+                           metrics={"auc": "AUC"}, per_seed={"BT": {"auc": [0.6, 0.8]}}, outcome="it held", started=0.0)
+    common["write_result"](results, "delta", title="D", claim_text="c", command="cmd", smoke=True,
+                           setup={"model": "m", "data": "d", "steps": 3, "learning_rate": 5e-5, "seeds": [0]},
+                           metrics={"m": "M"}, per_seed={"a": {"m": [1.0]}}, outcome="smoke", started=0.0)
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nkept above\n\n<!-- experiments:begin -->\nold\n<!-- experiments:end -->\n\nkept below\n")
+    text = report["update_page"](page, results)
+    assert text.startswith("# Results\n\nkept above\n\n<!-- experiments:begin -->") and text.endswith("kept below\n")
+    assert "old" not in text
+    # mean 0.7, min–max 0.6–0.8, 95% half-width 1.2706 (hand computation in the test above)
+    assert "| BT | 0.700 [0.600–0.800] ±1.271 |" in text
+    assert "Outcome: **it held**" in text
+    delta = text.split("### Delta learning")[1].split("###")[0]
+    assert "**Not yet run.**" in delta  # a --smoke JSON is never reported as a result
+    rrpo = text.split("### RRPO")[1].split("###")[0]
+    assert "**No experiment script yet**" in rrpo
+    assert report["update_page"](page, results) == text  # regenerating is stable
+
+
+def test_best_threshold_accuracy_by_hand():
+    best = load("wintie")["best_threshold_accuracy"]
+    # sorted: 0 bad, 1 good, 2 bad, 3 good: a threshold between 0 and 1 (or 2 and 3) gets 3 of 4 right
+    assert best([3.0, 1.0], [2.0, 0.0]) == 0.75
+    assert best([5.0, 4.0], [1.0, 2.0]) == 1.0
+    assert best([1.0], [1.0]) == 0.5  # equal scores cannot be split
+
+
+def test_prediction_agreement_and_bullets_by_hand():
+    agreement = load("entanglement")["prediction_agreement"]
+    # check 0 predicts up (1.0), the next interval fell (−1): disagree; check 1 predicts down, then +2: disagree
+    assert agreement([1.0, 0.0, 1.0], [None, -1.0, 2.0]) == 0.0
+    assert agreement([0.5, 0.0, 1.0], [None, 0.3, -0.2]) == 1.0
+    count = load("delta")["bullet_count"]
+    assert count("Intro\n- a\n* b\n1. c\n-no space\n  2) d\n+ e") == 5
+
+
+def test_flip_pairs_keeps_the_truth():
+    from prefalign.data import load_preference_dataset
+
+    bench = load("noisy_pairs")
+    pairs = load_preference_dataset("wordnet-definitions", split="train").select(range(10))
+    flipped, truth = bench["flip_pairs"](pairs, 0.2, seed=0)
+    assert sum(truth) == 2
+    for i in range(10):
+        expected = (pairs[i]["rejected"], pairs[i]["chosen"]) if truth[i] else (pairs[i]["chosen"], pairs[i]["rejected"])
+        assert (flipped[i]["chosen"], flipped[i]["rejected"]) == expected
+    assert bench["flag_scores"]([True, True, False, False], [True, False, True, False]) == {
+        "precision": 0.5, "recall": 0.5, "f1": 0.5, "flagged": 2}
+
+
+def check_schema(result: dict, path: Path, arms: list[str]) -> None:
+    """The JSON on disk is the returned result, flagged smoke, with one value per seed and summaries that match."""
+    assert json.loads((path / f"{result['claim']}.json").read_text()) == json.loads(json.dumps(result))
+    assert (path / f"{result['claim']}.png").stat().st_size > 0
+    assert result["smoke"] is True and list(result["arms"]) == arms
+    for key in ("model", "data", "steps", "learning_rate", "seeds"):
+        assert key in result["setup"]
+    for data in result["arms"].values():
+        seeds = data.get("seeds", result["setup"]["seeds"])
+        for metric, values in data["per_seed"].items():
+            assert metric in result["metrics"] and len(values) == len(seeds)
+            assert data["summary"][metric]["mean"] == pytest.approx(statistics.fmean(values), rel=1e-5)
+            assert data["summary"][metric]["min"] == pytest.approx(min(values), rel=1e-5)
+
+
+def test_smoke_wintie(tmp_path, restore_library_settings):
+    bench = load("wintie")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["ARMS"]))
+    assert result["setup"]["seeds"] == [0, 1] and result["setup"]["steps"] == 2
+
+
+def test_smoke_delta(tmp_path, restore_library_settings):
+    bench = load("delta")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["ARMS"]))
+    for arm in bench["ARMS"]:  # counts at step 0, 1 and 2 for both seeds
+        assert result["curves"][arm]["steps"] == [0, 1, 2] and len(result["curves"][arm]["mean"]) == 2
+    # both arms start from the same warm checkpoint: their step-0 counts are equal seed by seed
+    sft, dpo = (result["arms"][arm]["per_seed"]["warm_mean"] for arm in bench["ARMS"])
+    assert sft == dpo
+
+
+def test_smoke_entanglement(tmp_path, restore_library_settings):
+    bench = load("entanglement")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["MODES"]))
+    for mode in bench["MODES"]:
+        assert result["curves"]["heldout"][mode]["steps"] == [0, 1, 2]
+        assert result["curves"]["probe"][mode]["steps"] == [1, 2]
+        # every curve starts at zero change: the start is its own reference
+        assert [run[0] for run in result["curves"]["heldout"][mode]["d_chosen"]] == [0.0, 0.0]
+
+
+def test_smoke_noisy_pairs(tmp_path, restore_library_settings):
+    bench = load("noisy_pairs")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])
+    arms = [bench["dpo_arm"](arm, 0.25) for arm in bench["DPO_ARMS"]] + list(bench["REWARD_ARMS"])
+    check_schema(result, tmp_path, arms)
+    assert result["setup"]["steps"] == 2 * (16 // 4)  # epochs × batches of the 1-pair data, every arm
+    for arm in ("dbpm", "pld", "audit"):
+        assert set(result["arms"][bench["dpo_arm"](arm, 0.25)]["per_seed"]) == {"accuracy", "precision", "recall", "f1"}
