@@ -76,8 +76,9 @@ def rrpo_loss(
     chosen_kl: torch.Tensor,
     beta: float = 0.1,
     alpha: float = 0.01,
-) -> torch.Tensor:
-    """RRPO loss per pair: per-token log-probs and phrase ids [B,T+] / [B,T−], chosen_kl [B] → [B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RRPO loss per pair: per-token log-probs and phrase ids [B,T+] / [B,T−], chosen_kl [B] → (losses [B],
+    chosen_rewards [B], rejected_rewards [B]), the rewards being β·Σ of the phrase tokens' log-ratios of each side.
 
     Refined Regularized Preference Optimization (arXiv:2504.12083, docs/methods/rrpo.md; official code
     github pritamqu/RRPO, llava/losses.py, class RRPO):
@@ -92,10 +93,10 @@ def rrpo_loss(
         if not logps.shape == ref.shape == ids.shape:
             raise ValueError(f"rrpo_loss: {name} shapes differ: policy {tuple(logps.shape)}, "
                              f"ref {tuple(ref.shape)}, phrase_ids {tuple(ids.shape)}")
-    chosen_margin = torch.where(chosen_phrase_ids > 0, policy_chosen_logps - ref_chosen_logps, 0.0).sum(-1)
-    rejected_margin = torch.where(rejected_phrase_ids > 0, policy_rejected_logps - ref_rejected_logps, 0.0).sum(-1)
-    u = beta * (chosen_margin - rejected_margin)
-    return -F.logsigmoid(u) + alpha * chosen_kl
+    chosen_rewards = beta * torch.where(chosen_phrase_ids > 0, policy_chosen_logps - ref_chosen_logps, 0.0).sum(-1)
+    rejected_rewards = beta * torch.where(rejected_phrase_ids > 0, policy_rejected_logps - ref_rejected_logps,
+                                          0.0).sum(-1)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards) + alpha * chosen_kl, chosen_rewards, rejected_rewards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,8 +155,9 @@ def d2o_loss(
     ref_negative_logps: torch.Tensor,
     beta: float = 0.1,
     alpha: float = 0.1,
-) -> torch.Tensor:
-    """D²O loss per prompt: summed sequence log-probs of K anchors [B,K] and of the negative [B] → [B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """D²O loss per prompt: summed sequence log-probs of K anchors [B,K] and of the negative [B] → (losses [B],
+    anchor_rewards [B], negative_rewards [B]), the two terms inside the logsigmoid.
 
     Distributional Dispreference Optimization (arXiv:2403.03419, docs/methods/d2o.md):
         L = −logsigmoid( (β/K)·Σ_{i=1..K} [log π_θ(y_i|x) − log π_r−(y_i|x)] − α·[log π_θ(y_l|x) − log π_r+(y_l|x)] )
@@ -172,9 +174,9 @@ def d2o_loss(
         raise ValueError(f"d2o_loss: negative log-probs must both be [B] = {tuple(expected)}, got policy "
                          f"{tuple(policy_negative_logps.shape)}, ref {tuple(ref_negative_logps.shape)}")
     num_anchors = policy_anchor_logps.shape[1]
-    anchor_term = (beta / num_anchors) * (policy_anchor_logps - ref_anchor_logps).sum(-1)
-    negative_term = alpha * (policy_negative_logps - ref_negative_logps)
-    return -F.logsigmoid(anchor_term - negative_term)
+    anchor_rewards = (beta / num_anchors) * (policy_anchor_logps - ref_anchor_logps).sum(-1)
+    negative_rewards = alpha * (policy_negative_logps - ref_negative_logps)
+    return -F.logsigmoid(anchor_rewards - negative_rewards), anchor_rewards, negative_rewards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +225,13 @@ def round_robin_rewards(pair_rewards: torch.Tensor, num_generations: int) -> tor
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def sequence_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                      ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
+                      beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's implicit rewards β·(log π(y) − log π_ref(y)) of the chosen and rejected responses: [B] each."""
+    return beta * (policy_chosen_logps - ref_chosen_logps), beta * (policy_rejected_logps - ref_rejected_logps)
+
+
 def pngd_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -231,8 +240,9 @@ def pngd_loss(
     chosen_grad_norms: torch.Tensor,
     rejected_grad_norms: torch.Tensor,
     beta: float = 0.1,
-) -> torch.Tensor:
-    """Pairwise normalised gradient descent per pair: summed log-probs [B] and gradient norms [B] → [B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairwise normalised gradient descent per pair: summed log-probs [B] and gradient norms [B] → (losses [B],
+    chosen_rewards [B], rejected_rewards [B]), the rewards being DPO's β·(log π − log π_ref) of each side.
 
     Gradient entanglement (arXiv:2410.13828, docs/methods/disentangled.md, design (a)). The VALUE is DPO's −logsigmoid(β·z) with
     z = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)); the GRADIENT is −c·(g_w/‖g_w‖ − g_l/‖g_l‖)
@@ -240,13 +250,14 @@ def pngd_loss(
     along c·(g_w/‖g_w‖ − g_l/‖g_l‖). To first order Δ log π(y_w) = η·c·‖g_w‖·(1 − cos) ≥ 0 and
     Δ log π(y_l) = −η·c·‖g_l‖·(1 − cos) ≤ 0. Norms are clamped at 1e-12.
     """
-    z = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    value = -F.logsigmoid(beta * z)
-    c = (beta * torch.sigmoid(-beta * z)).detach()
+    chosen_rewards, rejected_rewards = sequence_rewards(policy_chosen_logps, policy_rejected_logps,
+                                                         ref_chosen_logps, ref_rejected_logps, beta)
+    value = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    c = (beta * torch.sigmoid(rejected_rewards - chosen_rewards)).detach()
     direction = policy_chosen_logps / chosen_grad_norms.detach().clamp_min(1e-12) \
         - policy_rejected_logps / rejected_grad_norms.detach().clamp_min(1e-12)
     surrogate = -c * direction
-    return value.detach() + surrogate - surrogate.detach()
+    return value.detach() + surrogate - surrogate.detach(), chosen_rewards.detach(), rejected_rewards.detach()
 
 
 def masked_margin_loss(
@@ -257,8 +268,9 @@ def masked_margin_loss(
     chosen_mask: torch.Tensor,
     rejected_mask: torch.Tensor,
     beta: float = 0.1,
-) -> torch.Tensor:
-    """DPO loss over a token mask per pair: per-token log-probs and mask weights [B,T+] / [B,T−] → [B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO loss over a token mask per pair: per-token log-probs and mask weights [B,T+] / [B,T−] → (losses [B],
+    chosen_rewards [B], rejected_rewards [B]), the rewards being β·r(y) over the mask.
 
     Sparsity-regularised token masking (arXiv:2410.13828, docs/methods/disentangled.md, design (b)): r(y) = Σ_t m_t·lr_t with
     lr_t = log π_θ − log π_ref, and L = −logsigmoid(β·(r(y_w) − r(y_l))). A mask of 1 on every response token is DPO;
@@ -270,9 +282,9 @@ def masked_margin_loss(
         if not logps.shape == ref.shape == mask.shape:
             raise ValueError(f"masked_margin_loss: {name} shapes differ: policy {tuple(logps.shape)}, "
                              f"ref {tuple(ref.shape)}, mask {tuple(mask.shape)}")
-    chosen_reward = (chosen_mask * (policy_chosen_logps - ref_chosen_logps)).sum(-1)
-    rejected_reward = (rejected_mask * (policy_rejected_logps - ref_rejected_logps)).sum(-1)
-    return -F.logsigmoid(beta * (chosen_reward - rejected_reward))
+    chosen_rewards = beta * (chosen_mask * (policy_chosen_logps - ref_chosen_logps)).sum(-1)
+    rejected_rewards = beta * (rejected_mask * (policy_rejected_logps - ref_rejected_logps)).sum(-1)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
 def anchored_loss(
@@ -283,16 +295,18 @@ def anchored_loss(
     beta: float = 0.1,
     chosen_anchor: float = 0.0,
     rejected_anchor: float = 0.0,
-) -> torch.Tensor:
-    """Separate anchored terms per pair: summed log-probs [B] → [B].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Separate anchored terms per pair: summed log-probs [B] → (losses [B], chosen_rewards [B],
+    rejected_rewards [B]), the rewards being DPO's β·(log π − log π_ref) of each side.
 
     docs/methods/disentangled.md, design (c) (arXiv:2410.13828): L = −logsigmoid(β·Σlr(y_w) − γ_w) − logsigmoid(−β·Σlr(y_l) − γ_l), so that
     "chosen up" and "rejected down" are each specified on their own rather than only through their gap. With
     γ_w = γ_l = 0 (the defaults) this is TRL 1.16's `loss_type="bco_pair"`.
     """
-    chosen_term = F.logsigmoid(beta * (policy_chosen_logps - ref_chosen_logps) - chosen_anchor)
-    rejected_term = F.logsigmoid(-beta * (policy_rejected_logps - ref_rejected_logps) - rejected_anchor)
-    return -chosen_term - rejected_term
+    chosen_rewards, rejected_rewards = sequence_rewards(policy_chosen_logps, policy_rejected_logps,
+                                                         ref_chosen_logps, ref_rejected_logps, beta)
+    losses = -F.logsigmoid(chosen_rewards - chosen_anchor) - F.logsigmoid(-rejected_rewards - rejected_anchor)
+    return losses, chosen_rewards, rejected_rewards
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,5 +366,6 @@ def dpo_pair_losses(policy_chosen_logps: torch.Tensor, policy_rejected_logps: to
     """DPO's sigmoid loss per pair, −logsigmoid(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))]):
     summed sequence log-probs [B] → [B] (Rafailov et al., arXiv:2305.18290; TRL's `loss_type="sigmoid"` averages it).
     The per-pair loss that noisy-pair mining records (docs/methods/noisy_pairs.md)."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * margin)
+    chosen_rewards, rejected_rewards = sequence_rewards(policy_chosen_logps, policy_rejected_logps,
+                                                         ref_chosen_logps, ref_rejected_logps, beta)
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)

@@ -48,17 +48,24 @@ def test_loss_by_hand_k1_and_k3_with_unequal_lengths():
         expected.append(-_logsigmoid(logit))
     as_sums = lambda nested: torch.tensor([[sum(x) for x in row] for row in nested], dtype=torch.float64)  # noqa: E731
     negative_sums = lambda rows: torch.tensor([sum(r) for r in rows], dtype=torch.float64)  # noqa: E731
-    got = d2o_loss(as_sums(policy_tokens), as_sums(ref_tokens), negative_sums(policy_negative_tokens),
-                   negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
+    got, anchor_rewards, negative_rewards = d2o_loss(as_sums(policy_tokens), as_sums(ref_tokens),
+                                                     negative_sums(policy_negative_tokens),
+                                                     negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    # the two terms that logging reads, by hand: (β/K)·Σ anchor log-ratios and α·(negative log-ratio)
+    hand_anchor = [beta / 3 * sum(sum(p) - sum(r) for p, r in zip(policy_tokens[b], ref_tokens[b])) for b in range(2)]
+    hand_negative = [alpha * (sum(policy_negative_tokens[b]) - sum(ref_negative_tokens[b])) for b in range(2)]
+    torch.testing.assert_close(anchor_rewards, torch.tensor(hand_anchor, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(negative_rewards, torch.tensor(hand_negative, dtype=torch.float64), rtol=0, atol=1e-12)
     # the trap: β/K times the MEAN (dividing by K twice) gives another value
-    twice = d2o_loss(as_sums(policy_tokens) / 3, as_sums(ref_tokens) / 3, negative_sums(policy_negative_tokens),
-                     negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
+    twice, _, _ = d2o_loss(as_sums(policy_tokens) / 3, as_sums(ref_tokens) / 3, negative_sums(policy_negative_tokens),
+                           negative_sums(ref_negative_tokens), beta=beta, alpha=alpha)
     assert (twice - got).abs().min() > 1e-3
 
     # K = 1: −logsigmoid(β·lr_anchor − α·lr_negative) exactly
-    got = d2o_loss(torch.tensor([[-4.0]], dtype=torch.float64), torch.tensor([[-5.0]], dtype=torch.float64),
-                   torch.tensor([-2.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64), beta, alpha)
+    got, _, _ = d2o_loss(torch.tensor([[-4.0]], dtype=torch.float64), torch.tensor([[-5.0]], dtype=torch.float64),
+                         torch.tensor([-2.0], dtype=torch.float64), torch.tensor([-1.0], dtype=torch.float64), beta,
+                         alpha)
     assert got.item() == pytest.approx(-_logsigmoid(beta * 1.0 - alpha * (-1.0)), abs=1e-14)
 
 
@@ -66,7 +73,7 @@ def test_loss_gradcheck_and_shapes():
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape, dtype=torch.float64, generator=generator, requires_grad=True)
               for shape in ((3, 4), (3, 4), (3,), (3,))]
-    assert torch.autograd.gradcheck(lambda *x: d2o_loss(*x, beta=0.7, alpha=0.4), inputs)
+    assert torch.autograd.gradcheck(lambda *x: d2o_loss(*x, beta=0.7, alpha=0.4)[0], inputs)
     with pytest.raises(ValueError, match=r"\[B, K\]"):
         d2o_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match=r"\[B\] = \(3,\)"):

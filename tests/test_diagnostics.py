@@ -121,8 +121,9 @@ def test_pngd_step_raises_chosen_and_lowers_rejected_on_the_entangled_pair():
     with torch.no_grad():
         before_w, before_l = model(CHOSEN), model(rejected)
         ref_w, ref_l = reference(CHOSEN), reference(rejected)
-    loss = pngd_loss(model(CHOSEN)[None], model(rejected)[None], ref_w[None], ref_l[None], norm_w[None], norm_l[None],
-                     beta=beta)
+    loss, chosen_reward, rejected_reward = pngd_loss(model(CHOSEN)[None], model(rejected)[None], ref_w[None],
+                                                     ref_l[None], norm_w[None], norm_l[None], beta=beta)
+    assert chosen_reward.item() == 0.0 and rejected_reward.item() == 0.0  # DPO's rewards, policy = reference
     assert loss.item() == pytest.approx(math.log(2))  # its value is DPO's (policy = reference)
     _sgd_step(model, loss.sum(), lr)
     with torch.no_grad():

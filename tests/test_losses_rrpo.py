@@ -34,7 +34,10 @@ def hand_batch():
 
 
 def test_rrpo_loss_matches_hand_computation(hand_batch):
-    loss = rrpo_loss(**hand_batch, beta=0.5, alpha=0.1)
+    loss, chosen_rewards, rejected_rewards = rrpo_loss(**hand_batch, beta=0.5, alpha=0.1)
+    # the rewards that logging reads: β·Σ of each side's phrase-token log-ratios (the sums in the comments below)
+    torch.testing.assert_close(chosen_rewards, torch.tensor([-0.75, 0.5], dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rejected_rewards, torch.tensor([-0.5, 0.0], dtype=F64), rtol=0, atol=1e-12)
     # pair 0: u = 0.5 * ((-0.5 + -1.0) - (-1.0 + 0)) = -0.25 ; L = -logsigmoid(-0.25) + 0.1 * 0.2
     # pair 1: u = 0.5 * ((1.0)        - (-0.5 + 0.5)) =  0.5  ; L = -logsigmoid(0.5)   + 0.1 * 1.5
     expected = [math.log1p(math.exp(0.25)) + 0.02, math.log1p(math.exp(-0.5)) + 0.15]
@@ -52,7 +55,7 @@ def test_phrase_rewards_hand_values_and_agree_with_margin(hand_batch):
     # Σ_k [r(y+_k) − r(y−_k)] is the margin u inside the loss: with α = 0, loss = −logsigmoid(u).
     u = (chosen - rejected).sum(-1)
     torch.testing.assert_close(u, torch.tensor([-0.25, 0.5], dtype=F64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(rrpo_loss(**b, beta=0.5, alpha=0.0), -torch.nn.functional.logsigmoid(u))
+    torch.testing.assert_close(rrpo_loss(**b, beta=0.5, alpha=0.0)[0], -torch.nn.functional.logsigmoid(u))
 
 
 def test_phrase_rewards_pads_missing_phrases_and_rejects_bad_ids(hand_batch):
@@ -75,7 +78,7 @@ def test_phrases_covering_whole_response_reduce_to_dpo():
         pr[i, lengths_r[i]:] = rr[i, lengths_r[i]:] = 0
         ids_c[i, :lengths_c[i]] = torch.arange(1, lengths_c[i] + 1)
         ids_r[i, :lengths_r[i]] = torch.arange(1, lengths_r[i] + 1)
-    loss = rrpo_loss(pc, pr, rc, rr, ids_c, ids_r, torch.rand(2, dtype=F64), beta=beta, alpha=0.0)
+    loss = rrpo_loss(pc, pr, rc, rr, ids_c, ids_r, torch.rand(2, dtype=F64), beta=beta, alpha=0.0)[0]
     for i in range(2):
         dpo_margin = (sum(pc[i].tolist()) - sum(rc[i].tolist())) - (sum(pr[i].tolist()) - sum(rr[i].tolist()))
         assert loss[i].item() == pytest.approx(neg_logsigmoid(beta * dpo_margin), abs=1e-12)
@@ -85,7 +88,7 @@ def test_no_phrase_tokens_gives_log2_plus_kl(hand_batch):
     b = dict(hand_batch)
     b["chosen_phrase_ids"] = torch.zeros_like(b["chosen_phrase_ids"])
     b["rejected_phrase_ids"] = torch.zeros_like(b["rejected_phrase_ids"])
-    loss = rrpo_loss(**b, beta=0.5, alpha=0.1)
+    loss = rrpo_loss(**b, beta=0.5, alpha=0.1)[0]
     torch.testing.assert_close(loss, math.log(2) + 0.1 * b["chosen_kl"], rtol=0, atol=1e-12)
 
 
@@ -95,7 +98,7 @@ def test_rrpo_loss_gradcheck(hand_batch):
                                                            "ref_chosen_logps", "ref_rejected_logps", "chosen_kl"))
 
     def loss_fn(pc, pr, rc, rr, kl):
-        return rrpo_loss(pc, pr, rc, rr, b["chosen_phrase_ids"], b["rejected_phrase_ids"], kl, beta=0.5, alpha=0.1)
+        return rrpo_loss(pc, pr, rc, rr, b["chosen_phrase_ids"], b["rejected_phrase_ids"], kl, beta=0.5, alpha=0.1)[0]
 
     assert torch.autograd.gradcheck(loss_fn, inputs)
 

@@ -427,22 +427,20 @@ class D2OTrainer(PreferenceTrainer):
             with self.shared_image_encoding(self.reference_model(), image_source):
                 ref_anchor_logps, ref_negative_logps = self.compute_ref_log_probs(self.reference_model(), inputs)
 
-        losses = d2o_loss(anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, beta=self.beta,
-                          alpha=self.args.alpha)
+        losses, anchor_rewards, negative_rewards = d2o_loss(anchor_logps, ref_anchor_logps, negative_logps,
+                                                            ref_negative_logps, beta=self.beta, alpha=self.args.alpha)
         loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         with torch.no_grad():
-            self._log_metrics(mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps,
+            self._log_metrics(mode, anchor_logps, negative_logps, anchor_rewards, negative_rewards,
                               inputs["attention_mask"])
         if return_outputs:
             return loss, self.logits_outputs(model, inputs)
         return loss
 
-    def _log_metrics(self, mode, anchor_logps, ref_anchor_logps, negative_logps, ref_negative_logps, attention_mask):
+    def _log_metrics(self, mode, anchor_logps, negative_logps, anchor_rewards, negative_rewards, attention_mask):
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        anchor_rewards = (self.beta / anchor_logps.shape[1]) * (anchor_logps - ref_anchor_logps).sum(-1)
-        negative_rewards = self.args.alpha * (negative_logps - ref_negative_logps)
         gap = anchor_rewards - negative_rewards
         per_prompt = {"rewards/anchors": anchor_rewards, "rewards/negative": negative_rewards, "rewards/gap": gap,
                       "rewards/accuracies": (gap > 0).float(), "logps/anchors": anchor_logps.mean(-1),

@@ -17,7 +17,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from prefalign.diagnostics import pair_gradient_stats
-from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss
+from prefalign.losses import anchored_loss, masked_margin_loss, pngd_loss, sequence_rewards
 from prefalign.phrases import CLOSE_TAG, OPEN_TAG, parse_phrase_tags
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
@@ -214,30 +214,29 @@ class DisentangledDPOTrainer(PreferenceTrainer):
                                  "pngd/dpo_rejected_down": stats["rejected_down"].float()})
             else:  # evaluation: only the value (DPO's) is needed
                 norm_w = norm_l = torch.ones_like(chosen_logps)
-            losses = pngd_loss(*sequence_args, norm_w, norm_l, beta=self.beta)
+            losses, chosen_rewards, rejected_rewards = pngd_loss(*sequence_args, norm_w, norm_l, beta=self.beta)
         elif self.args.disentangle == "token_mask":
             mask = differing_token_mask(inputs["input_ids"], completion_mask, self.args.shared_token_weight)[:, 1:]
             chosen_mask, rejected_mask = mask.chunk(2)
             chosen_per_token, rejected_per_token = per_token_logps.chunk(2)
             ref_chosen_per_token, ref_rejected_per_token = ref_per_token_logps.chunk(2)
-            losses = masked_margin_loss(chosen_per_token, rejected_per_token, ref_chosen_per_token,
-                                        ref_rejected_per_token, chosen_mask, rejected_mask, beta=self.beta)
+            losses, masked_chosen, masked_rejected = masked_margin_loss(
+                chosen_per_token, rejected_per_token, ref_chosen_per_token, ref_rejected_per_token, chosen_mask,
+                rejected_mask, beta=self.beta)
+            chosen_rewards, rejected_rewards = sequence_rewards(*sequence_args, self.beta)
             with torch.no_grad():
-                masked_chosen = self.beta * (chosen_mask * (chosen_per_token - ref_chosen_per_token)).sum(-1)
-                masked_rejected = self.beta * (rejected_mask * (rejected_per_token - ref_rejected_per_token)).sum(-1)
                 chosen_tokens, rejected_tokens = (chosen_mask == 1).sum(-1).float(), (rejected_mask == 1).sum(-1).float()
             per_pair.update({"masked_rewards/chosen": masked_chosen, "masked_rewards/rejected": masked_rejected,
                              "masked_rewards/accuracies": (masked_chosen > masked_rejected).float(),
                              "mask_tokens/chosen": chosen_tokens, "mask_tokens/rejected": rejected_tokens,
                              "mask_tokens/pairs_without": ((chosen_tokens + rejected_tokens) == 0).float()})
         else:
-            losses = anchored_loss(*sequence_args, beta=self.beta, chosen_anchor=self.args.chosen_anchor,
-                                   rejected_anchor=self.args.rejected_anchor)
+            losses, chosen_rewards, rejected_rewards = anchored_loss(
+                *sequence_args, beta=self.beta, chosen_anchor=self.args.chosen_anchor,
+                rejected_anchor=self.args.rejected_anchor)
         loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         with torch.no_grad():
-            chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps)
-            rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps)
             per_pair.update({"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                              "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                              "rewards/margins": chosen_rewards - rejected_rewards,

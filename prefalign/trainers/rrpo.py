@@ -18,7 +18,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from prefalign.data import video_frames_as_images
 from prefalign.logprobs import check_unscaled_logits, chunked_token_kl, frozen_head_token_kl
-from prefalign.losses import phrase_rewards, rrpo_loss
+from prefalign.losses import phrase_rewards, rrpo_loss, sequence_rewards
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.phrases import pair_phrase_spans, phrase_token_ids, rendered_phrase_ids
 from prefalign.trainers import papers
@@ -460,39 +460,43 @@ class RRPOTrainer(PreferenceTrainer):
         chosen_logps, rejected_logps = per_token_logps.chunk(2)
         ref_chosen_logps, ref_rejected_logps = ref_per_token_logps.chunk(2)
         chosen_phrase_ids, rejected_phrase_ids = shift_phrase_ids.chunk(2)
-        losses = rrpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_phrase_ids,
-                           rejected_phrase_ids, chosen_logps.new_zeros(batch_size) if chosen_kl is None else chosen_kl,
-                           beta=self.beta, alpha=self.args.alpha)
+        losses, chosen_rewards, rejected_rewards = rrpo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_phrase_ids, rejected_phrase_ids,
+            chosen_logps.new_zeros(batch_size) if chosen_kl is None else chosen_kl, beta=self.beta,
+            alpha=self.args.alpha)
         loss = self.add_aux_loss(self._per_pair_loss_hook(losses, inputs).mean(), policy, mode)
 
         # Metrics: TRL's sequence-level ones, then phrase-level rewards, KL and phrase-token counts.
         with torch.no_grad():
             self._log_metrics(mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                              chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses)
+                              chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, chosen_rewards,
+                              rejected_rewards)
         if return_outputs:  # TRL's prediction_step reads `.logits`, which the fused head does not build
             return loss, self.logits_outputs(model, inputs)
         return loss
 
     def _log_metrics(self, mode, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                     chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, losses):
+                     chosen_phrase_ids, rejected_phrase_ids, chosen_kl, rejected_kl, chosen_rewards,
+                     rejected_rewards):
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        seq_chosen = self.beta * (chosen_logps - ref_chosen_logps).sum(-1)
-        seq_rejected = self.beta * (rejected_logps - ref_rejected_logps).sum(-1)
+        seq_chosen, seq_rejected = sequence_rewards(chosen_logps.sum(-1), rejected_logps.sum(-1),
+                                                    ref_chosen_logps.sum(-1), ref_rejected_logps.sum(-1), self.beta)
         num_phrases = max(int(chosen_phrase_ids.max()), int(rejected_phrase_ids.max()), 1)
         phrase_chosen = phrase_rewards(chosen_logps, ref_chosen_logps, chosen_phrase_ids, self.beta, num_phrases)
         phrase_rejected = phrase_rewards(rejected_logps, ref_rejected_logps, rejected_phrase_ids, self.beta,
                                          num_phrases)
-        both = (chosen_phrase_ids.unsqueeze(-1) == torch.arange(1, num_phrases + 1, device=losses.device)).any(1) & \
-            (rejected_phrase_ids.unsqueeze(-1) == torch.arange(1, num_phrases + 1, device=losses.device)).any(1)
+        phrases = torch.arange(1, num_phrases + 1, device=chosen_phrase_ids.device)
+        both = ((chosen_phrase_ids.unsqueeze(-1) == phrases).any(1)
+                & (rejected_phrase_ids.unsqueeze(-1) == phrases).any(1))
         chosen_tokens = (chosen_phrase_ids > 0).sum(-1).float()
         rejected_tokens = (rejected_phrase_ids > 0).sum(-1).float()
-        u = phrase_chosen.sum(-1) - phrase_rejected.sum(-1)
+        u = chosen_rewards - rejected_rewards
         per_pair = {
             "rewards/chosen": seq_chosen, "rewards/rejected": seq_rejected,
             "rewards/accuracies": (seq_chosen > seq_rejected).float(), "rewards/margins": seq_chosen - seq_rejected,
             "logps/chosen": chosen_logps.sum(-1), "logps/rejected": rejected_logps.sum(-1),
-            "phrase_rewards/chosen": phrase_chosen.sum(-1), "phrase_rewards/rejected": phrase_rejected.sum(-1),
+            "phrase_rewards/chosen": chosen_rewards, "phrase_rewards/rejected": rejected_rewards,
             "phrase_rewards/margins": u, "phrase_rewards/accuracies": (u > 0).float(),
             "phrase_tokens/chosen": chosen_tokens, "phrase_tokens/rejected": rejected_tokens,
             "phrase_tokens/pairs_without": ((chosen_tokens + rejected_tokens) == 0).float(),
