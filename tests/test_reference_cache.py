@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, accelerate_launch
 from datasets import load_from_disk
 from packing_driver import pairs
+from peft import LoraConfig
 from reference_cache_driver import config, models, run
 
 from prefalign.models import load_model, load_processing_class
@@ -106,6 +107,29 @@ def test_changed_key_component_recomputes(tmp_path, caplog, component):
     assert calls > 0 and len(_entries(cache)) == 2
     key = {"tokenizer": "tokenizer_hash"}.get(component, component)
     assert "reference cache: computing" in caplog.text and f"{key}: " in caplog.text
+
+
+def test_lora_reference_is_the_base_without_the_adapter(tmp_path):
+    """Under LoRA the key hashes the base weights, not the trained adapter: a second run with another adapter
+    initialisation reuses the entry, whose values equal the base model's given as a separate ref_model."""
+    cache = tmp_path / "cache"
+    stored = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        policy, _ = models()
+        calls = []
+        policy.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        trainer = PackedDPOTrainer(policy, None, args=config(str(tmp_path / "out"), 4, reference_cache_dir=str(cache)),
+                                   train_dataset=pairs().select(range(4)),
+                                   processing_class=load_processing_class("tiny-causal-lm"),
+                                   peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                          target_modules="all-linear"))
+        stored.append(trainer.train_dataset["ref_chosen_logps"])
+        assert (len(calls) > 0) == (seed == 0) and len(_entries(cache)) == 1
+    base, _ = models()  # the policy's base weights, as a separate reference: its own entry
+    trainer, _ = _build(tmp_path, tmp_path / "other", data=pairs().select(range(4)), ref=base)
+    assert stored[1] == stored[0]
+    assert stored[0] == pytest.approx(trainer.train_dataset["ref_chosen_logps"], abs=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["values", "done", "rows"])
