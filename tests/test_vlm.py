@@ -141,6 +141,31 @@ def test_dpo_with_images_trains_and_its_log_probs_follow_each_rows_picture(tmp_p
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < losses[0] - 1e-3
 
 
+@pytest.mark.parametrize("mode", [None, "token_mask"], ids=["dpo", "token_mask"])
+def test_video_frames_train_as_images(tmp_path, mode):
+    """A `video` column (frame lists, `{"type": "video"}` prompt parts) is collated exactly as the same frames given
+    as `images` with one image part per frame, and trains."""
+    frames = [[Image.new("RGB", (56, 56), (60 * i, 30 * j, 90)) for j in range(2)] for i in range(4)]
+    question = {"type": "text", "text": "What happens?"}
+
+    def rows(video: bool) -> Dataset:
+        parts = [{"type": "video"}] if video else [{"type": "image"}, {"type": "image"}]
+        return Dataset.from_list([{("video" if video else "images"): clip,
+                                   "prompt": [{"role": "user", "content": [*parts, question]}],
+                                   "chosen": [{"role": "assistant", "content": f"Scene {i}."}],
+                                   "rejected": [{"role": "assistant", "content": "Nothing."}]}
+                                  for i, clip in enumerate(frames)])
+
+    batches = [_first_batch(_vision_trainer(tmp_path, rows(video), mode=mode, per_device_train_batch_size=4))
+               for video in (True, False)]
+    assert batches[0].keys() == batches[1].keys() and batches[0]["image_grid_thw"].shape[0] == 2 * 4 * 2
+    for key in batches[0]:
+        torch.testing.assert_close(batches[0][key], batches[1][key], rtol=0, atol=0)
+    trainer = _vision_trainer(tmp_path, rows(True), mode=mode, max_steps=1, per_device_train_batch_size=2)
+    trainer.train()
+    assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == [pytest.approx(math.log(2), abs=1e-6)]
+
+
 @pytest.mark.parametrize("mode", [None, *MODES], ids=["dpo", *MODES])
 def test_padding_free_with_images_is_refused_at_start(tmp_path, mode):
     with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):

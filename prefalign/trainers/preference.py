@@ -26,6 +26,10 @@ are −100 on prompt tokens and on each sequence's first token, and the per-toke
 padded layout's. With flash-attention (or an MoE load-balancing loss, which must see only real tokens) everything goes
 into one row; otherwise into rows of at most max(`max_length`, longest sequence) tokens (first-fit decreasing),
 because sdpa's block mask still costs attention over a whole row. Batches with images are refused.
+
+Vision data: rows with an `images` (or `image`) column, or a `video` column of frames (each frame one image,
+``prefalign.data.video_frames_as_images``, applied here to the train and eval datasets), are collated on the fly by
+TRL's vision collator and go through the same forward (padded only).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
+from prefalign.data import video_frames_as_images
 from prefalign.logprobs import PackedBatch, pack_sequences, unpack_per_position, unpack_per_token
 from prefalign.trainers.pair_mining import PairMiningMixin
 from prefalign.trainers.reference_cache import (
@@ -158,6 +163,12 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         self._requested_padding_free = padding_free  # TRL's __init__ precomputes reference log-probs before it ends
         if args is not None:
             args.padding_free = False  # TRL 1.16 would switch it off with a warning; this class implements it
+        for key in ("train_dataset", "eval_dataset"):  # videos as frame lists become TRL's `images` (one per frame)
+            if isinstance(kwargs.get(key), Dataset):
+                kwargs[key] = video_frames_as_images(kwargs[key])
+            elif isinstance(kwargs.get(key), dict):
+                kwargs[key] = {k: video_frames_as_images(v) if isinstance(v, Dataset) else v
+                               for k, v in kwargs[key].items()}
         try:
             super().__init__(model, ref_model, args, *positional, **kwargs)
         finally:
