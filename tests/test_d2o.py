@@ -497,6 +497,16 @@ def test_vision_d2o_single_image_column(tmp_path):
     assert trainer._collate_rows([2, 3])["image_grid_thw"].shape[0] == 2 * 3  # the refresh path's collation
 
 
+def test_vision_prompt_longer_than_max_length_is_refused_naming_the_row(tmp_path):
+    """Keep-start truncation would cut a vision prompt's image tokens (the model then fails on a feature/token count
+    mismatch, naming nothing): the collator names the row instead. A 56×56 picture is 4 image tokens in a prompt of
+    about 20; max_length=12 cuts every prompt."""
+    rows = _vision_rows().add_column("row_index", [10, 11, 12, 13])
+    trainer = _vision_d2o(tmp_path, rows, max_length=12)
+    with pytest.raises(ValueError, match=r"rows? \[10, 11\].*max_length=12"):
+        trainer.data_collator([rows[0], rows[1]])
+
+
 def test_vision_d2o_refuses_padding_free(tmp_path):
     with pytest.raises(NotImplementedError, match="padding_free=True packs text sequences only"):
         _vision_d2o(tmp_path, _vision_rows(), padding_free=True)

@@ -210,6 +210,7 @@ class DataCollatorForVisionAnchors:
         completion = tokenizer(completions, padding=True, padding_side="right", return_tensors="pt",
                                add_special_tokens=False)
         prompt_mask = processed["attention_mask"]
+        self._check_prompt_lengths(examples, order, prompt_mask.sum(1).tolist())
         input_ids = torch.cat((processed["input_ids"], completion["input_ids"]), dim=1)
         attention_mask = torch.cat((prompt_mask, completion["attention_mask"]), dim=1)
         completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion["attention_mask"]), dim=1)
@@ -227,6 +228,20 @@ class DataCollatorForVisionAnchors:
         if "row_index" in examples[0]:
             batch["row_index"] = torch.tensor([e["row_index"] for e in examples])
         return batch
+
+
+    def _check_prompt_lengths(self, examples: list[dict[str, Any]], order: list[int], lengths: list[int]) -> None:
+        """Refuse, naming the rows, prompts (image tokens included) that leave no response token under
+        `max_length`: keep-start truncation would cut their image tokens, which the model cannot match to the
+        pictures, or train on nothing."""
+        if self.max_length is None:
+            return
+        too_long = sorted({examples[i].get("row_index", i) for i, length in zip(order, lengths)
+                           if length >= self.max_length})
+        if too_long:
+            raise ValueError(f"D2O: rows {too_long} have prompts (images included) of up to {max(lengths)} tokens, "
+                             f"at or over max_length={self.max_length}: truncation would cut their image tokens and "
+                             "leave no response token. Raise max_length (or set None) or shorten those prompts.")
 
 
 def check_anchor_rows(dataset: Dataset, num_anchors: int, name: str = "train") -> None:
