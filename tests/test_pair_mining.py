@@ -436,3 +436,39 @@ def test_family_memory_is_restored_on_resume(tmp_path):
         assert [*got[2], *got[3], got[4]] == pytest.approx([*want[2], *want[3], want[4]], rel=1e-5)
     assert any(w < loss for step in after for loss, w in zip(step[2], step[3]))  # some pair was down-weighted
     assert _close(resumed.pair_mining.memory.history, full.pair_mining.memory.history)
+
+
+@pytest.mark.multiproc
+def test_pld_two_processes_share_the_draws_and_agree_with_one(tmp_path):
+    """PackedDPOTrainer, pair_mining='pld' (warm-up 1, 3 epochs, 8 pairs in prompt groups of 3, 3 and 2): each epoch
+    the full PLD draw (replayed from the memory of the epochs before) is split between 2 DDP ranks batch by batch
+    (rank r takes batches r, r+2, …: disjoint shares that together are the draw), 1 process trains on exactly the
+    draw, and both leave the same memory (every row, every epoch, same losses)."""
+    import json
+    import subprocess
+
+    from conftest import REPO, accelerate_launch
+    from pld_driver import EPOCHS, run
+
+    subprocess.run([*accelerate_launch("ddp.yaml"), "tests/pld_driver.py", "--output_dir", str(tmp_path / "two")],
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    two = json.loads((tmp_path / "two" / "pld.json").read_text())
+    one = run(str(tmp_path / "one"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    later = False
+    for epoch in range(EPOCHS):
+        for result, batch in ((one, 4), (two, 2)):
+            draw = result["draws"][epoch]
+            assert len(draw) == 8
+            for rank, batches in enumerate(result["trained"]):
+                share = [draw[b * batch:(b + 1) * batch] for b in range(rank, len(draw) // batch, result["processes"])]
+                assert batches[epoch] == share, (epoch, rank)
+        assert one["draws"][epoch] == two["draws"][epoch]
+        later |= epoch > 0 and sorted(one["draws"][epoch]) != list(range(8))  # with replacement, by PLD's p
+    assert sorted(one["draws"][0]) == list(range(8))  # the warm-up epoch visits every pair once
+    assert later
+    assert one["memory"]["pending"] == two["memory"]["pending"] == []
+    history_one, history_two = one["memory"]["history"], two["memory"]["history"]
+    assert [(r, e) for r, e, _ in history_two] == [(r, e) for r, e, _ in history_one]
+    assert {r for r, e, _ in history_one if e == 0} == set(range(8))
+    assert [v for *_, v in history_two] == pytest.approx([v for *_, v in history_one], rel=1e-4, abs=1e-8)
