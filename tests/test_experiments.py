@@ -81,8 +81,8 @@ def test_results_page_section(tmp_path):
     assert "Outcome: **it held**" in text
     delta = text.split("### Delta learning")[1].split("###")[0]
     assert "**Not yet run.**" in delta  # a --smoke JSON is never reported as a result
-    rrpo = text.split("### RRPO")[1].split("###")[0]
-    assert "**No experiment script yet**" in rrpo
+    d2o = text.split("### D²O")[1].split("<!--")[0]
+    assert "**No experiment script yet**" in d2o
     assert report["update_page"](page, results) == text  # regenerating is stable
 
 
@@ -159,6 +159,20 @@ def test_smoke_entanglement(tmp_path, restore_library_settings):
         assert result["curves"]["probe"][mode]["steps"] == [1, 2]
         # every curve starts at zero change: the start is its own reference
         assert [run[0] for run in result["curves"]["heldout"][mode]["d_chosen"]] == [0.0, 0.0]
+
+
+def test_dominated_by_by_hand():
+    dominated_by = load("rrpo")["dominated_by"]
+    assert dominated_by((0.5, 0.8), [(0.4, 0.8)])  # (KL, accuracy): lower KL, same accuracy
+    assert not dominated_by((0.5, 0.8), [(0.4, 0.7), (0.6, 0.9)])  # each beats it on one axis only
+
+
+def test_smoke_rrpo(tmp_path, restore_library_settings):
+    bench = load("rrpo")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])
+    check_schema(result, tmp_path, ["RRPO α=0", "RRPO α=0.2", "DPO β=0.1"])
+    for data in result["arms"].values():  # 4 held-out pairs: accuracies are multiples of 1/4
+        assert all(4 * v == round(4 * v) for v in data["per_seed"]["reward_accuracy"])
 
 
 def test_smoke_noisy_pairs(tmp_path, restore_library_settings):

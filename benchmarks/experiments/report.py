@@ -37,7 +37,7 @@ CLAIMS = [
      "smoothing and the robust loss; MW loss ≥ BT in AUC", True),
     ("rrpo", "RRPO's α-frontier vs DPO's β's",
      "RRPO's points dominate DPO's: equal or better phrase accuracy at lower KL(π_ref‖π_θ) on the chosen answers",
-     False),
+     True),
     ("pairwise_rl", "Pairwise-RL: pairwise RM and pairwise PPO vs a scalar RM and GRPO",
      "the pairwise RM is more position-consistent and the pairwise policy wins at least as often", False),
     ("trustjudge", "TrustJudge consistency",
@@ -71,6 +71,7 @@ def claim_section(claim: str, title: str, claim_text: str, has_script: bool, res
     command = f"`make experiments CLAIM={claim}` (= `nice -n 19 python benchmarks/experiments/{claim}.py`)"
     if result is None or result.get("smoke"):
         return "\n".join(lines + [f"**Not yet run.** Command: {command}.", ""])
+    lines[2] = f"Claim: {result['claim_text']}."  # the script's own wording
     setup = result["setup"]
     metrics = result["metrics"]
     lines += [f"Outcome: **{result['outcome']}**", "",
