@@ -472,3 +472,32 @@ def test_pld_two_processes_share_the_draws_and_agree_with_one(tmp_path):
     assert [(r, e) for r, e, _ in history_two] == [(r, e) for r, e, _ in history_one]
     assert {r for r, e, _ in history_one if e == 0} == set(range(8))
     assert [v for *_, v in history_two] == pytest.approx([v for *_, v in history_one], rel=1e-4, abs=1e-8)
+
+
+def test_dpo_recipe_takes_pair_mining_padding_free_and_any_loss_type_from_the_command_line(tiny_dpo_args, tmp_path):
+    """recipes/dpo.py trains PackedDPOTrainer: `--pair_mining dbpm --mining_warmup_epochs 1` over 2 epochs records
+    every row per epoch, saves the memory in the epoch checkpoints and re-weights in epoch 2; `--loss_type ipo
+    --padding_free true` runs packed, and LoRA's first IPO loss is (0 − 1/(2β))² = 25 at β = 0.1 (policy = reference)."""
+    import json
+    import runpy
+
+    from conftest import REPO
+
+    from prefalign.trainers.dpo import PackedDPOTrainer
+
+    recipe = runpy.run_path(str(REPO / "recipes" / "dpo.py"))
+    trainer = recipe["main"]([*tiny_dpo_args, "--max_steps", "-1", "--num_train_epochs", "2", "--max_train_samples",
+                              "8", "--pair_mining", "dbpm", "--mining_warmup_epochs", "1", "--mining_cut_noisy", "0.5",
+                              "--mining_cut_faulty", "0.5", "--save_strategy", "epoch", "--learning_rate", "5e-3", "--warmup_steps", "0"])
+    assert isinstance(trainer, PackedDPOTrainer)
+    history = trainer.pair_mining.memory.history
+    assert sorted(history) == list(range(8)) and all(sorted(seen) == [0, 1] for seen in history.values())
+    saved = json.loads((tmp_path / "out" / "checkpoint-2" / MEMORY_FILE).read_text())["memory"]["history"]
+    assert sorted((row, epoch) for row, epoch, _ in saved) == [(row, 0) for row in range(8)]
+    weights = [e["mining/mean_weight"] for e in trainer.state.log_history if "mining/mean_weight" in e]
+    assert weights[:2] == [1.0, 1.0] and min(weights[2:]) < 1  # epoch 1: warm-up; epoch 2: flagged pairs weigh less
+
+    ipo = recipe["main"]([*tiny_dpo_args, "--output_dir", str(tmp_path / "ipo"), "--max_steps", "1", "--loss_type",
+                          "ipo", "--padding_free", "true", "--save_strategy", "no"])
+    assert ipo.padding_free and ipo.args.loss_type == ["ipo"]
+    assert [e["loss"] for e in ipo.state.log_history if "loss" in e] == [pytest.approx(25.0, rel=1e-4)]
