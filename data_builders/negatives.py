@@ -40,7 +40,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from prefalign.data import load_preference_dataset, validate_preference_dataset, video_frames_as_images
+from prefalign.data import load_preference_dataset, validate_preference_dataset, vision_as_images
 from prefalign.files import ShardStore, check_settings, write_jsonl
 from prefalign.generation import generate, load_for_generation
 from prefalign.models import DEFAULT_CAUSAL_LM
@@ -65,11 +65,6 @@ def shards_path(output: Path) -> Path:
 def images_path(output: Path) -> Path:
     """Where the images of the rows of ``output`` are written: ``<output>.images/``."""
     return output.with_name(output.name + ".images")
-
-
-def row_images(row: dict) -> list:
-    """The images of a row: its `images` list, or its single `image` ([] when it has neither)."""
-    return list(row["images"]) if "images" in row else [row["image"]] if "image" in row else []
 
 
 def saved_images(images: list, folder: Path, row: int, write: bool) -> list[str]:
@@ -130,8 +125,8 @@ def build_anchors(
     """
     if num_anchors < 1 or shard_size < 1:
         raise ValueError(f"num_anchors ({num_anchors}) and shard_size ({shard_size}) must be ≥ 1")
-    dataset = video_frames_as_images(validate_preference_dataset(dataset, required=("prompt", "rejected")))
-    vision = bool({"image", "images"} & set(dataset.column_names))
+    dataset = vision_as_images(validate_preference_dataset(dataset, required=("prompt", "rejected")))
+    vision = "images" in dataset.column_names
     output = Path(output)
     is_main = True
     if distributed:
@@ -168,8 +163,7 @@ def build_anchors(
     todo = store.missing(num_shards)
     if len(todo) < num_shards:
         logger.info("%s: resuming, %d of %d shard(s) already sampled", output, num_shards - len(todo), num_shards)
-    extra_columns = [c for c in dataset.column_names
-                     if c not in ("prompt", "chosen", "rejected", "anchors", "image", "images")]
+    extra_columns = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected", "anchors", "images")]
     if "chosen" in dataset.column_names:
         logger.info("the 'chosen' column is not written: D²O trains on negatives and self-generated anchors only")
 
@@ -181,7 +175,7 @@ def build_anchors(
                                    batch_size=batch_size, seed=seed + shard_index, instruction=instruction,
                                    progress=progress and is_main, return_finished=True,
                                    split_across_processes=distributed,
-                                   images=[row_images(row) for row in shard] if vision else None,
+                                   images=[list(row["images"]) for row in shard] if vision else None,
                                    desc=f"Sampling anchors, shard {shard_index + 1}/{num_shards}")
         rows, counts = [], {"empty": 0, "truncated_anchors": 0, "dropped_prompts": 0}
         for offset, (row, anchors, flags) in enumerate(zip(shard, texts, finished)):
@@ -192,7 +186,7 @@ def build_anchors(
                 continue
             rows.append({"prompt": row["prompt"], "rejected": row["rejected"],
                          "anchors": [_as_completion(text, row["rejected"]) for text in anchors],
-                         **({"images": saved_images(row_images(row), images_path(output), shard_start + offset,
+                         **({"images": saved_images(list(row["images"]), images_path(output), shard_start + offset,
                                                     write=is_main)} if vision else {}),
                          **{c: row[c] for c in extra_columns}})
         if is_main:

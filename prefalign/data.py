@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +429,17 @@ def has_vision_columns(columns: Dataset | Sequence[str]) -> bool:
     """Whether a dataset (or a list of column names) has an `images`, `image` or `video` column."""
     names = columns.column_names if isinstance(columns, Dataset) else columns
     return any(c in names for c in VISION_COLUMNS)
+
+
+def images_per_row(columns: Mapping[str, Any]) -> list[list] | None:
+    """Each row's list of images from a batch's columns (a dict of lists, or a Dataset): its `images` lists, or
+    each single `image` as a one-image list; None when it has neither."""
+    names = columns.column_names if isinstance(columns, Dataset) else columns
+    if "images" in names:
+        return [list(images) for images in columns["images"]]
+    if "image" in names:
+        return [[image] for image in columns["image"]]
+    return None
 
 
 def vision_as_images(dataset: Dataset) -> Dataset:

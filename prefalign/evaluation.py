@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prefalign.data import has_vision_columns
 from prefalign.logprobs import check_unscaled_logits, frozen_head_token_kl
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.models import adapter_base
@@ -148,7 +149,7 @@ def evaluate_preferences(model, base, processing_class, dataset, beta: float = 0
     loaded causal LMs sharing ``processing_class``. Returns a JSON-ready dict."""
     if beta <= 0 or batch_size < 1:
         raise ValueError(f"evaluate_preferences: beta ({beta}) must be > 0 and batch_size ({batch_size}) ≥ 1")
-    if {"image", "images", "video"} & set(dataset.column_names):
+    if has_vision_columns(dataset):
         raise NotImplementedError("evaluate_preferences scores text pairs; this dataset has image or video columns")
     for checked in (model, base):  # the KL applies the LM head to hidden states directly
         check_unscaled_logits(checked.config, "prefalign eval's KL")

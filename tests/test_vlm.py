@@ -53,6 +53,34 @@ def test_generate_refuses_images_it_cannot_use(tiny_vlm):
         generate("tiny-qwen2-vl", processor, [PROMPT], images=[[image]], backend="vllm", progress=False)
 
 
+def test_vision_column_helpers():
+    """has_vision_columns / vision_as_images / images_per_row on hand-made rows: a single `image` becomes a one-image
+    list, video frames become images (one prompt part each), text rows are untouched, both `image` and `images` is
+    refused."""
+    from prefalign.data import PreferenceDataError, has_vision_columns, images_per_row, vision_as_images
+
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    single = Dataset.from_list([{"prompt": "a", "image": red}, {"prompt": "b", "image": blue}])
+    video = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}],
+                                "video": [red, blue]}])
+    text = Dataset.from_list([{"prompt": "a"}])
+    assert [has_vision_columns(d) for d in (single, video, text)] == [True, True, False]
+    assert has_vision_columns(["prompt", "images"]) and not has_vision_columns(["prompt"])
+    converted = vision_as_images(single)
+    assert converted.column_names == ["prompt", "images"]
+    assert [[np.asarray(im).tolist() for im in row] for row in converted["images"]] == [
+        [np.asarray(red).tolist()], [np.asarray(blue).tolist()]]
+    frames = vision_as_images(video)
+    assert len(frames[0]["images"]) == 2
+    assert [p["type"] for p in frames[0]["prompt"][0]["content"]] == ["image", "image", "text"]
+    assert vision_as_images(text) is text and images_per_row(text[:]) is None
+    assert images_per_row({"image": ["x", "y"]}) == [["x"], ["y"]]
+    assert images_per_row({"images": [("x", "y"), ()]}) == [["x", "y"], []]
+    assert [len(row) for row in images_per_row(converted)] == [1, 1]
+    with pytest.raises(PreferenceDataError, match="'image' and 'images'"):
+        vision_as_images(Dataset.from_list([{"prompt": "a", "image": red, "images": [blue]}]))
+
+
 # ---- DPO and disentangled DPO on image rows -----------------------------------------------------------------------
 
 COLOURS = [((255, 0, 0), "red"), ((0, 0, 255), "blue"), ((0, 255, 0), "green"), ((9, 9, 9), "black")]

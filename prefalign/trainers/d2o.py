@@ -45,7 +45,7 @@ from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length,
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import flush_left, global_then_local_main_first, pad
 
-from prefalign.data import PreferenceDataError, validate_preference_dataset, video_frames_as_images
+from prefalign.data import PreferenceDataError, has_vision_columns, validate_preference_dataset, vision_as_images
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
 from prefalign.trainers import papers
@@ -295,7 +295,7 @@ class D2OTrainer(PreferenceTrainer):
         if any(isinstance(d, IterableDataset) for d in datasets):
             raise TypeError("D2OTrainer needs map-style datasets (anchors are refreshed by row)")
         refresh = args.anchor_refresh_steps > 0
-        vision = any(d is not None and {"image", "images", "video"} & set(d.column_names) for d in datasets)
+        vision = any(d is not None and has_vision_columns(d) for d in datasets)
         if vision:  # TRL collates vision rows raw (no _prepare_dataset): check and index them here
             train_dataset = self._vision_rows(train_dataset, args, "train")
             if isinstance(eval_dataset, dict):
@@ -328,9 +328,7 @@ class D2OTrainer(PreferenceTrainer):
         a `row_index` column."""
         if dataset is None:
             return None
-        dataset = video_frames_as_images(dataset)
-        if "image" in dataset.column_names:  # one image per row: TRL's `images` list
-            dataset = dataset.map(lambda row: {"images": [row["image"]]}, remove_columns=["image"])
+        dataset = vision_as_images(dataset)
         check_anchor_rows(dataset, args.num_anchors, name)
         return dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
 

@@ -41,7 +41,7 @@ from datasets import Dataset
 from transformers.integrations import is_deepspeed_zero3_enabled
 from trl import GRPOConfig, GRPOTrainer
 
-from prefalign.data import video_frames_as_images
+from prefalign.data import images_per_row, video_frames_as_images
 from prefalign.generation import generate
 from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.losses import round_robin_rewards
@@ -171,8 +171,7 @@ class PairwisePPOTrainer(GRPOTrainer):
         prompts = dataset["prompt"]
         limit = args.anchor_max_new_tokens or args.max_completion_length
         with state.split_between_processes(list(range(len(prompts))), apply_padding=True) as mine:
-            vision = bool({"image", "images"} & set(dataset.column_names))
-            images = _row_images(dataset.select(mine)[:]) if vision and mine else [] if vision else None
+            images = images_per_row(dataset.select(mine))
             answers, finished = generate(model, processing_class, [prompts[i] for i in mine], do_sample=False,
                                          images=images,
                                          max_new_tokens=limit, batch_size=args.anchor_generation_batch_size,
@@ -203,12 +202,12 @@ class PairwisePPOTrainer(GRPOTrainer):
     def _pairwise_rewards(self, prompts: list, completions: list, columns: dict, log_metric) -> list[float]:
         """The reward function TRL calls with this process's completions (prompts repeated K times)."""
         if self.args.advantage == "round_robin":
-            return self._round_robin_rewards(prompts, completions, _row_images(columns)).tolist()
+            return self._round_robin_rewards(prompts, completions, images_per_row(columns)).tolist()
         if self._anchor_column not in columns:
             raise KeyError(f"PairwisePPOTrainer: anchor column {self._anchor_column!r} did not reach the reward; "
                            f"columns: {sorted(columns)}")
         rewards = self.reward_model.reward(prompts, completions, columns[self._anchor_column],
-                                           images=_row_images(columns))
+                                           images=images_per_row(columns))
         if log_metric is not None:
             log_metric("pairwise/win_rate", float((rewards > 0.5).float().mean()))
         return rewards.tolist()
@@ -254,15 +253,6 @@ class PairwisePPOTrainer(GRPOTrainer):
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(advantages.tolist())
         return output
-
-
-def _row_images(columns: dict) -> list | None:
-    """Each row's list of images from a batch's columns ({"images": ...} or {"image": ...}); None without images."""
-    if "images" in columns:
-        return [list(images) for images in columns["images"]]
-    if "image" in columns:
-        return [[image] for image in columns["image"]]
-    return None
 
 
 def _check_anchors(dataset: Dataset, column: str, name: str) -> None:

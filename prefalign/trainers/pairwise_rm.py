@@ -33,6 +33,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from prefalign.data import images_per_row
 from prefalign.judges.pairwise import PairwiseRewardModel, verdict_token_ids
 from prefalign.templates import VERDICT_LABELS
 from prefalign.trainers import papers
@@ -210,8 +211,7 @@ class PairwiseRMTrainer(SFTTrainer):
         rm = PairwiseRewardModel(self.accelerator.unwrap_model(self.model), self.processing_class,
                                  batch_size=self.args.per_device_eval_batch_size)
         rows = dataset.select(mine)
-        images = rows["images"] if "images" in rows.column_names else \
-            [[image] for image in rows["image"]] if "image" in rows.column_names else None
+        images = images_per_row(rows)
         probs = torch.sigmoid(rm.prompt_verdict_logits(rows["prompt"], images) @ torch.tensor([1.0, -1.0]))
         gathered = self.accelerator.gather(probs.to(self.accelerator.device)).cpu()[: len(dataset)]
         return verdict_metrics(gathered.tolist(), [v == VERDICT_LABELS[0] for v in dataset["verdict"]],
