@@ -26,7 +26,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from prefalign.data import load_preference_dataset, validate_preference_dataset, video_frames_as_images
+from prefalign.data import load_preference_dataset, validate_preference_dataset, vision_as_images
 from prefalign.files import save_dataset
 from prefalign.messages import conversation_text
 from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
@@ -36,15 +36,15 @@ logger = logging.getLogger("data_builders.verdicts")
 
 def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, drop_invalid: bool = False) -> Dataset:
     """Two verdict rows per preference pair (chosen first → "1", rejected first → "2"), in the pairs' order."""
-    dataset = video_frames_as_images(validate_preference_dataset(dataset, drop_invalid=drop_invalid))
-    image_column = next((c for c in ("images", "image") if c in dataset.column_names), None)
+    dataset = vision_as_images(validate_preference_dataset(dataset, drop_invalid=drop_invalid))
+    vision = "images" in dataset.column_names
 
     def both_orders(batch: dict, indices: list[int]) -> dict:
         out: dict[str, list] = {k: [] for k in ("prompt", "completion", "verdict", "pair_index", "chosen_first",
                                                 "question", "response_1", "response_2")}
-        if image_column:
+        if vision:
             out["images"] = []
-        images = batch[image_column] if image_column else [None] * len(indices)
+        images = batch["images"] if vision else [None] * len(indices)
         for index, prompt, chosen, rejected, pictures in zip(indices, batch["prompt"], batch["chosen"],
                                                              batch["rejected"], images):
             question, chosen, rejected = conversation_text(prompt), conversation_text(chosen), conversation_text(rejected)
@@ -57,8 +57,8 @@ def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, dr
                 out["question"].append(question)
                 out["response_1"].append(first)
                 out["response_2"].append(second)
-                if image_column:
-                    out["images"].append(list(pictures) if image_column == "images" else [pictures])
+                if vision:
+                    out["images"].append(list(pictures))
         return out
 
     built = dataset.map(both_orders, batched=True, with_indices=True, remove_columns=dataset.column_names,
