@@ -192,7 +192,9 @@ def main(argv: list[str] | None = None) -> dict:
     final = {arm: statistics.fmean(per_seed[arm]["final_mean"]) for arm in ARMS}
     warm_mean = statistics.fmean(per_seed[ARMS[0]]["warm_mean"])
     shown = final[ARMS[1]] > k + 1 and final[ARMS[0]] <= k + 1
-    outcome = (f"{'reproduced' if shown else 'not reproduced'}: mean bullets warm start {warm_mean:.2f}, after "
+    verdict = ("untestable (the warm start did not produce the feature: mean count below 1)" if warm_mean < 1 else
+               "reproduced" if shown else "not reproduced")
+    outcome = (f"{verdict}: mean bullets warm start {warm_mean:.2f}, after "
                f"{opts.steps} steps SFT {final[ARMS[0]]:.2f}, delta DPO {final[ARMS[1]]:.2f} (k+1 = {k + 1}; means "
                "over seeds)")
     setup = {"model": f"{opts.model}, LoRA r=16 (warm start merged)", "data": f"wordnet-definitions: "

@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     dpo_falls = "dpo" in mean and mean["dpo"]["final_d_chosen"] < 0 and mean["dpo"]["condition_fails"] > 0
     kept = [mode for mode in opts.modes if mode != "dpo" and mean[mode]["final_d_chosen"] >= 0]
     verdict = ("reproduced" if dpo_falls and len(kept) == len(opts.modes) - 1 else
-               "partly reproduced" if dpo_falls and kept else "not reproduced")
+               "partly reproduced" if dpo_falls and kept else
+               "not reproduced (DPO's held-out log π(y_w) did not fall with the condition failing: no displacement "
+               "to fix in this run)" if not dpo_falls else "not reproduced")
     outcome = f"{verdict}: " + ", ".join(parts) + " (held-out, final, means over seeds)"
     setup = {"model": f"{opts.model}, LoRA r=16", "data": f"wordnet-phrases: {len(train_rows)} train pairs; "
              f"{opts.eval_pairs} held-out and {opts.probe_pairs} probe test pairs", "steps": opts.steps,

@@ -48,6 +48,21 @@ CLAIMS = [
 ]
 
 
+# Rough cost of each script's default run on the project's shared 2-core CPU machine: a MiniLM reward run measured
+# ≈ 2 CPU-minutes; SmolLM2 LoRA steps estimated from earlier runs here (≈ 5–10 s for 2–4 pairs, docs/results.md).
+COSTS = {
+    "wintie": "≈ 2 CPU-minutes per run, 15 runs (5 seeds × 3 arms): about 30 CPU-minutes, 1–1.5 h wall on the "
+              "shared machine",
+    "delta": "per seed: 40 warm-start + 2 × 60 LoRA steps on SmolLM2 and 14 greedy passes over 24 prompts: about "
+             "30 min; 3 seeds ≈ 1.5–2 h",
+    "entanglement": "200 steps × 4 modes × 3 seeds of SmolLM2 LoRA (pngd ≈ 1.8× a DPO step): about 4–5 h on CPU; "
+                    "`--steps 100 --seeds 0 1 2` halves it",
+    "rrpo": "7 arms × 3 seeds × 80 LoRA steps on SmolLM2 plus 100 held-out pairs each: about 4–5 h on CPU",
+    "noisy_pairs": "days of CPU (see docs/methods/noisy_pairs.md): a GPU job; one cell with `--flip-rates 0.2 "
+                   "--train-samples 200` is hours",
+}
+
+
 def _number(value: float) -> str:
     """A number with 3 significant decimals, compact."""
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
@@ -70,7 +85,7 @@ def claim_section(claim: str, title: str, claim_text: str, has_script: bool, res
         return "\n".join(lines + ["**No experiment script yet**: not run.", ""])
     command = f"`make experiments CLAIM={claim}` (= `nice -n 19 python benchmarks/experiments/{claim}.py`)"
     if result is None or result.get("smoke"):
-        return "\n".join(lines + [f"**Not yet run.** Command: {command}.", ""])
+        return "\n".join(lines + [f"**Not yet run.** Command: {command}. Cost: {COSTS.get(claim, 'unknown')}.", ""])
     lines[2] = f"Claim: {result['claim_text']}."  # the script's own wording
     setup = result["setup"]
     metrics = result["metrics"]

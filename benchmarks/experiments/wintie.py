@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs
     from prefalign.data import load_preference_dataset
     from prefalign.evaluation import reward_pair_scores
+    from prefalign.models import load_processing_class
 
     recipe = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
-    as_text = opts.model == "minilm-l6"  # MiniLM has no chat template: conversations as plain text (as the recipe)
+    # A backbone without a chat template (MiniLM) reads conversations as plain text, as the recipe decides it.
+    as_text = getattr(load_processing_class(opts.model), "chat_template", None) is None
     test = load_preference_dataset("wordnet-definitions", split="test").select(range(opts.test_samples))
     test_items = items_from_preference_pairs(test, as_text=as_text)
     heldout = build_cross_prompt_pairs(test_items, pairs_per_item=2, tie_ratio=0.5, seed=123,
