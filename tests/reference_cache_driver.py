@@ -9,12 +9,14 @@ reference-model forwards of each run summed over all processes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+from transformers.integrations import deepspeed as hf_deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,12 +30,19 @@ register_tiny_models()
 
 
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The policy (the tiny model with seeded noise) and the reference (the tiny model), float64."""
-    policy = load_model("tiny-causal-lm").double()
+    """The policy (the tiny model with seeded noise) and the reference (the tiny model), float64, whole: loaded
+    outside ZeRO-3's partitioning at load, which the first run's config would otherwise switch on for the second."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        policy = load_model("tiny-causal-lm").double()
+        ref = load_model("tiny-causal-lm").double()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    return policy, load_model("tiny-causal-lm").double()
+    return policy, ref
 
 
 def config(output_dir: str, per_device: int, **extra) -> PackedDPOConfig:
@@ -45,7 +54,8 @@ def config(output_dir: str, per_device: int, **extra) -> PackedDPOConfig:
 
 
 def run(output_dir: str, per_device: int, **extra) -> tuple[list[float], int, PackedDPOTrainer]:
-    """One training run: its logged losses and its reference forwards summed over all processes."""
+    """One training run: its logged losses, its reference forwards summed over all processes, and the trainer (drop
+    it before building the next models: under ZeRO-3 a live config makes `from_pretrained` partition them)."""
     policy, ref = models()
     calls = []
     ref.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -67,7 +77,10 @@ def main() -> None:
         losses, calls, trainer = run(str(Path(cli.output_dir) / name), per_device, reference_cache_dir=cli.cache_dir)
         result[name] = {"losses": losses, "reference_forwards": calls,
                         "processes": trainer.accelerator.num_processes}
-    if trainer.accelerator.is_main_process:
+        main_process = trainer.accelerator.is_main_process
+        del trainer
+        gc.collect()
+    if main_process:
         (Path(cli.output_dir) / "result.json").write_text(json.dumps(result))
 
 
