@@ -175,6 +175,18 @@ def test_smoke_rrpo(tmp_path, restore_library_settings):
         assert all(4 * v == round(4 * v) for v in data["per_seed"]["reward_accuracy"])
 
 
+def test_smoke_pairwise_rl(tmp_path, restore_library_settings):
+    bench = load("pairwise_rl")
+    result = bench["main"](["--smoke", "--seeds", "0", "--results-dir", str(tmp_path), "--work-dir",
+                            str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["ARMS"]))
+    scalar = result["arms"]["scalar RM + GRPO"]["per_seed"]
+    assert scalar["rm_position_consistency"] == [1.0]  # a scalar score has no order
+    for data in result["arms"].values():  # 4 judged prompts, 4 RM test pairs: shares are multiples of 1/4
+        for values in data["per_seed"].values():
+            assert all(4 * v == round(4 * v) for v in values)
+
+
 def test_smoke_noisy_pairs(tmp_path, restore_library_settings):
     bench = load("noisy_pairs")
     result = bench["main"](["--smoke", "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "runs")])

@@ -39,7 +39,7 @@ CLAIMS = [
      "RRPO's points dominate DPO's: equal or better phrase accuracy at lower KL(π_ref‖π_θ) on the chosen answers",
      True),
     ("pairwise_rl", "Pairwise-RL: pairwise RM and pairwise PPO vs a scalar RM and GRPO",
-     "the pairwise RM is more position-consistent and the pairwise policy wins at least as often", False),
+     "the pairwise RM is more position-consistent and the pairwise policy wins at least as often", True),
     ("trustjudge", "TrustJudge consistency",
      "fewer score-comparison and transitivity inconsistencies at equal or better agreement, tie rates reported",
      False),
@@ -58,6 +58,8 @@ COSTS = {
     "entanglement": "200 steps × 4 modes × 3 seeds of SmolLM2 LoRA (pngd ≈ 1.8× a DPO step): about 4–5 h on CPU; "
                     "`--steps 100 --seeds 0 1 2` halves it",
     "rrpo": "7 arms × 3 seeds × 80 LoRA steps on SmolLM2 plus 100 held-out pairs each: about 4–5 h on CPU",
+    "pairwise_rl": "per seed: 2 RM runs of 40 LoRA steps (batch 8) and 2 policy runs of 24 steps × 8 samples of 48 "
+                   "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
     "noisy_pairs": "days of CPU (see docs/methods/noisy_pairs.md): a GPU job; one cell with `--flip-rates 0.2 "
                    "--train-samples 200` is hours",
 }
