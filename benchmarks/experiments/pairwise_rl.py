@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, experiment_parser, new_figure, prepare_run, save_figure, write_result  # noqa: E402
 
 CLAIM = "pairwise_rl"
-CLAIM_TEXT = ("a trained pairwise RM is more position-consistent than the scalar RM is accurate-for-free, and pairwise "
-              "PPO with it wins at least as often as GRPO with the scalar RM, under an independent judge")
+CLAIM_TEXT = ("the trained pairwise RM is position-consistent and at least as accurate as a scalar RM trained on the "
+              "same pairs (whose consistency is 1 by construction), and pairwise PPO with it wins at least as often "
+              "as GRPO with the scalar RM under an independent judge")
 ARMS = ("untrained policy", "pairwise RM + pairwise PPO", "scalar RM + GRPO")
 METRICS = {"rm_accuracy": "RM held-out accuracy", "rm_position_consistency": "RM position consistency",
            "judge_win_rate": "judge win rate (MiniLM)"}
