@@ -16,7 +16,7 @@ from peft import LoraConfig
 from reference_cache_driver import config, models, run
 
 from prefalign.models import load_model, load_processing_class
-from prefalign.trainers.d2o import D2OConfig
+from prefalign.trainers.d2o import D2OConfig, D2OTrainer
 from prefalign.trainers.disentangled import DisentangledDPOConfig
 from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
@@ -59,22 +59,39 @@ def test_second_run_reuses_cache_and_losses_equal_live_reference(tmp_path, caplo
     assert second == first
 
 
-def test_rrpo_alpha_zero_caches_per_token_values(tmp_path):
-    """RRPO with alpha=0 stores per-token reference log-probs; the reused columns equal a live precompute's."""
+def _anchor_rows():
+    """D²O rows: a prompt, its negative and K = 2 anchors, of unequal lengths."""
+    return pairs().map(lambda row: {"anchors": [row["chosen"], "Maybe an answer."]}, remove_columns=["chosen"])
+
+
+@pytest.mark.parametrize("trainer_class", [RRPOTrainer, D2OTrainer], ids=["rrpo-per-token", "d2o-anchors"])
+def test_other_stored_forms_are_cached(tmp_path, trainer_class):
+    """RRPO with alpha=0 stores per-token reference log-probs, D²O its K anchors' sums [B, K]: the cached and the
+    reused columns equal a plain precompute's, and the reuse runs no reference forward."""
     tokenizer = load_processing_class("tiny-causal-lm")
-    stored = {}
+    common = dict(report_to="none", use_cpu=True, bf16=False, precompute_ref_log_probs=True,
+                  precompute_ref_batch_size=4, max_length=256, per_device_train_batch_size=4)
+    if trainer_class is RRPOTrainer:
+        make_args, data = (lambda **kw: RRPOConfig(alpha=0.0, **common, **kw)), pairs()
+    else:
+        make_args, data = (lambda **kw: D2OConfig(num_anchors=2, anchor_refresh_steps=0, **common, **kw)), _anchor_rows()
+    stored, calls = {}, {}
     for name, extra in (("plain", {}), ("cached", {"reference_cache_dir": str(tmp_path / "cache")}),
                         ("reused", {"reference_cache_dir": str(tmp_path / "cache")})):
         policy, ref = models()
-        args = RRPOConfig(output_dir=str(tmp_path / name), report_to="none", use_cpu=True, bf16=False, alpha=0.0,
-                          precompute_ref_log_probs=True, precompute_ref_batch_size=4, max_length=256,
-                          per_device_train_batch_size=4, **extra)
+        calls[name] = []
+        ref.register_forward_pre_hook(lambda *_, name=name: calls[name].append(1))
         # a run-specific column keeps TRL's own per-session cache (keyed by data and model only) out of "plain"
-        data = pairs().add_column("run", [name == "plain"] * 16)
-        trainer = RRPOTrainer(policy, ref, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = trainer_class(policy, ref, args=make_args(output_dir=str(tmp_path / name), **extra),
+                                train_dataset=data.add_column("run", [name == "plain"] * len(data)),
+                                processing_class=tokenizer)
         stored[name] = {c: trainer.train_dataset[c] for c in COLUMNS}
-    lengths = [len(v) for v in stored["cached"]["ref_chosen_logps"]]
-    assert len(set(lengths)) == 1 and lengths[0] > 1  # per token, not sums
+    assert len(calls["cached"]) == 4 and not calls["reused"]
+    widths = {len(v) for v in stored["cached"]["ref_chosen_logps"]}
+    if trainer_class is D2OTrainer:
+        assert widths == {2}  # the K anchors' sums
+    else:
+        assert len(widths) == 1 and widths.pop() > 1  # per token, zero-padded to the dataset's width
     for column in COLUMNS:
         for name in ("cached", "reused"):
             assert torch.tensor(stored[name][column]) == pytest.approx(torch.tensor(stored["plain"][column]),
