@@ -467,6 +467,8 @@ def test_vision_d2o_loss_matches_a_float64_brute_force(tmp_path):
     """The loss on a batch of images equals docs/methods/d2o.md computed in float64 from each sequence processed on
     its own (its prompt's image, no padding) through copies of the policy and the reference."""
     policy, ref = perturbed_copy(load_model("tiny-qwen2-vl"), scale=0.2), load_model("tiny-qwen2-vl")
+    # copies taken before the trainer: accelerate's prepare rebinds a model's forward, so a later copy runs the original
+    policy64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
     rows = _vision_rows()
     trainer = _vision_d2o(tmp_path, rows, policy, ref, beta=0.7, alpha=0.4)
     batch = _first_batch(trainer)
@@ -474,7 +476,6 @@ def test_vision_d2o_loss_matches_a_float64_brute_force(tmp_path):
     with torch.no_grad():
         got = trainer.compute_loss(trainer.model, batch).item()
     processor = load_processing_class("tiny-qwen2-vl")
-    policy64, ref64 = copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
     losses = []
     with torch.no_grad():
         for row in rows.select(range(2)):
