@@ -70,8 +70,8 @@ class ReferenceCacheArguments:
 
 def weights_hash(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
     """SHA-256 of a module's parameters and buffers (names, dtypes, shapes, exact bytes), leaving out those whose
-    name contains any of ``skip``; DeepSpeed ZeRO-3 parameters are gathered one at a time (collective: every rank
-    calls this)."""
+    name contains any of ``skip``; DeepSpeed ZeRO-3 parameters and FSDP2 DTensors are gathered one at a time
+    (collective: every rank calls this)."""
     module = getattr(module, "module", module)  # a DeepSpeed engine or DDP wrapper
     h = hashlib.sha256()
     tensors = dict(module.named_parameters())
@@ -85,6 +85,8 @@ def weights_hash(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
 
             with deepspeed.zero.GatheredParameters([tensor]):
                 data = tensor.detach().cpu().contiguous()
+        elif hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor shard
+            data = tensor.detach().full_tensor().cpu().contiguous()
         else:
             data = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
