@@ -368,8 +368,9 @@ def _family_trainer(name: str, tmp_path, **config):
             cls = D2OTrainer
             args = D2OConfig(output_dir=str(tmp_path), num_anchors=1, anchor_refresh_steps=0, **settings)
         else:
-            cls, args = DisentangledDPOTrainer, DisentangledDPOConfig(output_dir=str(tmp_path),
-                                                                      disentangle="anchored", **settings)
+            mode = "pngd" if name == "disentangled_pngd" else "anchored"
+            cls, args = DisentangledDPOTrainer, DisentangledDPOConfig(output_dir=str(tmp_path), disentangle=mode,
+                                                                      **settings)
 
     class Trainer(HookSpy, cls):
         pass
@@ -384,7 +385,7 @@ def _family_trainer(name: str, tmp_path, **config):
 KEPT_ROWS = [0, 1, 2, 4, 5, 6, 7, 8]
 
 
-@pytest.mark.parametrize("name", ["rrpo", "d2o", "disentangled"])
+@pytest.mark.parametrize("name", ["rrpo", "d2o", "disentangled", "disentangled_pngd"])
 def test_family_trainers_weight_flagged_pairs_by_hand(tmp_path, name):
     """2 shuffled epochs, warm-up 1: epoch 1 records every kept row once (keyed by its row as given, the dropped row 3
     absent) at the loss the trainer computed, with weight 1; in epoch 2 each pair's loss is multiplied by
