@@ -108,6 +108,7 @@ def train(kind: str, model_path: str, data, opts, seed: int, output_dir: Path, c
     """One LoRA run: ``kind`` "sft" (TRL SFTTrainer on prompt/completion rows) or "dpo" (TRL DPOTrainer, §7 loss)."""
     import torch
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from prefalign.models import load_model, load_processing_class
@@ -118,6 +119,7 @@ def train(kind: str, model_path: str, data, opts, seed: int, output_dir: Path, c
                   logging_steps=max(steps, 1), save_strategy="no", report_to="none", bf16=False,
                   use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, seed=seed, disable_tqdm=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    set_seed(seed)  # TRL adds the LoRA adapter (random init) before the Trainer seeds itself
     model, tokenizer = load_model(model_path, dtype=torch.float32), load_processing_class(model_path)
     if kind == "dpo":
         trainer = DPOTrainer(model, args=DPOConfig(loss_type=["sigmoid_norm"], beta=opts.beta, **common),

@@ -86,7 +86,7 @@ def run(mode: str, train_rows, eval_rows, probe_rows, opts, seed: int, output_di
     """Train ``mode`` for ``opts.steps`` steps; its held-out trajectory and the probe's checks."""
     import torch
     from peft import LoraConfig
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, set_seed
     from trl import DPOConfig, DPOTrainer
 
     from prefalign.diagnostics import GradientEntanglementCallback
@@ -98,6 +98,7 @@ def run(mode: str, train_rows, eval_rows, probe_rows, opts, seed: int, output_di
                   per_device_train_batch_size=opts.batch_size, max_steps=opts.steps, learning_rate=opts.learning_rate,
                   lr_scheduler_type="constant", beta=opts.beta, max_length=256, seed=seed, disable_tqdm=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    set_seed(seed)  # TRL adds the LoRA adapter (random init) before the Trainer seeds itself
     model, tokenizer = load_model(opts.model, dtype=torch.float32), load_processing_class(opts.model)
     if mode == "dpo":
         trainer = DPOTrainer(model, args=DPOConfig(**common), train_dataset=strip_phrase_tags(train_rows),

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, experiment_parser, new_figure, prepare_run, save_figure, write_result  # noqa: E402
@@ -128,6 +129,7 @@ def mined_flags(arm: str, trainer: PackedDPOTrainer, size: int, groups: list[int
 def reward_auc(arm: str, seed: int, opts, out: Path, test_items: Dataset) -> float:
     """Train a reward model with the win-tie recipe, then its AUC over the test items."""
     recipe = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
+    set_seed(seed)  # the reward head is initialised when the recipe loads the model, before its own seeding
     trainer = recipe(["--model_name_or_path", opts.reward_model, "--output_dir", str(out), "--max_steps",
                       str(opts.reward_steps), "--max_train_samples", str(opts.train_samples), "--eval_strategy", "no",
                       "--save_strategy", "no", "--seed", str(seed), "--pair_seed", str(seed), *REWARD_ARMS[arm]])

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.time()
 
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import GRPOConfig, GRPOTrainer
 
     from prefalign.data import load_preference_dataset
@@ -150,9 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in opts.seeds:
         rm_args = ["--model_name_or_path", opts.model, "--max_steps", str(opts.rm_steps), "--seed", str(seed),
                    "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1000"]
+        set_seed(seed)  # every model and adapter below is initialised before its trainer seeds itself
         pairwise = rm_recipe([*rm_args, "--output_dir", str(work / f"pairwise-rm-{seed}"), "--max_train_samples",
                               str(opts.rm_pairs), "--max_eval_samples", str(opts.rm_eval_pairs), "--do_eval", "false"])
         verdicts = pairwise.verdict_metrics(_verdict_examples(rm_test))
+        set_seed(seed)
         scalar = scalar_recipe([*rm_args, "--output_dir", str(work / f"scalar-rm-{seed}"), "--dataset_name",
                                 str(scalar_train), "--use_peft", "true", "--tie_ratio", "0", "--margin", "0",
                                 "--eval_strategy", "no", "--max_length", "512"])
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_answers = greedy(load_model(opts.model), tokenizer, judged["prompt"], opts.max_new_tokens)
         add(ARMS[0], "judge_win_rate", judge_win_rate(base_answers, truths, distractors))
         rm = PairwiseRewardModel(*load_model_or_adapter(str(work / f"pairwise-rm-{seed}")))
+        set_seed(seed)
         ppo = PairwisePPOTrainer(load_model(opts.model), rm, args=policy_config(
             PairwisePPOConfig, opts, seed, work / f"ppo-{seed}", advantage="anchor",
             anchor_keep_truncated=True), train_dataset=prompts_train,
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         add(ARMS[1], "judge_win_rate", judge_win_rate(greedy(ppo.model, tokenizer, judged["prompt"],
                                                              opts.max_new_tokens), truths, distractors))
         scalar_model = scalar.model.merge_and_unload() if hasattr(scalar.model, "merge_and_unload") else scalar.model
+        set_seed(seed)
         grpo = GRPOTrainer(load_model(opts.model), reward_funcs=scalar_model, args=policy_config(
             GRPOConfig, opts, seed, work / f"grpo-{seed}"), train_dataset=prompts_train, processing_class=tokenizer,
             reward_processing_classes=scalar.processing_class, peft_config=lora)

@@ -42,6 +42,7 @@ def train_and_evaluate(method: str, knob: float, train_rows, test_rows, opts, se
     """Train one arm with LoRA for ``opts.steps`` steps; its held-out evaluation against the untrained model."""
     import torch
     from peft import LoraConfig
+    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
     from prefalign.evaluation import evaluate_preferences
@@ -54,6 +55,7 @@ def train_and_evaluate(method: str, knob: float, train_rows, test_rows, opts, se
                   per_device_train_batch_size=opts.batch_size, max_steps=opts.steps, learning_rate=opts.learning_rate,
                   lr_scheduler_type="constant", max_length=256, seed=seed, disable_tqdm=True)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    set_seed(seed)  # TRL adds the LoRA adapter (random init) before the Trainer seeds itself
     model, tokenizer = load_model(opts.model, dtype=torch.float32), load_processing_class(opts.model)
     if method == "rrpo":
         trainer = RRPOTrainer(model, args=RRPOConfig(alpha=knob, beta=opts.rrpo_beta, **common),

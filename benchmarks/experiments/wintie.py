@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     results_dir, work = prepare_run(opts, CLAIM)
     started = time.time()
 
+    from transformers import set_seed
+
     from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs
     from prefalign.data import load_preference_dataset
     from prefalign.evaluation import reward_pair_scores
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in opts.seeds:
         for arm, overrides in ARMS.items():
             out = work / f"{re.sub(r'[^a-z0-9]+', '-', arm.lower())}-{seed}"
+            set_seed(seed)  # the reward head is initialised when the recipe loads the model, before its own seeding
             trainer = recipe(["--model_name_or_path", opts.model, "--output_dir", str(out),
                               "--max_steps", str(opts.steps), "--max_train_samples", str(opts.train_samples),
                               "--eval_strategy", "no", "--save_strategy", "no", "--seed", str(seed),
