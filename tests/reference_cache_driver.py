@@ -3,7 +3,7 @@ write what tests/test_reference_cache.py checks to OUT/result.json: the logged l
 reference-model forwards of each run summed over all processes.
 
     accelerate launch --config_file recipes/accelerate/ddp.yaml tests/reference_cache_driver.py --output_dir DIR \
-        --cache_dir CACHE                                                               # 2 processes × 2 pairs
+        --cache_dir CACHE [--lora]                                                      # 2 processes × 2 pairs
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from transformers.integrations import deepspeed as hf_deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,14 +54,18 @@ def config(output_dir: str, per_device: int, **extra) -> PackedDPOConfig:
     return PackedDPOConfig(output_dir=output_dir, **{**settings, **extra})
 
 
-def run(output_dir: str, per_device: int, **extra) -> tuple[list[float], int, PackedDPOTrainer]:
+def run(output_dir: str, per_device: int, lora: bool = False, **extra) -> tuple[list[float], int, PackedDPOTrainer]:
     """One training run: its logged losses, its reference forwards summed over all processes, and the trainer (drop
     it before building the next models: under ZeRO-3 a live config makes `from_pretrained` partition them)."""
     policy, ref = models()
     calls = []
-    ref.register_forward_pre_hook(lambda *_: calls.append(1))
-    trainer = PackedDPOTrainer(policy, ref, args=config(output_dir, per_device, **extra), train_dataset=pairs(),
-                               processing_class=load_processing_class("tiny-causal-lm"))
+    spied = policy if lora else ref  # under LoRA the reference is the policy with its adapter disabled
+    handle = spied.register_forward_pre_hook(lambda *_: calls.append(1))
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
+    trainer = PackedDPOTrainer(policy, None if lora else ref, args=config(output_dir, per_device, **extra),
+                               train_dataset=pairs(), processing_class=load_processing_class("tiny-causal-lm"),
+                               peft_config=peft_config)
+    handle.remove()  # reference forwards happen at start (precompute) or, live, once per step
     trainer.train()
     total = int(trainer.accelerator.reduce(torch.tensor([len(calls)]), reduction="sum").item())
     return [e["loss"] for e in trainer.state.log_history if "loss" in e], total, trainer
@@ -70,11 +75,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--cache_dir", required=True)
+    parser.add_argument("--lora", action="store_true", help="LoRA policy, reference = its base (no ref_model)")
     cli = parser.parse_args()
     per_device = 4 // int(os.environ.get("WORLD_SIZE", "1"))
     result = {}
     for name in ("first", "second"):
-        losses, calls, trainer = run(str(Path(cli.output_dir) / name), per_device, reference_cache_dir=cli.cache_dir)
+        losses, calls, trainer = run(str(Path(cli.output_dir) / name), per_device, lora=cli.lora,
+                                     reference_cache_dir=cli.cache_dir)
         result[name] = {"losses": losses, "reference_forwards": calls,
                         "processes": trainer.accelerator.num_processes}
         main_process = trainer.accelerator.is_main_process

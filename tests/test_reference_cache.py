@@ -46,12 +46,12 @@ def test_second_run_reuses_cache_and_losses_equal_live_reference(tmp_path, caplo
     the live reference (no precompute) within 1e-6."""
     cache = tmp_path / "cache"
     caplog.set_level(logging.WARNING, logger="prefalign.trainers.reference_cache")
-    live, live_calls, _ = run(str(tmp_path / "live"), 4)
+    live, _, _ = run(str(tmp_path / "live"), 4)
     first, first_calls, _ = run(str(tmp_path / "first"), 4, reference_cache_dir=str(cache))
     assert "reference cache: computing" in caplog.text and first_calls == 8  # 16 pairs / precompute batches of 2
     caplog.clear()
     second, second_calls, trainer = run(str(tmp_path / "second"), 4, reference_cache_dir=str(cache))
-    assert second_calls == 0 and live_calls == 3  # the live run calls the reference once per step
+    assert second_calls == 0
     assert f"reference cache: reusing {_entries(cache)[0]} (16 rows)" in caplog.text
     assert len(_entries(cache)) == 1 and trainer.args.precompute_ref_log_probs
     assert len(live) == 3
@@ -195,13 +195,15 @@ def test_cache_dir_implies_precompute(tmp_path):
 
 
 @pytest.mark.multiproc
-def test_two_processes_write_once_and_reuse(tmp_path):
-    """DDP over 2 processes: the first run writes one entry with every row (equal to the 1-process entry), the
-    second reads it with no reference forward on any process, and both log the 1-process losses."""
-    one, _, _ = run(str(tmp_path / "one"), 4, reference_cache_dir=str(tmp_path / "cache-one"))
+@pytest.mark.parametrize("backend,lora", [("ddp.yaml", False), ("zero3.yaml", True)], ids=["ddp", "zero3-lora"])
+def test_two_processes_write_once_and_reuse(tmp_path, backend, lora):
+    """2 processes (DDP with a ref_model; ZeRO-3 with LoRA, the reference being the partitioned base): the first
+    run writes one entry with every row, under the 1-process key and equal to the 1-process entry; the second reads
+    it with no reference forward on any process; both log the 1-process losses."""
+    one, _, _ = run(str(tmp_path / "one"), 4, lora=lora, reference_cache_dir=str(tmp_path / "cache-one"))
     out, cache = tmp_path / "two", tmp_path / "cache-two"
-    subprocess.run([*accelerate_launch("ddp.yaml"), "tests/reference_cache_driver.py", "--output_dir", str(out),
-                    "--cache_dir", str(cache)], cwd=REPO, check=True, timeout=900)
+    subprocess.run([*accelerate_launch(backend), "tests/reference_cache_driver.py", "--output_dir", str(out),
+                    "--cache_dir", str(cache), *(["--lora"] if lora else [])], cwd=REPO, check=True, timeout=900)
     result = json.loads((out / "result.json").read_text())
     assert result["first"]["processes"] == 2
     assert result["first"]["reference_forwards"] == 8 and result["second"]["reference_forwards"] == 0
@@ -211,6 +213,6 @@ def test_two_processes_write_once_and_reuse(tmp_path):
     two_values, one_values = load_from_disk(str(entry / "logps")), load_from_disk(str(entry_one / "logps"))
     assert len(two_values) == 16
     for column in COLUMNS:
-        assert two_values[column] == pytest.approx(one_values[column], abs=1e-9)
+        assert two_values[column] == pytest.approx(one_values[column], abs=1e-6)
     for name in ("first", "second"):
-        assert result[name]["losses"] == pytest.approx(one, abs=1e-6)
+        assert result[name]["losses"] == pytest.approx(one, abs=1e-5)
