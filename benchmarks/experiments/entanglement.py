@@ -203,7 +203,7 @@ def plot(result: dict, results_dir: Path) -> Path:
     plot_curves(axes[0], result["curves"]["heldout"], "d_chosen", "held-out Δ log π(y_w)")
     plot_curves(axes[1], result["curves"]["heldout"], "d_rejected", "held-out Δ log π(y_l)")
     plot_curves(axes[2], result["curves"]["probe"], "cos", "probe cos(g_w, g_l)")
-    plot_curves(axes[3], result["curves"]["probe"], "chosen_up", "probe pairs predicted to raise log π(y_w)")
+    plot_curves(axes[3], result["curves"]["probe"], "chosen_up", "first-order: share with log π(y_w) up")
     for ax in axes[:2]:
         ax.axhline(0, color="grey", linewidth=0.8)
     return save_figure(fig, results_dir, CLAIM)
