@@ -280,8 +280,11 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
     def reference_cache_key(self, dataset: Dataset) -> dict[str, Any]:
         """What the stored reference columns of ``dataset`` depend on: reference model and weights, tokenizer, data,
         `max_length`, `truncation_mode`, precision and the trainer's stored form."""
-        key = [{**self._reference_identity(), "data": dataset_hash(dataset), "rows": len(dataset),
-                "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}]
+        identity = self._reference_identity()  # collective under ZeRO-3: every rank first
+        key = [None]
+        if self.accelerator.is_main_process:  # rank 0 hashes the data; every rank takes its key
+            key[0] = {**identity, "data": dataset_hash(dataset), "rows": len(dataset),
+                      "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}
         broadcast_object_list(key, from_process=0)
         return key[0]
 
