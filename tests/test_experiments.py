@@ -67,7 +67,8 @@ def test_results_page_section(tmp_path):
     results.mkdir()
     common["write_result"](results, "wintie", title="W", claim_text="c", command="cmd", smoke=False,
                            setup={"model": "m", "data": "d", "steps": 3, "learning_rate": 5e-5, "seeds": [0, 1]},
-                           metrics={"auc": "AUC"}, per_seed={"BT": {"auc": [0.6, 0.8]}}, outcome="it held", started=0.0)
+                           metrics={"auc": "AUC of |d|"}, per_seed={"BT": {"auc": [0.6, 0.8]}}, outcome="it held",
+                           started=0.0)
     common["write_result"](results, "delta", title="D", claim_text="c", command="cmd", smoke=True,
                            setup={"model": "m", "data": "d", "steps": 3, "learning_rate": 5e-5, "seeds": [0]},
                            metrics={"m": "M"}, per_seed={"a": {"m": [1.0]}}, outcome="smoke", started=0.0)
@@ -77,6 +78,7 @@ def test_results_page_section(tmp_path):
     assert text.startswith("# Results\n\nkept above\n\n<!-- experiments:begin -->") and text.endswith("kept below\n")
     assert "old" not in text
     # mean 0.7, min–max 0.6–0.8, 95% half-width 1.2706 (hand computation in the test above)
+    assert "| arm | AUC of \\|d\\| |" in text  # a bare "|" would split the header cell
     assert "| BT | 0.700 [0.600–0.800] ±1.271 |" in text
     assert "Outcome: **it held**" in text
     delta = text.split("### Delta learning")[1].split("###")[0]

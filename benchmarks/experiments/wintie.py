@@ -35,7 +35,7 @@ CLAIM_TEXT = ("win-tie keeps good items tied — a lower spread of good items' r
               "equal or better cross-prompt AUC than Bradley–Terry")
 ARMS = {"BT (no ties)": ["--tie_ratio", "0", "--margin", "0"], "win-tie m=0": ["--tie_ratio", "0.5", "--margin", "0"],
         "win-tie m=3": ["--tie_ratio", "0.5", "--margin", "3"]}
-METRICS = {"auc": "cross-prompt AUC", "win_accuracy": "win acc.", "tie_abs_diff": "mean |d| on ties",
+METRICS = {"auc": "cross-prompt AUC", "win_accuracy": "win acc.", "tie_abs_diff": "mean tie gap",
            "good_std": "good std", "spread": "good std / good–bad gap", "within_prompt_accuracy": "within-prompt acc.",
            "global_threshold_accuracy": "one-threshold acc."}
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"{2 * opts.train_samples} items, cross-prompt pairs (2 per good item); held out: {len(heldout)} "
              f"cross-prompt pairs from {len(test_items)} test items", "steps": opts.steps,
              "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size,
-             "scheduler": str(args.lr_scheduler_type), "seeds": opts.seeds}
+             "scheduler": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), "seeds": opts.seeds}
     result = write_result(results_dir, CLAIM, title="Win-tie vs Bradley–Terry reward models", claim_text=CLAIM_TEXT,
         command="make experiments CLAIM=wintie",
         smoke=opts.smoke, setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started)
