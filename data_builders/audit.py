@@ -35,9 +35,9 @@ from transformers import TrainerCallback
 
 from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.files import check_settings, write_json, write_jsonl
+from prefalign.logprobs import completion_log_probs
 from prefalign.losses import dpo_pair_losses
 from prefalign.mining import dbpm_statistics
-from prefalign.trainers.preference import completion_log_probs
 
 logger = logging.getLogger("data_builders.audit")
 

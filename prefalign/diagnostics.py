@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from prefalign.trainers.preference import completion_log_probs
+from prefalign.logprobs import completion_log_probs
 
 logger = logging.getLogger("prefalign.diagnostics")
 

@@ -12,7 +12,7 @@ base model as the reference and β the implicit-reward scale (docs/methods/dpo.m
   (docs/methods/rrpo.md): the same two comparisons per aligned phrase k (present on both sides), over all phrases;
 - ``kl_chosen``: Σ over the chosen response's tokens of KL(π_base ‖ π) over the full vocabulary, mean over pairs.
 
-Log-probs go through the shared preference core (``prefalign.trainers.preference.completion_log_probs``, TRL's
+Log-probs go through the shared preference core (``prefalign.logprobs.completion_log_probs``, TRL's
 fused LM head) and the KL through ``prefalign.logprobs.frozen_head_token_kl``, on sequences tokenised as TRL's
 DPOTrainer tokenises them. For a reward model (reward_wintie: sequence classification) ``evaluate_reward_model``
 gives the pairwise accuracy and the AUC. ``judge_win_rate`` adds the TrustJudge (docs/methods/trustjudge.md) win-rate
@@ -31,12 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from prefalign.data import has_vision_columns
-from prefalign.logprobs import check_unscaled_logits, frozen_head_token_kl
+from prefalign.logprobs import check_unscaled_logits, completion_log_probs, frozen_head_token_kl
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.models import adapter_base
 from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
 from prefalign.reward_models import is_reward_model, load_reward_model, load_reward_model_and_processor
-from prefalign.trainers.preference import completion_log_probs
 
 logger = logging.getLogger(__name__)
 

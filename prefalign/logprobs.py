@@ -1,11 +1,14 @@
 """Shared tensor plumbing for the trainers: the full-vocabulary token-wise KL computed from hidden states in chunks,
-and padding-free packing of a padded batch (and unpacking of per-token values back to the padded layout).
+padding-free packing of a padded batch (and unpacking of per-token values back to the padded layout), and
+``completion_log_probs``, the per-token log-probs of a batch's completions through TRL's fused LM head, padded or
+packed: the forward of the DPO-family trainers, the diagnostics, the evaluation and the audit builder.
 
 Everything here works on tensors and callables; the objectives themselves live in ``prefalign.losses``.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -233,3 +236,81 @@ def unpack_per_position(values: torch.Tensor, packed: PackedBatch) -> torch.Tens
     out = values.new_zeros((n, length, *values.shape[2:]))
     out[packed.padded_row, packed.padded_column] = values[packed.row, packed.column]
     return out
+
+
+# ---- completion log-probs of a padded batch, padded or packed (the DPO-family trainers' shared forward) ----
+
+# Batch keys that are not model inputs (the trainers' own columns).
+NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "ref_token_logps",
+                            "phrase_ids", "row_index", "image_source"})
+_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+@dataclass
+class SequenceLogProbs:
+    """One forward of a padded batch [N, L]: `per_token` log-probs [N, L−1] (entry t scores token t+1, zero off the
+    completion), the model's fused `outputs` with every per-token field in that layout, the last `hidden` states
+    [N, L, H] when asked for, and the MoE `aux_loss` when asked for."""
+
+    per_token: torch.Tensor
+    outputs: Any
+    hidden: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class _LastHiddenState:
+    """Context manager capturing a backbone's last hidden state during a fused-head forward."""
+
+    def __init__(self, backbone: torch.nn.Module | None):
+        self.backbone = backbone
+        self.value = None
+
+    def __enter__(self):
+        if self.backbone is not None:
+            self.handle = self.backbone.register_forward_hook(
+                lambda module, args, out: setattr(self, "value", out.last_hidden_state))
+        return self
+
+    def __exit__(self, *exc):
+        if self.backbone is not None:
+            self.handle.remove()
+
+
+def completion_log_probs(model, inputs: dict[str, Any], packed: bool = False, capacity: int | None = None,
+                         pad_token_id: int = 0, backbone: torch.nn.Module | None = None,
+                         router_aux_loss: bool = False) -> SequenceLogProbs:
+    """Per-token log-probs of the completion tokens of a padded batch (`input_ids`, `attention_mask`,
+    `completion_mask` [N, L], plus any other model inputs) through TRL's fused LM head, in the padded layout (see
+    `SequenceLogProbs`). ``packed``: the real tokens are packed into rows of at most ``capacity`` tokens (None: one
+    row) and the values unpacked. ``backbone``: capture its last hidden states. ``router_aux_loss``: ask an MoE model
+    for its load-balancing loss."""
+    model_kwargs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    if router_aux_loss:
+        model_kwargs["output_router_logits"] = True
+    completion_mask = inputs["completion_mask"]
+    length = completion_mask.size(1)
+    layout: PackedBatch | None = None
+    if packed:
+        extra = set(model_kwargs) - {"input_ids", "attention_mask", "use_cache", "output_router_logits"}
+        if extra:
+            raise NotImplementedError(f"padding_free=True packs text batches only; this batch also has "
+                                      f"{sorted(extra)}: set padding_free=False")
+        layout = pack_sequences(inputs["input_ids"], inputs["attention_mask"], completion_mask, capacity,
+                                pad_token_id)
+        model_kwargs.pop("attention_mask")
+        model_kwargs.update(input_ids=layout.input_ids, position_ids=layout.position_ids)
+        labels = layout.labels
+    else:
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+    with _LastHiddenState(backbone) as hidden:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    fields = {name: getattr(outputs, name, None) for name in _PER_TOKEN_FIELDS}
+    if layout is None:  # prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens
+        fields = {k: None if v is None else v[:, -(length - 1):] for k, v in fields.items()}
+        last_hidden = None if hidden.value is None else hidden.value[:, -length:]
+    else:
+        fields = {k: None if v is None else unpack_per_token(v, layout) for k, v in fields.items()}
+        last_hidden = None if hidden.value is None else unpack_per_position(hidden.value, layout)
+    outputs = type(outputs)(**{**dict(outputs.items()), **fields})
+    return SequenceLogProbs(fields["log_probs"], outputs, last_hidden, getattr(outputs, "aux_loss", None))

@@ -8,7 +8,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer
 
-import prefalign.trainers.preference as preference
+import prefalign.logprobs as logprobs
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 
@@ -99,8 +99,8 @@ def test_precomputed_reference_packed_equals_stock(tmp_path, pairs, tokenizer, m
     stock = DPOTrainer(policy, ref, args=DPOConfig(output_dir=str(tmp_path / "trl"), **config),
                        train_dataset=pairs.add_column("run", [0] * len(pairs)), processing_class=tokenizer)
     packs = []
-    original = preference.pack_sequences
-    monkeypatch.setattr(preference, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
+    original = logprobs.pack_sequences
+    monkeypatch.setattr(logprobs, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
     ours = PackedDPOTrainer(policy, ref, args=PackedDPOConfig(output_dir=str(tmp_path / "ours"), padding_free=True,
                                                                **config),
                             train_dataset=pairs.add_column("run", [1] * len(pairs)), processing_class=tokenizer)

@@ -14,7 +14,7 @@ from packing_driver import SHAPES as DRIVER_SHAPES
 from packing_driver import pairs
 from peft import LoraConfig
 
-import prefalign.trainers.preference as preference
+import prefalign.logprobs as logprobs
 from prefalign.logprobs import first_fit_decreasing, pack_sequences, unpack_per_token
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer
@@ -127,8 +127,8 @@ def test_packed_equals_padded(tmp_path, tokenizer, case, lora, monkeypatch):
     assert lengths.max() > 3 * lengths.min()  # very unequal lengths
 
     packs = []
-    original = preference.pack_sequences
-    monkeypatch.setattr(preference, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
+    original = logprobs.pack_sequences
+    monkeypatch.setattr(logprobs, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
     packed = _loss_grads_metrics(trainer, batch)
     assert packs and all(p.input_ids.size(0) < batch["input_ids"].size(0) for p in packs)  # really packed
     assert all(p.input_ids.numel() < batch["input_ids"].numel() for p in packs)
@@ -168,8 +168,8 @@ def test_precomputed_reference_packed_equals_padded(tmp_path, tokenizer, build, 
     ref = load_model("tiny-causal-lm").double()
     stored = []
     packs = []
-    original = preference.pack_sequences
-    monkeypatch.setattr(preference, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
+    original = logprobs.pack_sequences
+    monkeypatch.setattr(logprobs, "pack_sequences", lambda *a, **k: packs.append(original(*a, **k)) or packs[-1])
     for padding_free in (False, True):
         config = dict(precompute_ref_log_probs=True, precompute_ref_batch_size=4, padding_free=padding_free)
         if build is _rrpo:
