@@ -88,6 +88,30 @@ def test_results_page_section(tmp_path):
     assert report["update_page"](page, results) == text  # regenerating is stable
 
 
+def test_merge_parts_over_seeds(tmp_path):
+    common, merge = load("common"), load("merge")
+    setup = {"model": "m", "data": "d", "steps": 3, "learning_rate": 1e-4}
+    parts = []
+    for name, seeds, values in (("a", [0, 1], [0.6, 0.8]), ("b", [2], [1.0])):
+        (tmp_path / name).mkdir()
+        parts.append(common["write_result"](
+            tmp_path / name, "x", title="t", claim_text="c", command="cmd", smoke=False,
+            setup={**setup, "seeds": seeds}, metrics={"acc": "accuracy"}, per_seed={"arm": {"acc": values}},
+            outcome="o", started=0.0, curves={"arm": {"steps": [0, 5], "acc": [[0.5, v] for v in values]}}))
+    merged = merge["merge_results"](parts, lambda per_seed, setup: f"{len(setup['seeds'])} seeds")
+    assert merged["setup"]["seeds"] == [0, 1, 2] and merged["outcome"] == "3 seeds"
+    assert merged["arms"]["arm"]["per_seed"] == {"acc": [0.6, 0.8, 1.0]}
+    # mean 0.8, sd 0.2, t_{0.975,2} = 4.303: half-width 4.303·0.2/√3 = 0.496868
+    summary = merged["arms"]["arm"]["summary"]["acc"]
+    assert (summary["mean"], summary["min"], summary["max"]) == pytest.approx((0.8, 0.6, 1.0))
+    assert summary["ci95"] == pytest.approx([0.8 - 0.496868, 0.8 + 0.496868], abs=1e-5)
+    assert merged["curves"]["arm"] == {"steps": [0, 5], "acc": [[0.5, 0.6], [0.5, 0.8], [0.5, 1.0]]}
+    with pytest.raises(ValueError, match="appear in two parts"):
+        merge["merge_results"]([parts[0], parts[0]], lambda *_: "")
+    with pytest.raises(ValueError, match="setups differ"):
+        merge["merge_results"]([parts[0], {**parts[1], "setup": {**parts[1]["setup"], "steps": 4}}], lambda *_: "")
+
+
 def test_best_threshold_accuracy_by_hand():
     best = load("wintie")["best_threshold_accuracy"]
     # sorted: 0 bad, 1 good, 2 bad, 3 good: a threshold between 0 and 1 (or 2 and 3) gets 3 of 4 right

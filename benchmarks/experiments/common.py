@@ -113,14 +113,14 @@ def summarise_arms(per_seed: dict[str, dict[str, list[float]]]) -> dict[str, dic
             for arm, metrics in per_seed.items()}
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
     """``value`` with every float rounded to 6 significant digits (small, readable JSON)."""
     if isinstance(value, float):
         return float(f"{value:.6g}")
     if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
@@ -149,7 +149,7 @@ def write_result(results_dir: Path, claim: str, *, title: str, claim_text: str, 
     arms = summarise_arms(per_seed)
     for arm, seeds in arm_seeds.items():
         arms[arm]["seeds"] = seeds
-    result = _rounded({"claim": claim, "title": title, "claim_text": claim_text, "command": command, "smoke": smoke,
+    result = rounded({"claim": claim, "title": title, "claim_text": claim_text, "command": command, "smoke": smoke,
                        "setup": setup, "metrics": metrics, "arms": arms, "curves": curves or {}, "outcome": outcome,
                        "seconds": round(time.time() - started, 1), "commit": current_commit()})
     path = results_dir / f"{claim}.json"

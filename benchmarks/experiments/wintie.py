@@ -61,6 +61,20 @@ def same_prompt_pairs(items):
                               for good, bad in zip(rows[::2], rows[1::2])])
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict from the per-seed values: reproduced when a win-tie arm has a lower mean spread than BT
+    at a mean AUC no more than 0.01 below BT's (also used by merge.py after adding seeds)."""
+    mean = {arm: {k: sum(v) / len(v) for k, v in metrics.items()} for arm, metrics in per_seed.items()}
+    bt = mean["BT (no ties)"]
+    held = [arm for arm in ("win-tie m=0", "win-tie m=3")
+            if mean[arm]["spread"] < bt["spread"] and mean[arm]["auc"] >= bt["auc"] - 0.01]
+    return (f"{'reproduced' if held else 'not reproduced'}: good std / gap BT {bt['spread']:.3f}, "
+            + ", ".join(f"{arm} {mean[arm]['spread']:.3f}" for arm in ARMS if arm != "BT (no ties)")
+            + f"; AUC BT {bt['auc']:.3f}, "
+            + ", ".join(f"{arm} {mean[arm]['auc']:.3f}" for arm in ARMS if arm != "BT (no ties)")
+            + " (means over seeds; the claim needs lower spread at AUC ≥ BT's − 0.01)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2, 3, 4])
     parser.add_argument("--model", default="minilm-l6")
@@ -113,20 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
                 per_seed[arm][name].append(value)
             print(arm, seed, {k: round(v, 3) for k, v in values.items()}, flush=True)
 
-    mean = {arm: {k: sum(v) / len(v) for k, v in metrics.items()} for arm, metrics in per_seed.items()}
-    bt = mean["BT (no ties)"]
-    held = [arm for arm in ("win-tie m=0", "win-tie m=3")
-            if mean[arm]["spread"] < bt["spread"] and mean[arm]["auc"] >= bt["auc"] - 0.01]
-    outcome = (f"{'reproduced' if held else 'not reproduced'}: good std / gap BT {bt['spread']:.3f}, "
-               + ", ".join(f"{arm} {mean[arm]['spread']:.3f}" for arm in ARMS if arm != "BT (no ties)")
-               + f"; AUC BT {bt['auc']:.3f}, "
-               + ", ".join(f"{arm} {mean[arm]['auc']:.3f}" for arm in ARMS if arm != "BT (no ties)")
-               + " (means over seeds; the claim needs lower spread at AUC ≥ BT's − 0.01)")
     setup = {"model": opts.model, "data": f"wordnet-definitions: {opts.train_samples} train rows → "
              f"{2 * opts.train_samples} items, cross-prompt pairs (2 per good item); held out: {len(heldout)} "
              f"cross-prompt pairs from {len(test_items)} test items", "steps": opts.steps,
              "learning_rate": args.learning_rate, "batch_size": args.per_device_train_batch_size,
              "scheduler": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), "seeds": opts.seeds}
+    outcome = outcome_of(per_seed, setup)
     result = write_result(results_dir, CLAIM, title="Win-tie vs Bradley–Terry reward models", claim_text=CLAIM_TEXT,
         command="make experiments CLAIM=wintie",
         smoke=opts.smoke, setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started)
