@@ -3,7 +3,8 @@ sessions or machines (each part run with its own `--seeds` and `--results-dir`).
 
     python benchmarks/experiments/merge.py benchmarks/experiments/results/wintie.json /tmp/part/wintie.json
 
-The parts must agree on everything but the seeds (same claim, setup, arms and metrics; no seed twice). Per-seed
+The parts must agree on everything but the seeds (same claim, setup, arms and metric keys; no seed twice; the
+first part's metric labels are kept). Per-seed
 values and curves are concatenated in the order given, the summaries recomputed, the outcome recomputed by the
 claim script's `outcome_of(per_seed, setup)`, the plot redrawn, and the merged JSON written over the first file.
 """
@@ -43,9 +44,9 @@ def merge_results(parts: list[dict[str, Any]], outcome_of) -> dict[str, Any]:
     first = parts[0]
     seeds: list[int] = []
     for part in parts:
-        for key in ("claim", "metrics"):
-            if part[key] != first[key]:
-                raise ValueError(f"the parts differ in {key!r}: {first[key]!r} vs {part[key]!r}")
+        if part["claim"] != first["claim"] or list(part["metrics"]) != list(first["metrics"]):
+            raise ValueError(f"the parts differ in claim or metrics: {first['claim']} {list(first['metrics'])} vs "
+                             f"{part['claim']} {list(part['metrics'])}")
         other = {k: v for k, v in part["setup"].items() if k != "seeds"}
         if other != {k: v for k, v in first["setup"].items() if k != "seeds"}:
             raise ValueError(f"the parts' setups differ beyond the seeds: {first['setup']} vs {part['setup']}")
