@@ -307,6 +307,16 @@ def main(argv=None) -> dict:
         return {}
 
     methods = opts.methods.split(",")
+    # CPU step memory first, each method in a child process, while this process holds no model: the children need
+    # the machine's memory (a parent still holding every trainer got a child OOM-killed on a 23 GB machine)
+    cpu_memory = {}
+    if not CUDA and opts.memory_steps > 0:
+        for m in methods:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+                subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child", f"{m}:{out.name}"],
+                               env=env, check=True)
+                cpu_memory[m] = json.load(open(out.name))
     trainers = {m: make_trainer(m, opts.model, dataset, processing_class, opts) for m in methods}
     batches = {m: ready(t) for m, t in trainers.items()}
     lengths = batches[methods[0]]["attention_mask"].sum(-1).tolist()
@@ -334,16 +344,11 @@ def main(argv=None) -> dict:
                    "model_flops_per_s": flops[m] / statistics.median(seconds[m])} for m in methods}
     for r in results.values():
         r["utilisation"] = r["model_flops_per_s"] / machine_flops
-    del trainers, batches
     for m in methods:
         if CUDA:
             results[m]["step_memory_mb"] = max(cuda_peaks[m]) / MB
-        elif opts.memory_steps > 0:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-                subprocess.run([sys.executable, __file__, *(argv or sys.argv[1:]), "--child", f"{m}:{out.name}"],
-                               env=env, check=True)
-                results[m].update(json.load(open(out.name)))
+        else:
+            results[m].update(cpu_memory.get(m, {}))
 
     base = results.get("dpo")
     nan = float("nan")
