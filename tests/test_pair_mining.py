@@ -258,11 +258,15 @@ def test_dpo_trainer_records_and_weights_pairs_by_hand(tmp_path, tokenizer, pair
         torch.testing.assert_close(grad, dict(trainer.model.named_parameters())[name].grad, rtol=1e-3, atol=1e-6)
 
 
-def test_dpo_pair_mining_refuses_other_losses(tmp_path):
+@pytest.mark.parametrize("other", [{"label_smoothing": 0.2}, {"f_divergence_type": "js_divergence"},
+                                   {"f_divergence_type": "alpha_divergence"}], ids=["label_smoothing", "js", "alpha"])
+def test_dpo_pair_mining_refuses_other_losses(tmp_path, other):
+    """The memory records DPO's reverse-KL sigmoid loss per pair; any setting that makes TRL train another loss (an
+    f-divergence too: its loss differs from the recorded one) is refused, not silently mixed with it."""
     from prefalign.trainers.dpo import PackedDPOConfig
 
     with pytest.raises(ValueError, match="needs loss_type='sigmoid', label_smoothing=0"):
-        PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", label_smoothing=0.2, use_cpu=True, bf16=False)
+        PackedDPOConfig(output_dir=str(tmp_path), pair_mining="dbpm", use_cpu=True, bf16=False, **other)
 
 
 @pytest.mark.multiproc

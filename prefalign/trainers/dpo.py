@@ -39,13 +39,15 @@ class PackedDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
         check_pair_mining_arguments(self)
         if self.pair_mining is not None:
             plain = (self.loss_type == ["sigmoid"] and self.ld_alpha is None and self.label_smoothing == 0
-                     and not self.use_weighting and self.loss_weights is None)
+                     and not self.use_weighting and self.loss_weights is None
+                     and self.f_divergence_type == "reverse_kl")
             if not plain:
                 raise ValueError("pair_mining records and re-weights DPO's per-pair sigmoid loss: it needs "
-                                 "loss_type='sigmoid', label_smoothing=0, ld_alpha=None, use_weighting=False and no "
-                                 f"loss_weights (got loss_type={self.loss_type}, label_smoothing="
-                                 f"{self.label_smoothing}, ld_alpha={self.ld_alpha}, use_weighting="
-                                 f"{self.use_weighting}, loss_weights={self.loss_weights})")
+                                 "loss_type='sigmoid', label_smoothing=0, ld_alpha=None, use_weighting=False, "
+                                 "f_divergence_type='reverse_kl' and no loss_weights (got loss_type="
+                                 f"{self.loss_type}, label_smoothing={self.label_smoothing}, ld_alpha={self.ld_alpha}, "
+                                 f"use_weighting={self.use_weighting}, f_divergence_type={self.f_divergence_type!r}, "
+                                 f"loss_weights={self.loss_weights})")
 
 
 class PackedDPOTrainer(PreferenceTrainer):
