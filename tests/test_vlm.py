@@ -17,7 +17,7 @@ from trl import DPOConfig
 from prefalign.generation import generate
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.disentangled import MODES, DisentangledDPOConfig, DisentangledDPOTrainer
-from prefalign.trainers.dpo import PackedDPOTrainer
+from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
 
@@ -192,6 +192,20 @@ def test_video_frames_train_as_images(tmp_path, mode):
     trainer = _vision_trainer(tmp_path, rows(True), mode=mode, max_steps=1, per_device_train_batch_size=2)
     trainer.train()
     assert [e["loss"] for e in trainer.state.log_history if "loss" in e] == [pytest.approx(math.log(2), abs=1e-6)]
+
+
+def test_dpo_pair_mining_with_images_records_every_row(tmp_path):
+    """pair_mining on image rows: the rows are numbered as given (TRL skips the text preparation for vision data)
+    and, with the policy left at the reference (learning rate 0), every pair's recorded loss is log 2."""
+    config = {**COMMON, "output_dir": str(tmp_path / "vlm-mining"), "pair_mining": "dbpm", "num_train_epochs": 1,
+              "per_device_train_batch_size": 2, "learning_rate": 0.0}
+    trainer = PackedDPOTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"),
+                               args=PackedDPOConfig(**config), train_dataset=_pair_rows(),
+                               processing_class=load_processing_class("tiny-qwen2-vl"))
+    trainer.train()
+    history = trainer.pair_mining.memory.history
+    assert sorted(history) == [0, 1, 2, 3]
+    assert all(abs(epochs[0] - math.log(2)) < 1e-6 for epochs in history.values())
 
 
 @pytest.mark.parametrize("mode", [None, *MODES], ids=["dpo", *MODES])

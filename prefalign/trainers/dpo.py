@@ -60,14 +60,12 @@ class PackedDPOTrainer(PreferenceTrainer):
         args = PackedDPOConfig("DPO") if args is None else args
         if not isinstance(args, DPOConfig):
             raise TypeError(f"PackedDPOTrainer needs a DPOConfig, got {type(args).__name__}")
+        if getattr(args, "pair_mining", None) is not None and isinstance(kwargs.get("train_dataset"), Dataset):
+            # numbered as given, before TRL drops any row (text and vision rows alike: TRL prepares only text)
+            kwargs["train_dataset"] = add_row_index(kwargs["train_dataset"])
         super().__init__(model, ref_model, args=args, **kwargs)
         if self.pair_mining is not None:
             self.data_collator = RowIndexCollator(self.data_collator)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if getattr(args, "pair_mining", None) is not None and isinstance(dataset, Dataset):
-            dataset = add_row_index(dataset)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
