@@ -258,6 +258,12 @@ def test_row_index_counts_the_rows_as_given_when_long_prompts_are_dropped(tmp_pa
     rows[0]["prompt"] = [{"role": "user", "content": "word " * 300}]  # fills max_length: dropped and counted
     trainer = _d2o(tmp_path, Dataset.from_list(rows), tokenizer, num_anchors=1, max_length=128)
     assert trainer.train_dataset["row_index"] == [1, 2, 3]  # the rows' own numbers, not their places after the drop
+    # the online-refresh path collates rows by these numbers: row 3 is the prepared dataset's last place (2)
+    batch = trainer._collate_rows([3, 1])
+    assert batch["row_index"].tolist() == [3, 1]
+    for i, place in enumerate([2, 0]):
+        ids = trainer.train_dataset[place]["prompt_ids"] + trainer.train_dataset[place]["rejected_ids"]
+        assert batch["input_ids"][-2 + i, : len(ids)].tolist() == ids  # the negatives' block, in row order
 
 
 def test_bad_anchors_are_named_by_row_and_column(tmp_path, source, tokenizer):
@@ -504,8 +510,9 @@ def test_vision_prompt_longer_than_max_length_is_refused_naming_the_row(tmp_path
     about 20; max_length=12 cuts every prompt."""
     rows = _vision_rows().add_column("row_index", [10, 11, 12, 13])
     trainer = _vision_d2o(tmp_path, rows, max_length=12)
+    assert trainer.train_dataset["row_index"] == [10, 11, 12, 13]  # the user's row ids are kept, not renumbered
     with pytest.raises(ValueError, match=r"rows? \[10, 11\].*max_length=12"):
-        trainer.data_collator([rows[0], rows[1]])
+        trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
 
 
 def test_vision_d2o_refuses_padding_free(tmp_path):

@@ -50,7 +50,7 @@ from prefalign.generation import generate
 from prefalign.losses import d2o_loss
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
-from prefalign.trainers.pair_mining import PairMiningArguments, check_pair_mining_arguments
+from prefalign.trainers.pair_mining import PairMiningArguments, add_row_index, check_pair_mining_arguments
 from prefalign.trainers.preference import PreferenceTrainer
 from prefalign.trainers.reference_cache import ReferenceCacheArguments
 
@@ -330,7 +330,7 @@ class D2OTrainer(PreferenceTrainer):
             return None
         dataset = vision_as_images(dataset)
         check_anchor_rows(dataset, args.num_anchors, name)
-        return dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
+        return add_row_index(dataset)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Check the anchors, then tokenise like TRL: `prompt_ids`, `rejected_ids`, `anchor_ids` (K lists) and a
@@ -338,8 +338,7 @@ class D2OTrainer(PreferenceTrainer):
         if "anchor_ids" in dataset.column_names:  # already prepared (evaluate() prepares again)
             return dataset
         check_anchor_rows(dataset, args.num_anchors, dataset_name)
-        if "row_index" not in dataset.column_names:  # numbered before any row is dropped: rows as given
-            dataset = dataset.map(lambda _, index: {"row_index": index}, with_indices=True)
+        dataset = add_row_index(dataset)  # numbered before any row is dropped: rows as given
         eos_token = self._tokenizer.eos_token
 
         def tokenize(row):
@@ -486,9 +485,16 @@ class D2OTrainer(PreferenceTrainer):
             inputs = self._collate_rows(rows)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _train_rows(self, rows: list[int]) -> dict[str, list]:
+        """The prepared train rows whose `row_index` values are ``rows`` (ids of the rows as given, so rows dropped
+        while preparing, or the user's own ids, leave them apart from the places in the dataset)."""
+        if getattr(self, "_row_places", None) is None:
+            self._row_places = {row: place for place, row in enumerate(self.train_dataset["row_index"])}
+        return self.train_dataset[[self._row_places[row] for row in rows]]
+
     def _collate_rows(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """A batch of these train rows, with refreshed anchors (and their reference log-probs) where there are."""
-        data = self.train_dataset[rows]
+        data = self._train_rows(rows)
         if self._is_vision_dataset:  # raw rows, anchors as responses
             return self.data_collator([{"prompt": data["prompt"][i], "rejected": data["rejected"][i],
                                         "images": data["images"][i], "row_index": row,
@@ -525,7 +531,7 @@ class D2OTrainer(PreferenceTrainer):
     def _refresh_anchors(self, rows: list[int]) -> None:
         """Sample K anchors per prompt of these rows from the current policy and store their token ids."""
         args = self.args
-        data = self.train_dataset[rows]
+        data = self._train_rows(rows)
         self._generate_calls += 1
         seed = hash((args.seed, self.accelerator.process_index, self._generate_calls)) % 2**63
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
