@@ -27,8 +27,6 @@ HEAD_WEIGHTS = "reward_head.safetensors"
 HEAD_ATTRIBUTE = "query_attention_head"
 
 
-
-
 class QueryAttentionRewardHead(nn.Module):
     """Hierarchical progressive query attention (SoliReward): per-layer queries, a final query, an MLP read-out."""
 

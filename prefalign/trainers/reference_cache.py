@@ -8,7 +8,7 @@ depend on: the reference model (class, ``name_or_path`` and a hash of the weight
 `ref_model`'s, or the PEFT base model's without the trained adapter), the tokenizer (name, vocabulary, special tokens
 and chat template), the data (a hash of the tokenised rows), ``max_length``, ``truncation_mode``, the precision, and
 what the trainer stores (summed log-probs, RRPO's per-token ones, D²O's anchors). Padding-free packing is not part of
-the key: packed and padded forwards give the same values. A folder holds ``key.json``, ``logps/`` (the reference
+the key: packed and padded forwards give the same values within floating-point rounding. A folder holds ``key.json``, ``logps/`` (the reference
 columns, one row per data row, in order) and ``done.json`` (row count and a hash of the stored columns); it is written
 under a temporary name and renamed, so it exists only complete. A folder whose stored hash, row count or key does not
 match is reported and computed again; a key with no entry is computed, and the nearest existing entry's differing key
