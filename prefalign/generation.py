@@ -198,8 +198,8 @@ def generate(
                                                                for i in batch], [images[i] for i in batch])
                     width = inputs["input_ids"].shape[1]
                 output = model.generate(
-                    **{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-                    pad_token_id=pad_id, **sampling,
+                    **{k: v.to(model.device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                    do_sample=do_sample, num_return_sequences=num_return_sequences, pad_token_id=pad_id, **sampling,
                 )
                 new = output[:, width:].cpu()
                 ended = torch.isin(new, end_ids).any(dim=1).tolist()

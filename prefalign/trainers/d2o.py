@@ -141,6 +141,14 @@ class D2OConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
                                  "D²O has its own loss (beta, alpha, num_anchors; docs/methods/d2o.md).")
 
 
+def _anchors_per_row(examples: list[dict[str, Any]], key: str) -> int:
+    """K, the number of anchors in ``key`` of every row of a batch (which must agree)."""
+    counts = [len(example[key]) for example in examples]
+    if len(set(counts)) != 1:
+        raise ValueError(f"every row of a batch needs the same number of anchors; got {counts}")
+    return counts[0]
+
+
 @dataclass
 class DataCollatorForAnchors:
     """Pads rows {prompt_ids, anchor_ids: K lists, rejected_ids} into one right-padded batch of B·(K+1) sequences:
@@ -153,10 +161,7 @@ class DataCollatorForAnchors:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        num_anchors = len(examples[0]["anchor_ids"])
-        if any(len(example["anchor_ids"]) != num_anchors for example in examples):
-            raise ValueError(f"every row of a batch needs the same number of anchors; got "
-                             f"{[len(example['anchor_ids']) for example in examples]}")
+        _anchors_per_row(examples, "anchor_ids")  # every row must have K
         pairs = [(e["prompt_ids"], a) for e in examples for a in e["anchor_ids"]]
         pairs += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
         keep = slice(None, self.max_length)
@@ -187,10 +192,7 @@ class DataCollatorForVisionAnchors:
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        num_anchors = len(examples[0]["anchors"])
-        if any(len(example["anchors"]) != num_anchors for example in examples):
-            raise ValueError(f"every row of a batch needs the same number of anchors; got "
-                             f"{[len(example['anchors']) for example in examples]}")
+        num_anchors = _anchors_per_row(examples, "anchors")
         tokenizer = self.processor.tokenizer
         order = [i for i in range(len(examples)) for _ in range(num_anchors)] + list(range(len(examples)))
         completions = [a for e in examples for a in e["anchors"]] + [e["rejected"] for e in examples]
