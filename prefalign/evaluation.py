@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prefalign.data import has_vision_columns
+from prefalign.data import check_reward_pair_lengths, has_vision_columns, reward_pair_ids
 from prefalign.logprobs import check_unscaled_logits, completion_log_probs, frozen_head_token_kl
+from prefalign.losses import mann_whitney_auc
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.models import adapter_base
 from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
@@ -216,8 +217,6 @@ def reward_pair_scores(model, processing_class, dataset, batch_size: int = 8, ma
     """(chosen, rejected) reward-model scores of each pair, each side tokenised exactly as TRL's RewardTrainer
     tokenises it in training (``prefalign.data.reward_pair_ids``). Sides longer than ``max_length`` are an error
     naming their rows (``check_reward_pair_lengths``), never silently truncated."""
-    from prefalign.data import check_reward_pair_lengths, reward_pair_ids
-
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     check_reward_pair_lengths(dataset, tokenizer, max_length)
     pairs = reward_pair_ids(dataset, tokenizer)
@@ -229,8 +228,6 @@ def evaluate_reward_model(model, processing_class, dataset, batch_size: int = 8,
                           ) -> dict[str, Any]:
     """Pairwise accuracy (share of pairs scored chosen > rejected; ties in the data, ``is_tie``, left out and
     counted) and AUC (all chosen scores against all rejected scores, ties ½) of a reward model."""
-    from prefalign.losses import mann_whitney_auc
-
     model.eval()
     chosen, rejected = reward_pair_scores(model, processing_class, dataset, batch_size, progress=progress)
     ties = list(dataset["is_tie"]) if "is_tie" in dataset.column_names else [False] * len(dataset)
