@@ -83,8 +83,7 @@ def test_results_page_section(tmp_path):
     assert "Outcome: **it held**" in text
     delta = text.split("### Delta learning")[1].split("###")[0]
     assert "**Not yet run.**" in delta  # a --smoke JSON is never reported as a result
-    d2o = text.split("### D²O")[1].split("<!--")[0]
-    assert "**No experiment script yet**" in d2o
+    assert "**No experiment script yet**" in report["claim_section"]("x", "X", "c", False, results)
     assert report["update_page"](page, results) == text  # regenerating is stable
 
 
@@ -127,6 +126,30 @@ def test_prediction_agreement_and_bullets_by_hand():
     assert agreement([0.5, 0.0, 1.0], [None, 0.3, -0.2]) == 1.0
     count = load("delta")["bullet_count"]
     assert count("Intro\n- a\n* b\n1. c\n-no space\n  2) d\n+ e") == 5
+
+
+def test_trustjudge_responses_and_agreement_by_hand():
+    bench = load("trustjudge")
+    row = {"chosen": [{"content": "one two three four five six"}], "rejected": [{"content": "a wrong meaning"}]}
+    assert bench["graded_responses"](row) == ["one two three four five six", "one two three four …", "one two …",
+                                              "I don't know.", "a wrong meaning"]
+    agreement = bench["order_agreement"]
+    # qualities 5, 3, 1: (0,1) ordered right (1), (0,2) tied (½), (1,2) reversed (0) → mean ½
+    assert agreement({(0, 1): 1, (0, 2): 0, (1, 2): -1}, [5, 3, 1]) == 0.5
+    assert agreement({(0, 1): -1, (0, 2): -1}, [1, 2, 3]) == 1.0  # the lower index is the worse response
+
+
+def test_smoke_trustjudge(tmp_path, restore_library_settings):
+    bench = load("trustjudge")
+    result = bench["main"](["--smoke", "--results-dir", str(tmp_path)])
+    check_schema(result, tmp_path, list(bench["ARMS"]))
+    # every arm is computed from the same readings: arms sharing a verdict rule share its transitivity and ties
+    arms = result["arms"]
+    for metric in ("transitivity", "verdict_ties", "verdict_agreement"):
+        assert arms["discrete 5-pt + baseline"]["per_seed"][metric] == arms["G-Eval 5-pt + baseline"]["per_seed"][metric]
+    for metric in ("score_ties", "score_agreement"):
+        assert arms["TrustJudge + likelihood"]["per_seed"][metric] == arms["TrustJudge + PPL"]["per_seed"][metric]
+    assert result["setup"]["pairs_per_prompt"] == 10
 
 
 def test_flip_pairs_keeps_the_truth():

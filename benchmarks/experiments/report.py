@@ -42,7 +42,7 @@ CLAIMS = [
      "the pairwise RM is more position-consistent and the pairwise policy wins at least as often", True),
     ("trustjudge", "TrustJudge consistency",
      "fewer score-comparison and transitivity inconsistencies at equal or better agreement, tie rates reported",
-     False),
+     True),
     ("d2o", "D²O trade-off",
      "D²O lowers held-out negatives with less loss of the good answers than DPO or unlikelihood", False),
 ]
@@ -60,6 +60,8 @@ COSTS = {
     "rrpo": "7 arms × 3 seeds × 80 LoRA steps on SmolLM2 plus 100 held-out pairs each: about 4–5 h on CPU",
     "pairwise_rl": "per seed: 2 RM runs of 40 LoRA steps (batch 8) and 2 policy runs of 24 steps × 8 samples of 48 "
                    "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
+    "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: about "
+                  "15 min; 3 seeds ≈ 45 min on one core",
     "noisy_pairs": "days of CPU (see docs/methods/noisy_pairs.md): a GPU job; one cell with `--flip-rates 0.2 "
                    "--train-samples 200` is hours",
 }
@@ -105,8 +107,10 @@ def claim_section(claim: str, title: str, claim_text: str, has_script: bool, res
     extra = ", ".join(f"{key} {value}" for key, value in setup.items()
                       if key not in ("model", "data", "steps", "learning_rate", "seeds"))
     png = results_dir / f"{claim}.png"
-    lines += ["", f"Setup: model {setup['model']}; data {setup['data']}; {setup['steps']} steps; learning rate "
-              f"{setup['learning_rate']:g}; seeds {', '.join(map(str, setup['seeds']))}"
+    training = (f"{setup['steps']} steps; learning rate {setup['learning_rate']:g}" if setup["steps"] else
+                "no training")
+    lines += ["", f"Setup: model {setup['model']}; data {setup['data']}; {training}; seeds "
+              f"{', '.join(map(str, setup['seeds']))}"
               + (f"; {extra}" if extra else "") + f". Run in {result['seconds'] / 60:.0f} min at commit "
               f"`{result['commit']}`. Command: {command}.", ""]
     if png.is_file():
