@@ -139,6 +139,28 @@ def test_trustjudge_responses_and_agreement_by_hand():
     assert agreement({(0, 1): -1, (0, 2): -1}, [1, 2, 3]) == 1.0  # the lower index is the worse response
 
 
+def test_outcome_rules_by_hand():
+    """merge.py recomputes each claim's verdict with the script's outcome_of: the rules, on made-up means."""
+    tj = load("trustjudge")
+    base = {"score_comparison": [0.2, 0.4], "transitivity": [0.1, 0.1], "score_ties": [0.5, 0.5],
+            "verdict_ties": [0.9, 0.9], "score_agreement": [0.6, 0.6], "verdict_agreement": [0.5, 0.5]}
+    better = {**base, "score_comparison": [0.1, 0.1], "transitivity": [0.0, 0.1], "verdict_agreement": [0.6, 0.5]}
+    arms = dict.fromkeys(tj["ARMS"], base)
+    assert tj["outcome_of"]({**arms, "TrustJudge + likelihood": better}, {}).startswith("reproduced")
+    # mean score-comparison 0.3 → 0.1 lower, transitivity 0.1 → 0.05 lower, but score agreement 0.6 → 0.55
+    worse = {**better, "score_agreement": [0.5, 0.6]}
+    assert tj["outcome_of"]({**arms, "TrustJudge + likelihood": worse}, {}).startswith("not reproduced")
+    one = {**better, "transitivity": [0.1, 0.1]}  # equal transitivity: only one rate lower
+    assert tj["outcome_of"]({**arms, "TrustJudge + likelihood": one}, {}).startswith("partly reproduced")
+    delta = load("delta")
+    sft, dpo = delta["ARMS"]
+    values = lambda final: {"warm_mean": [2.5, 2.9], "final_mean": final}  # noqa: E731
+    assert delta["outcome_of"]({sft: values([3.0, 3.0]), dpo: values([3.5, 3.1])}, {"k": 2, "steps": 60}).startswith(
+        "reproduced")
+    assert delta["outcome_of"]({sft: values([3.5, 2.6]), dpo: values([3.5, 3.1])}, {"k": 2, "steps": 60}).startswith(
+        "not reproduced")  # SFT's mean 3.05 is above k+1 = 3
+
+
 def test_smoke_trustjudge(tmp_path, restore_library_settings):
     bench = load("trustjudge")
     result = bench["main"](["--smoke", "--results-dir", str(tmp_path)])

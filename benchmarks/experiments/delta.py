@@ -134,6 +134,19 @@ def train(kind: str, model_path: str, data, opts, seed: int, output_dir: Path, c
     return trainer
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict from means over seeds: reproduced when delta DPO's final mean count is above k+1 and
+    SFT's at or below it; untestable when the warm start writes under 1 bullet (also used by merge.py)."""
+    k = setup["k"]
+    final = {arm: statistics.fmean(per_seed[arm]["final_mean"]) for arm in ARMS}
+    warm_mean = statistics.fmean(per_seed[ARMS[0]]["warm_mean"])
+    shown = final[ARMS[1]] > k + 1 and final[ARMS[0]] <= k + 1
+    verdict = ("untestable (the warm start did not produce the feature: mean count below 1)" if warm_mean < 1 else
+               "reproduced" if shown else "not reproduced")
+    return (f"{verdict}: mean bullets warm start {warm_mean:.2f}, after {setup['steps']} steps SFT "
+            f"{final[ARMS[0]]:.2f}, delta DPO {final[ARMS[1]]:.2f} (k+1 = {k + 1}; means over seeds)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -191,14 +204,6 @@ def main(argv: list[str] | None = None) -> dict:
             curves[arm]["mean"].append(curve.mean)
             curves[arm]["share_above"].append(curve.share_above)
 
-    final = {arm: statistics.fmean(per_seed[arm]["final_mean"]) for arm in ARMS}
-    warm_mean = statistics.fmean(per_seed[ARMS[0]]["warm_mean"])
-    shown = final[ARMS[1]] > k + 1 and final[ARMS[0]] <= k + 1
-    verdict = ("untestable (the warm start did not produce the feature: mean count below 1)" if warm_mean < 1 else
-               "reproduced" if shown else "not reproduced")
-    outcome = (f"{verdict}: mean bullets warm start {warm_mean:.2f}, after "
-               f"{opts.steps} steps SFT {final[ARMS[0]]:.2f}, delta DPO {final[ARMS[1]]:.2f} (k+1 = {k + 1}; means "
-               "over seeds)")
     setup = {"model": f"{opts.model}, LoRA r=16 (warm start merged)", "data": f"wordnet-definitions: "
              f"{opts.train_prompts} train prompts with templated bullet answers; {opts.eval_prompts} held-out test "
              "prompts, greedy", "steps": opts.steps, "learning_rate": opts.learning_rate, "seeds": opts.seeds,
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
              "beta": opts.beta, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens}
     result = write_result(results_dir, CLAIM, title="Delta learning: delta DPO vs SFT", claim_text=CLAIM_TEXT,
                           command="make experiments CLAIM=delta", smoke=opts.smoke, setup=setup, metrics=METRICS,
-                          per_seed=per_seed, outcome=outcome, started=started, curves=curves)
+                          per_seed=per_seed, outcome=outcome_of(per_seed, setup), started=started, curves=curves)
     plot(result, results_dir)
     return result
 

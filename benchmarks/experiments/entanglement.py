@@ -126,6 +126,21 @@ def prediction_agreement(chosen_up: list[float], measured_next: list[float | Non
     return sum(p == m for p, m in pairs) / len(pairs) if pairs else float("nan")
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict from means over seeds: reproduced when DPO's held-out log π(y_w) ends below its start
+    while the probe reported the condition failing, and every other mode ends at or above its start (also used by
+    merge.py)."""
+    mean = {mode: {k: statistics.fmean(v) for k, v in m.items()} for mode, m in per_seed.items()}
+    parts = [f"{mode} Δ log π(y_w) {values['final_d_chosen']:+.2f}" for mode, values in mean.items()]
+    dpo_falls = "dpo" in mean and mean["dpo"]["final_d_chosen"] < 0 and mean["dpo"]["condition_fails"] > 0
+    kept = [mode for mode in mean if mode != "dpo" and mean[mode]["final_d_chosen"] >= 0]
+    verdict = ("reproduced" if dpo_falls and len(kept) == len(mean) - 1 else
+               "partly reproduced" if dpo_falls and kept else
+               "not reproduced (DPO's held-out log π(y_w) did not fall with the condition failing: no displacement "
+               "to fix in this run)" if not dpo_falls else "not reproduced")
+    return f"{verdict}: " + ", ".join(parts) + " (held-out, final, means over seeds)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -175,22 +190,14 @@ def main(argv: list[str] | None = None) -> dict:
             for key in ("cos", "chosen_up", "probe_delta_chosen"):
                 probes[mode][key].append(r[key])
 
-    mean = {mode: {k: statistics.fmean(v) for k, v in m.items()} for mode, m in per_seed.items()}
-    parts = [f"{mode} Δ log π(y_w) {mean[mode]['final_d_chosen']:+.2f}" for mode in opts.modes]
-    dpo_falls = "dpo" in mean and mean["dpo"]["final_d_chosen"] < 0 and mean["dpo"]["condition_fails"] > 0
-    kept = [mode for mode in opts.modes if mode != "dpo" and mean[mode]["final_d_chosen"] >= 0]
-    verdict = ("reproduced" if dpo_falls and len(kept) == len(opts.modes) - 1 else
-               "partly reproduced" if dpo_falls and kept else
-               "not reproduced (DPO's held-out log π(y_w) did not fall with the condition failing: no displacement "
-               "to fix in this run)" if not dpo_falls else "not reproduced")
-    outcome = f"{verdict}: " + ", ".join(parts) + " (held-out, final, means over seeds)"
     setup = {"model": f"{opts.model}, LoRA r=16", "data": f"wordnet-phrases: {len(train_rows)} train pairs; "
              f"{opts.eval_pairs} held-out and {opts.probe_pairs} probe test pairs", "steps": opts.steps,
              "learning_rate": opts.learning_rate, "seeds": opts.seeds, "batch_size": opts.batch_size,
              "beta": opts.beta, "optimizer": "AdamW, constant learning rate"}
     result = write_result(results_dir, CLAIM, title="Gradient entanglement: DPO vs disentangled modes",
                           claim_text=CLAIM_TEXT, command="make experiments CLAIM=entanglement", smoke=opts.smoke,
-                          setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started,
+                          setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome_of(per_seed, setup),
+                          started=started,
                           curves={"heldout": curves, "probe": probes})
     plot(result, results_dir)
     return result

@@ -73,6 +73,20 @@ def dominated_by(point: tuple[float, float], others: list[tuple[float, float]]) 
     return any(kl <= point[0] and acc >= point[1] for kl, acc in others)
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict from means over seeds: reproduced when every DPO point is dominated by an RRPO point
+    (``dominated_by``), partly when some are (also used by merge.py)."""
+    point = {arm: (statistics.fmean(m["kl_chosen"]), statistics.fmean(m["phrase_accuracy"]))
+             for arm, m in per_seed.items()}
+    rrpo = [point[a] for a in point if a.startswith("RRPO")]
+    dpo = [a for a in point if a.startswith("DPO")]
+    covered = [a for a in dpo if dominated_by(point[a], rrpo)]
+    verdict = ("reproduced" if len(covered) == len(dpo) else "partly reproduced" if covered else "not reproduced")
+    return (f"{verdict}: {len(covered)} of {len(dpo)} DPO points have an RRPO point with KL ≤ and phrase accuracy "
+            "≥ theirs; " + ", ".join(f"{a} (KL {kl:.3f}, acc {acc:.3f})" for a, (kl, acc) in point.items())
+            + " (means over seeds)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -103,22 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
                 per_seed[arm][name].append(got[name])
             print(arm, seed, {name: round(got[name], 4) for name in METRICS}, flush=True)
 
-    point = {arm: (statistics.fmean(m["kl_chosen"]), statistics.fmean(m["phrase_accuracy"]))
-             for arm, m in per_seed.items()}
-    rrpo = [point[a] for a in runs if runs[a][0] == "rrpo"]
-    dpo = [a for a in runs if runs[a][0] == "dpo"]
-    covered = [a for a in dpo if dominated_by(point[a], rrpo)]
-    verdict = ("reproduced" if len(covered) == len(dpo) else "partly reproduced" if covered else "not reproduced")
-    outcome = (f"{verdict}: {len(covered)} of {len(dpo)} DPO points have an RRPO point with KL ≤ and phrase accuracy "
-               "≥ theirs; " + ", ".join(f"{a} (KL {kl:.3f}, acc {acc:.3f})" for a, (kl, acc) in point.items())
-               + " (means over seeds)")
     setup = {"model": f"{opts.model}, LoRA r=16", "data": f"wordnet-phrases: {len(train_rows)} train pairs; "
              f"{opts.eval_pairs} held-out test pairs, reference = the untrained model", "steps": opts.steps,
              "learning_rate": opts.learning_rate, "seeds": opts.seeds, "batch_size": opts.batch_size,
              "rrpo_beta": opts.rrpo_beta}
     result = write_result(results_dir, CLAIM, title="RRPO's α-frontier vs DPO's β's", claim_text=CLAIM_TEXT,
                           command="make experiments CLAIM=rrpo", smoke=opts.smoke, setup=setup, metrics=METRICS,
-                          per_seed=per_seed, outcome=outcome, started=started)
+                          per_seed=per_seed, outcome=outcome_of(per_seed, setup), started=started)
     plot(result, results_dir)
     return result
 

@@ -133,6 +133,21 @@ def arm_metrics(reading: dict, qualities: list[list[int]], scale: str, score_mod
             "score_agreement": statistics.fmean(score_agree), "verdict_agreement": statistics.fmean(verdict_agree)}
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict by the module docstring's rule, from means over seeds (also used by merge.py)."""
+    mean = {arm: {name: statistics.fmean(v) for name, v in metrics.items()} for arm, metrics in per_seed.items()}
+    ours, base = mean[ARMS[2]], mean[ARMS[0]]
+    lower = [name for name in ("score_comparison", "transitivity") if ours[name] < base[name]]
+    agree = all(ours[name] >= base[name] for name in ("score_agreement", "verdict_agreement"))
+    verdict = ("reproduced" if agree and len(lower) == 2 else "partly reproduced" if agree and lower else
+               "not reproduced")
+    return (f"{verdict}: score-comparison inconsistency {base['score_comparison']:.3f} (discrete) vs "
+            f"{ours['score_comparison']:.3f} (TrustJudge), transitivity {base['transitivity']:.3f} vs "
+            f"{ours['transitivity']:.3f}; verdict tie rate {base['verdict_ties']:.2f} vs {ours['verdict_ties']:.2f}; "
+            f"agreement of scores {base['score_agreement']:.3f} vs {ours['score_agreement']:.3f}, of verdicts "
+            f"{base['verdict_agreement']:.3f} vs {ours['verdict_agreement']:.3f} (means over seeds)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the judge (no training)")
@@ -176,17 +191,6 @@ def main(argv: list[str] | None = None) -> dict:
             for name, value in values.items():
                 per_seed[arm][name].append(value)
 
-    mean = {arm: {name: statistics.fmean(v) for name, v in metrics.items()} for arm, metrics in per_seed.items()}
-    ours, base = mean[ARMS[2]], mean[ARMS[0]]
-    lower = [name for name in ("score_comparison", "transitivity") if ours[name] < base[name]]
-    agree = all(ours[name] >= base[name] for name in ("score_agreement", "verdict_agreement"))
-    verdict = ("reproduced" if agree and len(lower) == 2 else "partly reproduced" if agree and lower else
-               "not reproduced")
-    outcome = (f"{verdict}: score-comparison inconsistency {base['score_comparison']:.3f} (discrete) vs "
-               f"{ours['score_comparison']:.3f} (TrustJudge), transitivity {base['transitivity']:.3f} vs "
-               f"{ours['transitivity']:.3f}; verdict tie rate {base['verdict_ties']:.2f} vs {ours['verdict_ties']:.2f}; "
-               f"agreement of scores {base['score_agreement']:.3f} vs {ours['score_agreement']:.3f}, of verdicts "
-               f"{base['verdict_agreement']:.3f} vs {ours['verdict_agreement']:.3f} (means over seeds)")
     setup = {"model": f"{opts.model} as the judge (no training), direct style",
              "data": f"wordnet-definitions test split (definitions of ≥ {MIN_DEFINITION_WORDS} words): {opts.prompts} "
                      "prompts per seed × 5 graded responses (true definition, its first 2/3, its first 1/3, "
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
              "pairs_per_prompt": len(QUALITIES) * (len(QUALITIES) - 1) // 2}
     result = write_result(results_dir, CLAIM, title="TrustJudge: consistency of a small judge", claim_text=CLAIM_TEXT,
                           command="make experiments CLAIM=trustjudge", smoke=opts.smoke, setup=setup,
-                          metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started)
+                          metrics=METRICS, per_seed=per_seed, outcome=outcome_of(per_seed, setup), started=started)
     plot(result, results_dir)
     return result
 
