@@ -199,7 +199,9 @@ def check_schema(result: dict, path: Path, arms: list[str]) -> None:
         seeds = data.get("seeds", result["setup"]["seeds"])
         for metric, values in data["per_seed"].items():
             assert metric in result["metrics"] and len(values) == len(seeds)
-            assert data["summary"][metric]["mean"] == pytest.approx(statistics.fmean(values), rel=1e-5)
+            # the stored values have 6 significant digits: their mean may differ by ~1e-6 of the largest one
+            assert data["summary"][metric]["mean"] == pytest.approx(statistics.fmean(values), rel=1e-5,
+                                                                    abs=1e-6 * max(map(abs, values)))
             assert data["summary"][metric]["min"] == pytest.approx(min(values), rel=1e-5)
 
 
@@ -256,6 +258,43 @@ def test_smoke_pairwise_rl(tmp_path, restore_library_settings):
     for data in result["arms"].values():  # 4 judged prompts, 4 RM test pairs: shares are multiples of 1/4
         for values in data["per_seed"].values():
             assert all(4 * v == round(4 * v) for v in values)
+
+
+def test_d2o_unlikelihood_and_tradeoff_rule_by_hand():
+    import torch
+
+    bench = load("d2o")
+    # p = 0.5 and 0.1 on the two masked tokens (the third is masked out): −(log 0.5 + log 0.9)/2 = 0.399254
+    logps = torch.tensor([[0.5, 0.1, 0.9]], dtype=torch.float64).log()
+    assert bench["unlikelihood_loss"](logps, torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)).item() == \
+        pytest.approx(0.399254, abs=1e-6)
+    # p = 1: 1 − p is clamped at 1e-5, −log 1e-5 = 11.512925
+    assert bench["unlikelihood_loss"](torch.zeros(1, 1), torch.ones(1, 1)).item() == pytest.approx(11.512925, rel=1e-6)
+    # a baseline curve (0, 1) → (−2, 1.2) → (−4, 1.6): at −3 its ratio is 1.4 (half-way on the second segment)
+    base = {"neg_drop": [0.0, -2.0, -4.0], "good_ppl_ratio": [1.0, 1.2, 1.6]}
+    assert bench["ratio_at"](-3.0, base["neg_drop"], base["good_ppl_ratio"]) == pytest.approx(1.4)
+    assert bench["ratio_at"](-5.0, base["neg_drop"], base["good_ppl_ratio"]) is None
+    assert bench["beats"]({"neg_drop": [0.0, -3.0], "good_ppl_ratio": [1.0, 1.3]}, base) == (True, pytest.approx(1.4))
+    assert bench["beats"]({"neg_drop": [0.0, -3.0], "good_ppl_ratio": [1.0, 1.5]}, base)[0] is False
+    # further than the baseline ever went: beats it only at no higher ratio than its end (1.6)
+    assert bench["beats"]({"neg_drop": [0.0, -5.0], "good_ppl_ratio": [1.0, 1.6]}, base) == (True, None)
+    assert bench["beats"]({"neg_drop": [0.0, -5.0], "good_ppl_ratio": [1.0, 1.7]}, base) == (False, None)
+
+
+def test_smoke_d2o(tmp_path, restore_library_settings):
+    bench = load("d2o")
+    result = bench["main"](["--smoke", "--arms", *bench["ARMS"], "--results-dir", str(tmp_path), "--work-dir",
+                            str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["ARMS"]))
+    for arm in bench["ARMS"]:  # step 0 is the reference itself: no drop, perplexity ratio 1, for both seeds
+        curve = result["curves"][arm]
+        assert curve["steps"] == [0, 1, 2] and len(curve["neg_drop"]) == 2
+        assert [run[0] for run in curve["neg_drop"]] == [0.0, 0.0]
+        assert [run[0] for run in curve["good_ppl_ratio"]] == [1.0, 1.0]
+    # with K = 1 and α = β, D²O's loss is DPO's with the anchor as chosen: the two trainers follow the same curve
+    for key in ("neg_drop", "good_drop"):
+        for d2o_run, dpo_run in zip(result["curves"]["D²O K=1"][key], result["curves"]["DPO, one anchor"][key]):
+            assert d2o_run == pytest.approx(dpo_run, rel=1e-3, abs=1e-6)
 
 
 def test_smoke_noisy_pairs(tmp_path, restore_library_settings):

@@ -44,7 +44,7 @@ CLAIMS = [
      "fewer score-comparison and transitivity inconsistencies at equal or better agreement, tie rates reported",
      True),
     ("d2o", "D²O trade-off",
-     "D²O lowers held-out negatives with less loss of the good answers than DPO or unlikelihood", False),
+     "D²O lowers held-out negatives with less loss of the good answers than DPO or unlikelihood", True),
 ]
 
 
@@ -62,6 +62,9 @@ COSTS = {
                    "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
     "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: about "
                   "15 min; 3 seeds ≈ 45 min on one core",
+    "d2o": "per seed: 16 LoRA steps (batch 2) of D²O K=4 (≈ 20 s a step), DPO (≈ 5 s) and unlikelihood (≈ 2 s) on "
+           "SmolLM2, 12 held-out evaluations (≈ 20 s each) and 4 anchors for 32 prompts (≈ 100 s): measured ≈ 13 min "
+           "on one core; 3 seeds ≈ 40 min",
     "noisy_pairs": "days of CPU (see docs/methods/noisy_pairs.md): a GPU job; one cell with `--flip-rates 0.2 "
                    "--train-samples 200` is hours",
 }
