@@ -305,3 +305,14 @@ def test_smoke_noisy_pairs(tmp_path, restore_library_settings):
     assert result["setup"]["steps"] == 2 * (16 // 4)  # epochs × batches of the 1-pair data, every arm
     for arm in ("dbpm", "pld", "audit"):
         assert set(result["arms"][bench["dpo_arm"](arm, 0.25)]["per_seed"]) == {"accuracy", "precision", "recall", "f1"}
+
+
+def test_smoke_noisy_pairs_reward_part_alone(tmp_path, restore_library_settings):
+    bench = load("noisy_pairs")
+    result = bench["main"](["--smoke", "--parts", "reward", "--results-dir", str(tmp_path), "--work-dir",
+                            str(tmp_path / "runs")])
+    check_schema(result, tmp_path, list(bench["REWARD_ARMS"]))  # no DPO arm
+    setup = result["setup"]
+    assert setup["seeds"] == [0] and setup["steps"] == 2 and setup["flip_rates"] == []  # the reward runs' own
+    assert setup["learning_rate"] == setup["reward_learning_rate"] == 5e-5  # recipes/configs/reward_wintie.yaml
+    assert "DPO remedies were not run" in result["outcome"]

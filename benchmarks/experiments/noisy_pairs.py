@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/experiments/noisy_pairs.py --smoke     # tiny random models: plumbing only
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/experiments/noisy_pairs.py --seeds 0 1 2 --flip-rates 0.2 \
         --train-samples 200                                                     # one cell over 3 seeds
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/experiments/noisy_pairs.py --parts reward
+                                                                                # the reward models only, 5 seeds
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/experiments/noisy_pairs.py  # the full study: a GPU job
 
 Cost: a LoRA DPO step on the embedded SmolLM2 (8 pairs, definitions of ~60 tokens) measured ~48 s on one busy CPU
@@ -126,8 +128,9 @@ def mined_flags(arm: str, trainer: PackedDPOTrainer, size: int, groups: list[int
     return [p < 0.5 / sizes[g] for p, g in zip(probs, groups)]
 
 
-def reward_auc(arm: str, seed: int, opts, out: Path, test_items: Dataset) -> float:
-    """Train a reward model with the win-tie recipe, then its AUC over the test items."""
+def reward_auc(arm: str, seed: int, opts, out: Path, test_items: Dataset) -> tuple[float, float]:
+    """Train a reward model with the win-tie recipe (its config's defaults), then its AUC over the test items;
+    returns (AUC, the learning rate the recipe trained with)."""
     recipe = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
     set_seed(seed)  # the reward head is initialised when the recipe loads the model, before its own seeding
     trainer = recipe(["--model_name_or_path", opts.reward_model, "--output_dir", str(out), "--max_steps",
@@ -137,7 +140,7 @@ def reward_auc(arm: str, seed: int, opts, out: Path, test_items: Dataset) -> flo
         output_dir=str(out / "auc"), loss_type="mann_whitney", report_to=[], per_device_eval_batch_size=32,
         use_cpu=not torch.cuda.is_available(), bf16=False, max_length=opts.max_length),
         train_dataset=test_items, processing_class=load_processing_class(opts.reward_model))
-    return scorer.evaluate(eval_dataset=test_items)["eval_auc"]
+    return scorer.evaluate(eval_dataset=test_items)["eval_auc"], trainer.args.learning_rate
 
 
 def dpo_arm(arm: str, rate: float) -> str:
@@ -149,7 +152,7 @@ def plot(result: dict, results_dir: Path) -> Path:
     """Held-out accuracy per DPO remedy against the flip rate (mean, min–max bars), and reward-model AUC per arm."""
     fig, (left, right) = new_figure(2)
     rates = result["setup"]["flip_rates"]
-    for arm in DPO_ARMS:
+    for arm in DPO_ARMS if rates else []:
         summaries = [result["arms"][dpo_arm(arm, r)]["summary"]["accuracy"] for r in rates]
         means = [s["mean"] for s in summaries]
         left.errorbar(rates, means, yerr=[[m - s["min"] for m, s in zip(means, summaries)],
@@ -157,10 +160,15 @@ def plot(result: dict, results_dir: Path) -> Path:
                       marker="o", markersize=3, capsize=2, label=arm)
     left.set(xlabel="fraction of training pairs flipped", ylabel="held-out preference accuracy",
              title="DPO remedies (mean, min–max over seeds)")
-    left.legend(fontsize=7)
-    names = list(REWARD_ARMS)
-    right.boxplot([result["arms"][name]["per_seed"]["auc"] for name in names])
-    right.set_xticks(range(1, len(names) + 1), names, fontsize=7)
+    names = [name for name in REWARD_ARMS if name in result["arms"]]
+    for ax, shown in ((left, rates), (right, names)):
+        if not shown:
+            ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+    if rates:
+        left.legend(fontsize=7)
+    if names:
+        right.boxplot([result["arms"][name]["per_seed"]["auc"] for name in names])
+        right.set_xticks(range(1, len(names) + 1), names, fontsize=7)
     right.set(ylabel="test-item AUC", title="reward models")
     return save_figure(fig, results_dir, CLAIM)
 
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--reward-steps", type=int, default=100)
+    parser.add_argument("--parts", nargs="+", choices=("dpo", "reward"), default=["dpo", "reward"],
+                        help="run the DPO remedies (days of CPU), the reward models (about 30 CPU-minutes), or both")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.model, opts.reward_model = "tiny-causal-lm", "tiny-causal-lm"
@@ -194,8 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     train = data["train"].select(range(opts.train_samples)).select_columns(["prompt", "chosen", "rejected"])
     test = data["test"].select(range(opts.test_samples)).select_columns(["prompt", "chosen", "rejected"])
     steps = opts.epochs * (len(train) // opts.batch_size)
-    per_seed = {dpo_arm(arm, rate): {"accuracy": []} for rate in opts.flip_rates for arm in DPO_ARMS}
-    for seed in opts.seeds:
+    per_seed = {dpo_arm(arm, rate): {"accuracy": []} for rate in opts.flip_rates for arm in DPO_ARMS
+                if "dpo" in opts.parts}
+    for seed in opts.seeds if "dpo" in opts.parts else []:
         for rate in opts.flip_rates:
             noisy, truth = flip_pairs(train, rate, seed)
             triples, triple_truth = flip_pairs(three_pairs_per_prompt(train, seed), rate, seed)
@@ -225,10 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
                 print(json.dumps({"arm": arm, "flip_rate": rate, "seed": seed, "accuracy": accuracy, "flags": flags}),
                       flush=True)
     test_items = items_from_preference_pairs(test, as_text=opts.reward_model == "minilm-l6")
-    for arm in REWARD_ARMS:
+    reward_lr = None
+    for arm in REWARD_ARMS if "reward" in opts.parts else []:
         per_seed[arm] = {"auc": []}
         for seed in opts.reward_seeds:
-            auc = reward_auc(arm, seed, opts, work / f"rm-{arm[:2]}-{seed}", test_items)
+            auc, reward_lr = reward_auc(arm, seed, opts, work / f"rm-{arm[:2]}-{seed}", test_items)
             per_seed[arm]["auc"].append(auc)
             print(json.dumps({"arm": arm, "seed": seed, "auc": auc}), flush=True)
 
@@ -237,19 +249,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     at20 = 0.2 if 0.2 in opts.flip_rates else opts.flip_rates[-1]
     clean = mean(dpo_arm("dpo", 0.0), "accuracy") if 0.0 in opts.flip_rates else float("nan")
-    outcome = (f"measured at {at20:.0%} flips: flag F1 " + ", ".join(
-        f"{arm} {mean(dpo_arm(arm, at20), 'f1'):.2f}" for arm in ("dbpm", "pld", "audit")) + "; accuracy " + ", ".join(
-        f"{arm} {mean(dpo_arm(arm, at20), 'accuracy'):.3f}" for arm in DPO_ARMS) + f" (clean DPO {clean:.3f}); AUC "
-        + ", ".join(f"{arm} {mean(arm, 'auc'):.3f}" for arm in REWARD_ARMS) + " (means over seeds)")
-    setup = {"model": f"{opts.model}, LoRA r=8 (reward models: {opts.reward_model}, full fine-tuning)",
-             "data": f"wordnet-definitions: {opts.train_samples} train pairs, flipped at random per seed; "
-             f"{opts.test_samples} clean test pairs", "steps": steps, "learning_rate": opts.learning_rate,
-             "seeds": opts.seeds, "flip_rates": opts.flip_rates, "reward_steps": opts.reward_steps,
-             "batch_size": opts.batch_size, "beta": opts.beta, "mining_warmup_epochs": opts.warmup}
+    found = []
+    if "dpo" in opts.parts:
+        found.append(f"at {at20:.0%} flips: flag F1 " + ", ".join(
+            f"{arm} {mean(dpo_arm(arm, at20), 'f1'):.2f}" for arm in ("dbpm", "pld", "audit")) + "; accuracy "
+            + ", ".join(f"{arm} {mean(dpo_arm(arm, at20), 'accuracy'):.3f}" for arm in DPO_ARMS)
+            + f" (clean DPO {clean:.3f})")
+    else:
+        found.append("the DPO remedies were not run (--parts reward)")
+    if "reward" in opts.parts:
+        found.append("AUC " + ", ".join(f"{arm} {mean(arm, 'auc'):.3f}" for arm in REWARD_ARMS))
+    else:
+        found.append("the reward models were not run (--parts dpo)")
+    outcome = "measured " + "; ".join(found) + " (means over seeds)"
+    dpo_run = "dpo" in opts.parts
+    setup = {"model": (f"{opts.model}, LoRA r=8; " if dpo_run else "")
+             + f"reward models: {opts.reward_model}, full fine-tuning",
+             "data": f"wordnet-definitions: {opts.train_samples} train pairs"
+             + (", flipped at random per seed" if dpo_run else " (clean, as cross-prompt items or pairs)")
+             + f"; {opts.test_samples} clean test pairs",
+             "steps": steps if dpo_run else opts.reward_steps,
+             "learning_rate": opts.learning_rate if dpo_run else reward_lr,
+             "seeds": opts.seeds if dpo_run else opts.reward_seeds, "parts": opts.parts,
+             "flip_rates": opts.flip_rates if dpo_run else [], "reward_steps": opts.reward_steps,
+             "reward_learning_rate": reward_lr}
+    if dpo_run:
+        setup.update(batch_size=opts.batch_size, beta=opts.beta, mining_warmup_epochs=opts.warmup)
     result = write_result(results_dir, CLAIM, title="Noisy preference pairs", claim_text=CLAIM_TEXT,
                           command="make experiments CLAIM=noisy_pairs", smoke=opts.smoke, setup=setup,
                           metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started,
-                          arm_seeds={arm: opts.reward_seeds for arm in REWARD_ARMS})
+                          arm_seeds={arm: opts.reward_seeds for arm in REWARD_ARMS if dpo_run and arm in per_seed})
     plot(result, results_dir)
     return result
 
