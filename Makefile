@@ -35,8 +35,8 @@ lint: install
 	$(VENV)/bin/ruff check prefalign data_builders recipes benchmarks tests
 
 # The claim experiments (benchmarks/experiments/): every claim, hours on 2 CPU cores, or one with CLAIM=<name>
-# (wintie, delta, entanglement, rrpo, pairwise_rl, noisy_pairs); then docs/results.md's experiments section is regenerated from the JSON.
-EXPERIMENTS := wintie delta entanglement rrpo pairwise_rl noisy_pairs
+# (wintie, delta, entanglement, rrpo, pairwise_rl, trustjudge, d2o, noisy_pairs); then docs/results.md's experiments section is regenerated from the JSON.
+EXPERIMENTS := wintie delta entanglement rrpo pairwise_rl trustjudge d2o noisy_pairs
 CLAIM ?= $(EXPERIMENTS)
 
 .PHONY: experiments
