@@ -152,6 +152,9 @@ def test_outcome_rules_by_hand():
     assert tj["outcome_of"]({**arms, "TrustJudge + likelihood": worse}, {}).startswith("not reproduced")
     one = {**better, "transitivity": [0.1, 0.1]}  # equal transitivity: only one rate lower
     assert tj["outcome_of"]({**arms, "TrustJudge + likelihood": one}, {}).startswith("partly reproduced")
+    all_ties = {**base, "verdict_ties": [1.0, 0.9]}  # mean 0.95: the discrete judge's rates are vacuous
+    text = tj["outcome_of"]({**arms, "discrete 5-pt + baseline": all_ties, "TrustJudge + likelihood": better}, {})
+    assert text.startswith("untestable") and "score-comparison inconsistency 0.100 vs 0.300" in text
     delta = load("delta")
     sft, dpo = delta["ARMS"]
     values = lambda final: {"warm_mean": [2.5, 2.9], "final_mean": final}  # noqa: E731
@@ -169,6 +172,8 @@ def test_smoke_trustjudge(tmp_path, restore_library_settings):
     arms = result["arms"]
     for metric in ("transitivity", "verdict_ties", "verdict_agreement"):
         assert arms["discrete 5-pt + baseline"]["per_seed"][metric] == arms["G-Eval 5-pt + baseline"]["per_seed"][metric]
+        assert (arms["discrete 100-pt + likelihood"]["per_seed"][metric]
+                == arms["TrustJudge + likelihood"]["per_seed"][metric])
     for metric in ("score_ties", "score_agreement"):
         assert arms["TrustJudge + likelihood"]["per_seed"][metric] == arms["TrustJudge + PPL"]["per_seed"][metric]
     assert result["setup"]["pairs_per_prompt"] == 10

@@ -18,6 +18,8 @@ scale, and every pair of a prompt's responses in both presentation orders, once;
 these same readings, so arms differ only in how the judge's probabilities become scores and verdicts:
     discrete 5-pt + baseline    the usual judge: top-1 score; each order's top-1 verdict, disagreement → tie
     G-Eval 5-pt + baseline      Σ s·p(s) over the raw 5-point probabilities; baseline verdicts
+    discrete 100-pt + likelihood  top-1 score on 1..100; verdicts merged over both orders (TrustJudge's verdicts
+                                with a discrete score: isolates what the expected score does)
     TrustJudge + likelihood     expected score on 1..100 (renormalised); verdicts merged over both orders
     TrustJudge + PPL            expected score on 1..100; the lower-perplexity order's verdict
 Metrics per arm (rates over all candidate pairs or triples of all prompts, `prefalign.judges.ConsistencyReport`):
@@ -25,9 +27,12 @@ score-comparison inconsistency, transitivity inconsistency, the tie rates of sco
 everything has no inconsistency), and the agreement of scores and of verdicts with the known order (per pair: 1 when
 they order it as known, ½ for a tie, 0 when reversed).
 
-Outcome rule: "reproduced" when TrustJudge + likelihood has lower score-comparison AND lower transitivity
-inconsistency than the discrete judge, and score and verdict agreement no lower (means over seeds); "partly" when
-one of the two rates is lower at no lower agreement; otherwise "not reproduced".
+Outcome rule (means over seeds): "reproduced" when TrustJudge + likelihood has lower score-comparison AND lower
+transitivity inconsistency than the discrete 5-point judge, and score and verdict agreement no lower; "partly" when
+one of the two rates is lower at no lower agreement; otherwise "not reproduced". When the discrete judge calls at
+least 95% of the pairs a tie, its rates are vacuous (nothing left to contradict) and the verdict is "untestable
+against the discrete judge"; the outcome then also gives the matched comparison, expected against top-1 scores at
+the same likelihood verdicts.
 """
 
 from __future__ import annotations
@@ -46,10 +51,13 @@ CLAIM = "trustjudge"
 CLAIM_TEXT = ("TrustJudge's expected scores with likelihood-merged verdicts have fewer score-comparison and "
               "transitivity inconsistencies than a discrete judge, at equal or better agreement with the known "
               "quality order (tie rates reported beside them)")
-ARMS = ("discrete 5-pt + baseline", "G-Eval 5-pt + baseline", "TrustJudge + likelihood", "TrustJudge + PPL")
+ARMS = ("discrete 5-pt + baseline", "G-Eval 5-pt + baseline", "discrete 100-pt + likelihood", "TrustJudge + likelihood",
+        "TrustJudge + PPL")
 # arm → (score scale, score mode, verdict aggregation)
 ARM_RULES = {ARMS[0]: ("5", "discrete", "baseline"), ARMS[1]: ("5", "geval", "baseline"),
-             ARMS[2]: ("100", "expected", "likelihood"), ARMS[3]: ("100", "expected", "ppl")}
+             ARMS[2]: ("100", "discrete", "likelihood"), ARMS[3]: ("100", "expected", "likelihood"),
+             ARMS[4]: ("100", "expected", "ppl")}
+VACUOUS_TIES = 0.95  # a judge tying this share of pairs has (almost) nothing left to contradict
 METRICS = {"score_comparison": "score-comparison inconsistency", "transitivity": "transitivity inconsistency",
            "score_ties": "score tie rate", "verdict_ties": "verdict tie rate",
            "score_agreement": "score agreement with quality order",
@@ -136,16 +144,23 @@ def arm_metrics(reading: dict, qualities: list[list[int]], scale: str, score_mod
 def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
     """The claim's verdict by the module docstring's rule, from means over seeds (also used by merge.py)."""
     mean = {arm: {name: statistics.fmean(v) for name, v in metrics.items()} for arm, metrics in per_seed.items()}
-    ours, base = mean[ARMS[2]], mean[ARMS[0]]
+    base, matched, ours = mean[ARMS[0]], mean[ARMS[2]], mean[ARMS[3]]
     lower = [name for name in ("score_comparison", "transitivity") if ours[name] < base[name]]
     agree = all(ours[name] >= base[name] for name in ("score_agreement", "verdict_agreement"))
-    verdict = ("reproduced" if agree and len(lower) == 2 else "partly reproduced" if agree and lower else
-               "not reproduced")
-    return (f"{verdict}: score-comparison inconsistency {base['score_comparison']:.3f} (discrete) vs "
+    vacuous = base["verdict_ties"] >= VACUOUS_TIES
+    verdict = ("untestable against the discrete judge" if vacuous else "reproduced" if agree and len(lower) == 2
+               else "partly reproduced" if agree and lower else "not reproduced")
+    text = (f"{verdict}: score-comparison inconsistency {base['score_comparison']:.3f} (discrete 5-pt) vs "
             f"{ours['score_comparison']:.3f} (TrustJudge), transitivity {base['transitivity']:.3f} vs "
             f"{ours['transitivity']:.3f}; verdict tie rate {base['verdict_ties']:.2f} vs {ours['verdict_ties']:.2f}; "
             f"agreement of scores {base['score_agreement']:.3f} vs {ours['score_agreement']:.3f}, of verdicts "
-            f"{base['verdict_agreement']:.3f} vs {ours['verdict_agreement']:.3f} (means over seeds)")
+            f"{base['verdict_agreement']:.3f} vs {ours['verdict_agreement']:.3f}")
+    if vacuous:
+        text += (f" (the discrete judge ties {base['verdict_ties']:.0%} of pairs, so its rates are vacuous). At the "
+                 f"same likelihood verdicts, expected vs top-1 100-point scores: score-comparison inconsistency "
+                 f"{ours['score_comparison']:.3f} vs {matched['score_comparison']:.3f}, score agreement "
+                 f"{ours['score_agreement']:.3f} vs {matched['score_agreement']:.3f}")
+    return text + " (means over seeds)"
 
 
 def main(argv: list[str] | None = None) -> dict:
