@@ -23,8 +23,9 @@ same data, seed and number of optimizer steps (`--epochs` passes over the 1-pair
 Reported: held-out preference accuracy (implicit reward of the true definition above another word's) on the clean
 test split; for the mining arms, precision / recall / F1 of the flagged pairs against the true flips (DBPM and
 audit: `faulty`/`suspect` flags; PLD: pairs whose final PLD probability is below half their prompt's uniform share).
-Reward models: MiniLM trained at equal steps with the Mann–Whitney loss on single items, Bradley–Terry on
-cross-prompt pairs, and win-tie (half ties), AUC over the test split's items, one run per seed.
+Reward models: MiniLM trained at equal steps with the Mann–Whitney loss on single items (batches of 8 items, and of
+16 so that a step sees as many items as a batch of 8 pairs), Bradley–Terry on cross-prompt pairs, and win-tie (half
+ties), AUC over the test split's items, one run per seed.
 Writes benchmarks/experiments/results/noisy_pairs.json and .png (benchmarks/experiments/common.py's schema: one arm
 per DPO remedy and flip rate, one per reward model).
 
@@ -63,7 +64,11 @@ CLAIM_TEXT = ("at 20% flipped pairs, the mining methods flag the flips with F1 �
 METRICS = {"accuracy": "held-out pref. acc.", "precision": "flag precision", "recall": "flag recall",
            "f1": "flag F1", "auc": "test-item AUC"}
 DPO_ARMS = ("dpo", "dpo_ls0.2", "robust", "dbpm", "pld", "audit")
+# At equal steps a batch holds 8 items for the MW loss but 8 pairs (16 items) for BT and win-tie (the recipe's batch
+# of 8): "MW (items, batch 16)" sees as many items per step as they do.
 REWARD_ARMS = {"MW (items)": ["--loss_type", "mann_whitney", "--margin", "0"],
+               "MW (items, batch 16)": ["--loss_type", "mann_whitney", "--margin", "0",
+                                        "--per_device_train_batch_size", "16"],
                "BT (cross-prompt)": ["--tie_ratio", "0", "--margin", "0"],
                "win-tie": ["--tie_ratio", "0.5", "--margin", "0"]}
 
