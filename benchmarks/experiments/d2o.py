@@ -312,14 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     means = {arm: mean_curve(curves[arm]) for arm in arms}
     d2o = means["D²O K=4"]
-    won = {base: beats(d2o, means[base]) for base in ("DPO, one anchor", "unlikelihood")}
-    wins = [base for base, (beat, _) in won.items() if beat]
+    won = {baseline: beats(d2o, means[baseline]) for baseline in ("DPO, one anchor", "unlikelihood")}
+    wins = [baseline for baseline, (beat, _) in won.items() if beat]
     verdict = ("not reproduced (D²O K=4 did not lower the negatives)" if d2o["neg_drop"][-1] >= 0 else
                "reproduced" if len(wins) == 2 else "partly reproduced" if wins else "not reproduced")
     finals = ", ".join(f"{arm} {means[arm]['neg_drop'][-1]:+.2f} nats at × {means[arm]['good_ppl_ratio'][-1]:.3f}"
                        for arm in arms)
-    matched = "; ".join(f"{base} at that drop: " + ("never reached" if at is None else f"× {at:.3f}")
-                        for base, (_, at) in won.items())
+    matched = "; ".join(f"{baseline} at that drop: " + ("never reached" if at is None else f"× {at:.3f}")
+                        for baseline, (_, at) in won.items())
     outcome = (f"{verdict}: final negatives Δ log π and good-answer perplexity ratio (means over seeds): {finals}; "
                f"{matched}")
     setup = {"model": f"{opts.model}, LoRA r=16 on all linear layers, float32", "data": f"wordnet-definitions: "
