@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.smoke:
         opts.model, opts.train_prompts, opts.eval_prompts, opts.steps, opts.batch_size = "tiny-causal-lm", 4, 4, 2, 2
         opts.eval_every, opts.anchor_max_new_tokens = 1, 8
+    if min(opts.steps, opts.eval_every, opts.batch_size) < 1:
+        parser.error("--steps, --eval-every and --batch-size must be ≥ 1")
     if opts.num_anchors != 4:
         parser.error("--num-anchors: the arms are D²O K=1 and K=4, so 4 anchors are sampled per prompt")
     if not set(DEFAULT_ARMS) <= set(opts.arms):

@@ -9,7 +9,7 @@
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/experiments/noisy_pairs.py  # the full study: a GPU job
 
 Cost: a LoRA DPO step on the embedded SmolLM2 (8 pairs, definitions of ~60 tokens) measured ~48 s on one busy CPU
-thread, so the full study (3 seeds × 3 flip rates × 6 arms + 9 audit probes, 200 steps each, plus 15 MiniLM reward
+thread, so the full study (3 seeds × 3 flip rates × 6 arms + 9 audit probes, 200 steps each, plus 20 MiniLM reward
 runs) is days of CPU; the one-cell command above is 7 runs of 100 steps, about 9–10 hours at that speed.
 
 Data: the embedded `wordnet-definitions` train split (true definition chosen, another word's rejected), with 0%,
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import runpy
 import statistics
 import sys
@@ -71,6 +72,10 @@ REWARD_ARMS = {"MW (items)": ["--loss_type", "mann_whitney", "--margin", "0"],
                                         "--per_device_train_batch_size", "16"],
                "BT (cross-prompt)": ["--tie_ratio", "0", "--margin", "0"],
                "win-tie": ["--tie_ratio", "0.5", "--margin", "0"]}
+
+
+PART_OPTIONS = {"dpo": ("seeds", "model", "flip_rates", "epochs", "warmup", "batch_size", "learning_rate", "beta"),
+                "reward": ("reward_model", "reward_seeds", "reward_steps")}
 
 
 def flip_pairs(pairs: Dataset, fraction: float, seed: int) -> tuple[Dataset, list[bool]]:
@@ -194,8 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--reward-steps", type=int, default=100)
     parser.add_argument("--parts", nargs="+", choices=("dpo", "reward"), default=["dpo", "reward"],
-                        help="run the DPO remedies (days of CPU), the reward models (about 30 CPU-minutes), or both")
+                        help="run the DPO remedies (days of CPU), the reward models (20 MiniLM runs: about an hour "
+                             "of one CPU core), or both")
     opts = parser.parse_args(argv)
+    for part, names in PART_OPTIONS.items():  # an option of a part that does not run would be silently ignored
+        given = [name for name in names if getattr(opts, name) != parser.get_default(name)]
+        if part not in opts.parts and given:
+            parser.error(f"--parts {' '.join(opts.parts)}: " + ", ".join("--" + n.replace("_", "-") for n in given)
+                         + f" only set(s) the {part} part, which is not run")
     if opts.smoke:
         opts.model, opts.reward_model = "tiny-causal-lm", "tiny-causal-lm"
         opts.train_samples, opts.test_samples, opts.flip_rates = 16, 8, [0.25]
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm in REWARD_ARMS if "reward" in opts.parts else []:
         per_seed[arm] = {"auc": []}
         for seed in opts.reward_seeds:
-            auc, reward_lr = reward_auc(arm, seed, opts, work / f"rm-{arm[:2]}-{seed}", test_items)
+            auc, reward_lr = reward_auc(arm, seed, opts, work / f"rm-{re.sub(r'[^A-Za-z0-9]+', '_', arm)}-{seed}", test_items)
             per_seed[arm]["auc"].append(auc)
             print(json.dumps({"arm": arm, "seed": seed, "auc": auc}), flush=True)
 
@@ -268,16 +279,18 @@ def main(argv: list[str] | None = None) -> dict:
         found.append("the reward models were not run (--parts dpo)")
     outcome = "measured " + "; ".join(found) + " (means over seeds)"
     dpo_run = "dpo" in opts.parts
-    setup = {"model": (f"{opts.model}, LoRA r=8; " if dpo_run else "")
-             + f"reward models: {opts.reward_model}, full fine-tuning",
+    setup = {"model": "; ".join(([f"{opts.model}, LoRA r=8"] if dpo_run else [])
+                                + ([f"reward models: {opts.reward_model}, full fine-tuning"]
+                                   if "reward" in opts.parts else [])),
              "data": f"wordnet-definitions: {opts.train_samples} train pairs"
              + (", flipped at random per seed" if dpo_run else " (clean, as cross-prompt items or pairs)")
              + f"; {opts.test_samples} clean test pairs",
              "steps": steps if dpo_run else opts.reward_steps,
              "learning_rate": opts.learning_rate if dpo_run else reward_lr,
              "seeds": opts.seeds if dpo_run else opts.reward_seeds, "parts": opts.parts,
-             "flip_rates": opts.flip_rates if dpo_run else [], "reward_steps": opts.reward_steps,
-             "reward_learning_rate": reward_lr}
+             "flip_rates": opts.flip_rates if dpo_run else []}
+    if "reward" in opts.parts:
+        setup.update(reward_steps=opts.reward_steps, reward_learning_rate=reward_lr)
     if dpo_run:
         setup.update(batch_size=opts.batch_size, beta=opts.beta, mining_warmup_epochs=opts.warmup)
     result = write_result(results_dir, CLAIM, title="Noisy preference pairs", claim_text=CLAIM_TEXT,

@@ -29,10 +29,10 @@ they order it as known, ½ for a tie, 0 when reversed).
 
 Outcome rule (means over seeds): "reproduced" when TrustJudge + likelihood has lower score-comparison AND lower
 transitivity inconsistency than the discrete 5-point judge, and score and verdict agreement no lower; "partly" when
-one of the two rates is lower at no lower agreement; otherwise "not reproduced". When the discrete judge calls at
-least 95% of the pairs a tie, its rates are vacuous (nothing left to contradict) and the verdict is "untestable
-against the discrete judge"; the outcome then also gives the matched comparison, expected against top-1 scores at
-the same likelihood verdicts.
+one of the two rates is lower at no lower agreement; otherwise "not reproduced". When the discrete judge gives at
+least 95% of the pairs equal scores or a tie verdict, its rates are vacuous (a pair can only contradict with a strict
+score order and a strict verdict) and the verdict is "untestable against the discrete judge"; the outcome then also
+gives the matched comparison, expected against top-1 scores at the same likelihood verdicts.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def order_agreement(values: dict[tuple[int, int], int], qualities: list[int]) ->
 
 
 def sign(x: float) -> int:
+    """+1, 0 or −1: the sign of ``x``."""
     return (x > 0) - (x < 0)
 
 
@@ -101,7 +102,7 @@ def read_judge(model, tokenizer, prompts: list, candidate_sets: list[list[str]],
     verdicts = judges["100"].compare_pairs([p for p in prompts for _ in pairs],
                                            [cands[i] for cands in candidate_sets for i, _ in pairs],
                                            [cands[j] for cands in candidate_sets for _, j in pairs])
-    return {"judges": judges, "probs": probs, "pairs": pairs, "verdicts": verdicts}
+    return {"probs": probs, "pairs": pairs, "verdicts": verdicts}
 
 
 def arm_metrics(reading: dict, qualities: list[list[int]], scale: str, score_mode: str, aggregation: str) -> dict:
@@ -147,16 +148,17 @@ def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
     base, matched, ours = mean[ARMS[0]], mean[ARMS[2]], mean[ARMS[3]]
     lower = [name for name in ("score_comparison", "transitivity") if ours[name] < base[name]]
     agree = all(ours[name] >= base[name] for name in ("score_agreement", "verdict_agreement"))
-    vacuous = base["verdict_ties"] >= VACUOUS_TIES
+    vacuous = max(base["score_ties"], base["verdict_ties"]) >= VACUOUS_TIES
     verdict = ("untestable against the discrete judge" if vacuous else "reproduced" if agree and len(lower) == 2
                else "partly reproduced" if agree and lower else "not reproduced")
     text = (f"{verdict}: score-comparison inconsistency {base['score_comparison']:.3f} (discrete 5-pt) vs "
             f"{ours['score_comparison']:.3f} (TrustJudge), transitivity {base['transitivity']:.3f} vs "
-            f"{ours['transitivity']:.3f}; verdict tie rate {base['verdict_ties']:.2f} vs {ours['verdict_ties']:.2f}; "
+            f"{ours['transitivity']:.3f}; tie rates of scores {base['score_ties']:.2f} vs {ours['score_ties']:.2f}, "
+            f"of verdicts {base['verdict_ties']:.2f} vs {ours['verdict_ties']:.2f}; "
             f"agreement of scores {base['score_agreement']:.3f} vs {ours['score_agreement']:.3f}, of verdicts "
             f"{base['verdict_agreement']:.3f} vs {ours['verdict_agreement']:.3f}")
     if vacuous:
-        text += (f" (the discrete judge ties {base['verdict_ties']:.0%} of pairs, so its rates are vacuous). At the "
+        text += (" (the discrete judge ties nearly every pair, so its rates are vacuous). At the "
                  f"same likelihood verdicts, expected vs top-1 100-point scores: score-comparison inconsistency "
                  f"{ours['score_comparison']:.3f} vs {matched['score_comparison']:.3f}, score agreement "
                  f"{ours['score_agreement']:.3f} vs {matched['score_agreement']:.3f}")
