@@ -369,7 +369,7 @@ def test_smoke_noisy_pairs_reward_part_alone(tmp_path, restore_library_settings)
     setup = result["setup"]
     assert setup["seeds"] == [0] and setup["steps"] == 2 and setup["flip_rates"] == []  # the reward runs' own
     assert setup["learning_rate"] == setup["reward_learning_rate"] == 5e-5  # recipes/configs/reward_wintie.yaml
-    assert "DPO remedies were not run" in result["outcome"]
+    assert "DPO remedies not run (--parts reward)" in result["outcome"]
 
 
 def test_noisy_pairs_refuses_options_of_a_part_not_run(capsys):

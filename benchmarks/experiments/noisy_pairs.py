@@ -178,9 +178,33 @@ def plot(result: dict, results_dir: Path) -> Path:
         left.legend(fontsize=7)
     if names:
         right.boxplot([result["arms"][name]["per_seed"]["auc"] for name in names])
-        right.set_xticks(range(1, len(names) + 1), names, fontsize=7)
+        right.set_xticks(range(1, len(names) + 1), [name.replace(" (", "\n(") for name in names], fontsize=6)
     right.set(ylabel="test-item AUC", title="reward models")
     return save_figure(fig, results_dir, CLAIM)
+
+
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """What was measured, from means over seeds: at 20% flips (or the highest rate) the mining arms' flag F1 and
+    every remedy's accuracy against clean DPO, and the reward models' AUC; a part not run says so (also used by
+    merge.py)."""
+    def mean(arm: str, key: str) -> float:
+        return statistics.fmean(per_seed[arm][key]) if per_seed.get(arm, {}).get(key) else float("nan")
+
+    rates = setup["flip_rates"]
+    found = []
+    if rates:
+        at20 = 0.2 if 0.2 in rates else rates[-1]
+        clean = mean(dpo_arm("dpo", 0.0), "accuracy") if 0.0 in rates else float("nan")
+        found.append(f"at {at20:.0%} flips: flag F1 " + ", ".join(
+            f"{arm} {mean(dpo_arm(arm, at20), 'f1'):.2f}" for arm in ("dbpm", "pld", "audit")) + "; accuracy "
+            + ", ".join(f"{arm} {mean(dpo_arm(arm, at20), 'accuracy'):.3f}" for arm in DPO_ARMS)
+            + f" (clean DPO {clean:.3f})")
+    else:
+        found.append("DPO remedies not run (--parts reward)")
+    rewards = [arm for arm in REWARD_ARMS if arm in per_seed]
+    found.append("reward models' test-item AUC " + ", ".join(f"{arm} {mean(arm, 'auc'):.3f}" for arm in rewards)
+                 if rewards else "reward models not run (--parts dpo)")
+    return "; ".join(found) + " (means over seeds)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,24 +284,6 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed[arm]["auc"].append(auc)
             print(json.dumps({"arm": arm, "seed": seed, "auc": auc}), flush=True)
 
-    def mean(arm: str, key: str) -> float:
-        return statistics.fmean(per_seed[arm][key]) if per_seed.get(arm, {}).get(key) else float("nan")
-
-    at20 = 0.2 if 0.2 in opts.flip_rates else opts.flip_rates[-1]
-    clean = mean(dpo_arm("dpo", 0.0), "accuracy") if 0.0 in opts.flip_rates else float("nan")
-    found = []
-    if "dpo" in opts.parts:
-        found.append(f"at {at20:.0%} flips: flag F1 " + ", ".join(
-            f"{arm} {mean(dpo_arm(arm, at20), 'f1'):.2f}" for arm in ("dbpm", "pld", "audit")) + "; accuracy "
-            + ", ".join(f"{arm} {mean(dpo_arm(arm, at20), 'accuracy'):.3f}" for arm in DPO_ARMS)
-            + f" (clean DPO {clean:.3f})")
-    else:
-        found.append("the DPO remedies were not run (--parts reward)")
-    if "reward" in opts.parts:
-        found.append("AUC " + ", ".join(f"{arm} {mean(arm, 'auc'):.3f}" for arm in REWARD_ARMS))
-    else:
-        found.append("the reward models were not run (--parts dpo)")
-    outcome = "measured " + "; ".join(found) + " (means over seeds)"
     dpo_run = "dpo" in opts.parts
     setup = {"model": "; ".join(([f"{opts.model}, LoRA r=8"] if dpo_run else [])
                                 + ([f"reward models: {opts.reward_model}, full fine-tuning"]
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         setup.update(batch_size=opts.batch_size, beta=opts.beta, mining_warmup_epochs=opts.warmup)
     result = write_result(results_dir, CLAIM, title="Noisy preference pairs", claim_text=CLAIM_TEXT,
                           command="make experiments CLAIM=noisy_pairs", smoke=opts.smoke, setup=setup,
-                          metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started,
+                          metrics=METRICS, per_seed=per_seed, outcome=outcome_of(per_seed, setup), started=started,
                           arm_seeds={arm: opts.reward_seeds for arm in REWARD_ARMS if dpo_run and arm in per_seed})
     plot(result, results_dir)
     return result
