@@ -60,8 +60,8 @@ COSTS = {
     "rrpo": "7 arms × 3 seeds × 80 LoRA steps on SmolLM2 plus 100 held-out pairs each: about 4–5 h on CPU",
     "pairwise_rl": "per seed: 2 RM runs of 40 LoRA steps (batch 8) and 2 policy runs of 24 steps × 8 samples of 48 "
                    "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
-    "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: about "
-                  "15 min; 3 seeds ≈ 45 min on one core",
+    "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: measured "
+                  "≈ 19 CPU-minutes; 3 seeds ≈ 1 h on one core",
     "d2o": "per seed: 16 LoRA steps (batch 2) of D²O K=4 (≈ 20 s a step), DPO (≈ 5 s) and unlikelihood (≈ 2 s) on "
            "SmolLM2, 12 held-out evaluations (≈ 20 s each) and 4 anchors for 32 prompts (≈ 100 s): measured ≈ 13 min "
            "on one core; 3 seeds ≈ 40 min",
