@@ -300,10 +300,13 @@ def test_d2o_and_dpo_with_images_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "tests/vlm_ddp_driver.py", str(one), "4"], cwd=REPO, check=True,
                    capture_output=True)
-    launch = subprocess.run([*accelerate_launch("ddp.yaml"), "tests/vlm_ddp_driver.py", str(two), "2"], cwd=REPO,
-                            capture_output=True, text=True)
+    for _ in range(2):  # one rerun when a worker was killed by a signal (a rare gloo abort seen once in 6 CI runs)
+        launch = subprocess.run([*accelerate_launch("ddp.yaml"), "tests/vlm_ddp_driver.py", str(two), "2"],
+                                cwd=REPO, capture_output=True, text=True)
+        if launch.returncode == 0 or "Signal" not in launch.stderr:
+            break
     errors = [line for line in launch.stderr.splitlines() if "Error" in line or "error" in line]
-    assert launch.returncode == 0, f"rc {launch.returncode}: " + "\n".join(errors)[-3000:]
+    assert launch.returncode == 0, f"rc {launch.returncode}: " + "\n".join(errors)[-3000:] + launch.stderr[-2000:]
     single, double = (json.loads((d / "losses.json").read_text()) for d in (one, two))
     assert (single["processes"], double["processes"]) == (1, 2)
     assert len(single["losses"]) == 3 and single["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
