@@ -167,7 +167,7 @@ def test_outcome_rules_by_hand():
         "not reproduced")  # SFT's mean 3.05 is above k+1 = 3
 
 
-def test_entanglement_and_rrpo_outcome_rules_by_hand():
+def test_entanglement_rrpo_and_pairwise_rl_outcome_rules_by_hand():
     rule = load("entanglement")["outcome_of"]
     run = lambda final, fails=0.5: {"final_d_chosen": final, "condition_fails": [fails] * len(final)}  # noqa: E731
     kept = {"pngd": run([0.1, 0.3]), "token_mask": run([0.0, 0.2]), "anchored": run([0.5, 0.5])}
@@ -181,6 +181,16 @@ def test_entanglement_and_rrpo_outcome_rules_by_hand():
     assert rule({**rrpo, "DPO β=0.1": point(0.4, 0.9), "DPO β=0.5": point(0.1, 0.8)}, {}).startswith("reproduced")
     assert rule({**rrpo, "DPO β=0.1": point(0.4, 0.9), "DPO β=0.5": point(0.05, 0.8)}, {}).startswith("partly")
     assert rule({**rrpo, "DPO β=0.1": point(0.2, 0.95)}, {}).startswith("not reproduced")
+    rule = load("pairwise_rl")["outcome_of"]
+    rm = lambda acc, win: {"rm_accuracy": [acc, acc], "rm_position_consistency": [0.9, 0.9],  # noqa: E731
+                           "judge_win_rate": [win - 0.1, win + 0.1]}
+    untrained = {"judge_win_rate": [0.5, 0.5]}
+    arms = lambda pairwise, scalar: {"untrained policy": untrained, "pairwise RM + pairwise PPO": pairwise,  # noqa: E731
+                                     "scalar RM + GRPO": scalar}
+    assert rule(arms(rm(0.8, 0.7), rm(0.8, 0.7)), {}).startswith("reproduced")  # ties count as "at least"
+    assert rule(arms(rm(0.9, 0.6), rm(0.8, 0.7)), {}).startswith("partly reproduced (RM part only)")
+    assert rule(arms(rm(0.7, 0.8), rm(0.8, 0.7)), {}).startswith("partly reproduced (policy part only)")
+    assert rule(arms(rm(0.7, 0.6), rm(0.8, 0.7)), {}).startswith("not reproduced")
 
 
 def test_trustjudge_arm_metrics_by_hand():

@@ -97,6 +97,23 @@ def policy_config(config_class, opts, seed: int, output_dir: Path, **extra):
                         gradient_checkpointing=False, save_strategy="no", seed=seed, disable_tqdm=True, **extra)
 
 
+def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
+    """The claim's verdict from means over seeds: reproduced when the pairwise RM is at least as accurate as the
+    scalar RM and pairwise PPO's judge win rate is at least GRPO's, partly when one of the two holds (also used by
+    merge.py)."""
+    mean = {arm: {k: statistics.fmean(v) for k, v in m.items()} for arm, m in per_seed.items()}
+    untrained, pairwise, scalar = (mean[arm] for arm in ARMS)
+    rm_holds = pairwise["rm_accuracy"] >= scalar["rm_accuracy"]
+    policy_holds = pairwise["judge_win_rate"] >= scalar["judge_win_rate"]
+    verdict = ("reproduced" if rm_holds and policy_holds else
+               f"partly reproduced ({'RM' if rm_holds else 'policy'} part only)" if rm_holds or policy_holds else
+               "not reproduced")
+    return (f"{verdict}: judge win rate untrained {untrained['judge_win_rate']:.3f}, pairwise PPO "
+            f"{pairwise['judge_win_rate']:.3f}, GRPO {scalar['judge_win_rate']:.3f}; RM accuracy pairwise "
+            f"{pairwise['rm_accuracy']:.3f} (position consistency {pairwise['rm_position_consistency']:.3f}), scalar "
+            f"{scalar['rm_accuracy']:.3f} (means over seeds)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy and both RMs' backbone")
@@ -187,13 +204,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                              opts.max_new_tokens), truths, distractors))
         print(json.dumps({arm: {k: v[-1] for k, v in m.items()} for arm, m in per_seed.items()}), flush=True)
 
-    mean = {arm: {k: statistics.fmean(v) for k, v in m.items()} for arm, m in per_seed.items()}
-    wins = mean[ARMS[1]]["judge_win_rate"] >= mean[ARMS[2]]["judge_win_rate"]
-    outcome = (f"{'policy part reproduced' if wins else 'not reproduced'}: judge win rate untrained "
-               f"{mean[ARMS[0]]['judge_win_rate']:.3f}, pairwise PPO {mean[ARMS[1]]['judge_win_rate']:.3f}, GRPO "
-               f"{mean[ARMS[2]]['judge_win_rate']:.3f}; RM accuracy pairwise {mean[ARMS[1]]['rm_accuracy']:.3f} "
-               f"(position consistency {mean[ARMS[1]]['rm_position_consistency']:.3f}), scalar "
-               f"{mean[ARMS[2]]['rm_accuracy']:.3f} (means over seeds)")
     setup = {"model": f"{opts.model}, LoRA r=16 (policy and both RMs)", "data": f"wordnet-definitions: {opts.rm_pairs} "
              f"RM training pairs, {opts.rm_eval_pairs} held-out RM test pairs, {opts.train_prompts} policy prompts, "
              f"{opts.heldout} judged held-out prompts", "steps": opts.steps, "learning_rate": opts.learning_rate,
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
              "beta": opts.beta, "max_new_tokens": opts.max_new_tokens, "judge": "MiniLM cosine: true vs distractor"}
     result = write_result(results_dir, CLAIM, title="Pairwise-RL: pairwise RM + PPO vs scalar RM + GRPO",
                           claim_text=CLAIM_TEXT, command="make experiments CLAIM=pairwise_rl", smoke=opts.smoke,
-                          setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome, started=started)
+                          setup=setup, metrics=METRICS, per_seed=per_seed, outcome=outcome_of(per_seed, setup),
+                          started=started)
     plot(result, results_dir)
     return result
 
