@@ -216,3 +216,24 @@ def test_two_processes_write_once_and_reuse(tmp_path, backend, lora):
         assert two_values[column] == pytest.approx(one_values[column], abs=1e-6)
     for name in ("first", "second"):
         assert result[name]["losses"] == pytest.approx(one, abs=1e-5)
+
+
+def test_refusals_that_reference_cache_dir_causes_name_it(tmp_path):
+    """reference_cache_dir turns precompute on; the refusals it causes name reference_cache_dir, not only TRL's
+    precompute_ref_log_probs that the user never set: image data (TRL precomputes nothing for vision rows) and D²O's
+    online anchors with no reference to score them."""
+    from test_d2o import _with_anchors
+    from test_vlm import _pair_rows
+
+    from prefalign.data import load_preference_dataset
+
+    with pytest.raises(ValueError, match="reference_cache_dir=.* image"):
+        PackedDPOTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"),
+                         args=config(str(tmp_path / "vlm"), 4, reference_cache_dir=str(tmp_path / "c")),
+                         train_dataset=_pair_rows(), processing_class=load_processing_class("tiny-qwen2-vl"))
+    tokenizer = load_processing_class("tiny-causal-lm")
+    args = D2OConfig(output_dir=str(tmp_path / "d2o"), report_to="none", use_cpu=True, bf16=False,
+                     anchor_refresh_steps=1, reference_cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="reference_cache_dir=.*online anchors"):
+        D2OTrainer(load_model("tiny-causal-lm"), None, args=args, train_dataset=_with_anchors(load_preference_dataset("wordnet-definitions", split="train").select(range(4)), 1),
+                   processing_class=tokenizer)

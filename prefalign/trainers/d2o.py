@@ -306,9 +306,10 @@ class D2OTrainer(PreferenceTrainer):
                 eval_dataset = self._vision_rows(eval_dataset, args, "eval")
         if args.precompute_ref_log_probs and refresh and ref_model is None and peft_config is None \
                 and not is_peft_model(model):
-            raise ValueError("precompute_ref_log_probs with online anchors (anchor_refresh_steps > 0) needs a "
-                             "reference for the refreshed anchors: pass a ref_model or a peft_config, or set "
-                             "anchor_refresh_steps=0")
+            cause = ("precompute_ref_log_probs" if getattr(args, "reference_cache_dir", None) is None else
+                     f"reference_cache_dir={args.reference_cache_dir!r} (it precomputes the reference)")
+            raise ValueError(f"{cause} with online anchors (anchor_refresh_steps > 0) needs a reference for the "
+                             "refreshed anchors: pass a ref_model or a peft_config, or set anchor_refresh_steps=0")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         pad_token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
         if data_collator is None and vision:

@@ -47,7 +47,7 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from prefalign.data import video_frames_as_images
+from prefalign.data import has_vision_columns, video_frames_as_images
 from prefalign.logprobs import NON_MODEL_KEYS, SequenceLogProbs, completion_log_probs
 from prefalign.trainers.pair_mining import PairMiningMixin
 from prefalign.trainers.reference_cache import (
@@ -93,6 +93,13 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
             elif isinstance(kwargs.get(key), dict):
                 kwargs[key] = {k: video_frames_as_images(v) if isinstance(v, Dataset) else v
                                for k, v in kwargs[key].items()}
+        cache_dir = getattr(args, "reference_cache_dir", None)
+        datasets = [d for key in ("train_dataset", "eval_dataset") for d in
+                    (kwargs[key].values() if isinstance(kwargs.get(key), dict) else [kwargs.get(key)])]
+        if cache_dir is not None and any(isinstance(d, Dataset) and has_vision_columns(d) for d in datasets):
+            raise ValueError(f"reference_cache_dir={cache_dir!r} stores precomputed reference log-probs, which TRL "
+                             "does not compute for image data (it collates images on the fly): unset "
+                             "reference_cache_dir for this dataset (the reference then runs live)")
         try:
             super().__init__(model, ref_model, args, *positional, **kwargs)
         finally:
