@@ -237,3 +237,15 @@ def test_refusals_that_reference_cache_dir_causes_name_it(tmp_path):
     with pytest.raises(ValueError, match="reference_cache_dir=.*online anchors"):
         D2OTrainer(load_model("tiny-causal-lm"), None, args=args, train_dataset=_with_anchors(load_preference_dataset("wordnet-definitions", split="train").select(range(4)), 1),
                    processing_class=tokenizer)
+
+
+def test_pair_mining_reuses_the_entry_of_a_plain_run(tmp_path):
+    """pair_mining numbers the rows in a `row_index` column; the reference log-probs do not depend on it, so a mining
+    run reads the entry a plain run wrote (no reference forward) and its stored values are the same."""
+    cache = tmp_path / "cache"
+    plain, plain_calls = _build(tmp_path / "plain", cache)
+    mining, mining_calls = _build(tmp_path / "mining", cache, pair_mining="dbpm")
+    assert plain_calls == 4 and mining_calls == 0 and len(_entries(cache)) == 1
+    assert "row_index" in mining.train_dataset.column_names
+    for column in COLUMNS:
+        assert mining.train_dataset[column] == plain.train_dataset[column]

@@ -49,7 +49,7 @@ from trl.trainer.utils import use_adapter
 
 from prefalign.data import has_vision_columns, video_frames_as_images
 from prefalign.logprobs import NON_MODEL_KEYS, SequenceLogProbs, completion_log_probs
-from prefalign.trainers.pair_mining import PairMiningMixin
+from prefalign.trainers.pair_mining import ROW_COLUMN, PairMiningMixin
 from prefalign.trainers.reference_cache import (
     REFERENCE_COLUMNS,
     check_entry,
@@ -214,8 +214,9 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         identity = self._reference_identity()  # collective under ZeRO-3: every rank first
         key = [None]
         if self.accelerator.is_main_process:  # rank 0 hashes the data; every rank takes its key
-            key[0] = {**identity, "data": dataset_hash(dataset), "rows": len(dataset),
-                      "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}
+            # the row numbers pair mining adds do not change the reference log-probs: a mining run reuses the entry
+            key[0] = {**identity, "data": dataset_hash(dataset, (*REFERENCE_COLUMNS, ROW_COLUMN)),
+                      "rows": len(dataset), "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}
         broadcast_object_list(key, from_process=0)
         return key[0]
 
