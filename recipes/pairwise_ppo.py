@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> PairwisePPOTrainer:
 
     # Prompts: only `prompt` (and the anchor column, when one is named) are used; rows are validated first.
     with_eval = training_args.eval_strategy != "no"
-    train_dataset, eval_dataset = load_recipe_datasets(data_args, processing_class, None, with_eval)
+    required = ("prompt",) if training_args.anchor_column is None else ("prompt", training_args.anchor_column)
+    train_dataset, eval_dataset = load_recipe_datasets(data_args, processing_class, None, with_eval, required)
 
     trainer = PairwisePPOTrainer(model, reward_model, args=training_args, train_dataset=train_dataset,
                                  eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config)

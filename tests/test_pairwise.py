@@ -504,3 +504,21 @@ def test_vision_verdicts_command_line_keeps_image_paths_and_refuses_pictures_in_
     with pytest.raises(SystemExit):
         main(["--dataset", str(tmp_path / "pictures.parquet"), "--output", str(tmp_path / "w.jsonl")])
     assert not (tmp_path / "w.jsonl").exists()
+
+
+def test_pairwise_ppo_recipe_trains_on_prompt_only_rows(tmp_path):
+    """The recipe needs prompts only (docs/methods/pairwise_rl.md): a file of bare prompts trains, and a file whose
+    anchor column (named by --anchor_column) is missing is refused naming it."""
+    recipe = runpy.run_path(str(REPO / "recipes" / "pairwise_ppo.py"))["main"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Define word {i}."}]}) + "\n"
+                               for i in range(2)))
+    args = ["--model_name_or_path", "tiny-causal-lm", "--reward_model_name_or_path", "tiny-causal-lm",
+            "--dataset_name", str(prompts), "--max_steps", "1", "--num_generations", "2",
+            "--per_device_train_batch_size", "2", "--max_completion_length", "4", "--anchor_max_new_tokens", "4",
+            "--anchor_keep_truncated", "true", "--save_strategy", "no", "--eval_strategy", "no",
+            "--output_dir", str(tmp_path / "out")]
+    trainer = recipe(args)
+    assert trainer.state.global_step == 1 and len(trainer.train_dataset) == 2
+    with pytest.raises(PreferenceDataError, match="answer"):
+        recipe([*args, "--anchor_column", "answer"])
