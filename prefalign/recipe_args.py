@@ -67,10 +67,16 @@ def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | Non
     return TrlParser(dataclass_types).parse_args_and_config(argv)
 
 
-def _resume_checkpoint(value: str | None) -> str | bool | None:
-    """``--resume_from_checkpoint true`` resumes from the newest checkpoint in ``output_dir``; a path resumes there."""
-    if value is not None and value.lower() in ("true", "last", "latest"):
-        return True
+_LATEST = ("true", "last", "latest")  # --resume_from_checkpoint values meaning "the newest checkpoint in output_dir"
+
+
+def _resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint true``: the newest checkpoint in ``output_dir``, or None (train from scratch) while
+    there is none, so one command can be resubmitted; a path resumes there."""
+    if value is not None and value.lower() in _LATEST:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if value is not None and value.lower() in ("false", "none", ""):
         return None
     return value
@@ -154,7 +160,12 @@ def train_and_save(trainer, data_args: DataArguments | None = None, model_args=N
     args = trainer.args
     if data_args is not None and data_args.report and model_args is None:
         raise ValueError("train_and_save: --report needs the recipe's model arguments (the base model)")
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(args.resume_from_checkpoint))
+    value = args.resume_from_checkpoint
+    checkpoint = _resume_checkpoint(value, args.output_dir)
+    if checkpoint is None and value is not None and value.lower() in _LATEST:
+        trainer.accelerator.print(f"--resume_from_checkpoint {value}: no checkpoint in {args.output_dir} yet, "
+                                  "training from the start")
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():  # TRL's model card (README.md): the trainer, its paper and citation
         trainer.create_model_card(model_name=Path(args.output_dir).name)

@@ -76,9 +76,12 @@ def test_full_model_run_saves_a_plain_checkpoint(tiny_dpo_args, tmp_path):
     _assert_computes_like(model, trainer.model, load_processing_class(tmp_path / "out"))
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_dpo_args, tmp_path):
-    args = [*tiny_dpo_args, "--save_steps", "2", "--max_steps", "2"]
-    dpo_recipe["main"](args)
+def test_resume_continues_from_the_last_checkpoint(tiny_dpo_args, tmp_path, capsys):
+    """One command resubmitted (docs/distributed.md): --resume_from_checkpoint true starts from scratch, saying so,
+    while output_dir holds no checkpoint, and continues from the newest one once it does."""
+    args = [*tiny_dpo_args, "--save_steps", "2", "--max_steps", "2", "--resume_from_checkpoint", "true"]
+    assert dpo_recipe["main"](args).state.global_step == 2
+    assert "no checkpoint in" in capsys.readouterr().out
     trainer = dpo_recipe["main"]([*tiny_dpo_args, "--save_steps", "2", "--max_steps", "4",
                                   "--resume_from_checkpoint", "true"])
     assert trainer.state.global_step == 4
