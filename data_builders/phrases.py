@@ -29,6 +29,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from prefalign.data import load_preference_dataset, validate_preference_dataset
 from prefalign.files import ShardStore, check_settings, write_jsonl
 from prefalign.generation import generate, load_for_generation
 from prefalign.messages import completion_text, with_completion_text
@@ -222,10 +223,7 @@ def build_phrase_pairs(
         raise ValueError(f"unknown phrase source {source!r}: expected 'swap' or 'model'")
     if n_phrases < 1:
         raise ValueError(f"n_phrases must be at least 1, got {n_phrases}")
-    missing = [column for column in ("prompt", "chosen") if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"missing column(s) {missing}; columns present: {dataset.column_names}")
-    rows = dataset.to_list()
+    rows = validate_preference_dataset(dataset, required=("prompt", "chosen")).to_list()
     texts = [completion_text(row["chosen"]) for row in rows]
     if source == "swap":
         rng, donors = random.Random(seed), _donor_phrases(texts)
@@ -289,9 +287,8 @@ def build_phrase_pairs(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Build phrase pairs from a preference dataset split and write them as JSON lines."""
-    from prefalign.data import load_preference_dataset
-
+    """Build phrase pairs from a preference dataset split (rows checked before any model loads) and write them as
+    JSON lines."""
     parser = argparse.ArgumentParser(prog="prefalign build phrases", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="wordnet-definitions", help="embedded name, file, folder or hub id")
     parser.add_argument("--split", default="train", help="split to read")
@@ -310,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    dataset = load_preference_dataset(args.dataset, split=args.split)
+    dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split),
+                                          required=("prompt", "chosen"), source=f"{args.dataset}, split {args.split!r}")
     model, processing_class = load_for_generation(args.model) if args.source == "model" else (None, None)
     pairs = build_phrase_pairs(
         dataset,

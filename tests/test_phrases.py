@@ -449,3 +449,14 @@ def test_main_writes_jsonl(tmp_path, capsys):
     row = json.loads(lines[0])
     assert {"prompt", "chosen", "rejected", "word", "phrase_source"} <= set(row)
     assert "<MASK>" in row["chosen"][0]["content"] and "<MASK>" in row["rejected"][0]["content"]
+
+
+@pytest.mark.parametrize("source", ["swap", "model"])
+def test_main_names_file_row_and_column_of_a_bad_row_before_any_model_loads(tmp_path, source, monkeypatch):
+    rows = [{"prompt": "Define 'cat'.", "chosen": "A small domesticated feline animal."},
+            {"prompt": "Define 'dog'.", "chosen": None}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(phrases, "load_for_generation", lambda name: pytest.fail("the model loaded before the check"))
+    with pytest.raises(ValueError, match=r"(?s)answers\.jsonl, split 'train'.*row 1, column 'chosen'"):
+        phrases.main(["--dataset", str(path), "--source", source, "--output", str(tmp_path / "out.jsonl")])
