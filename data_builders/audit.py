@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
         shutil.rmtree(output / "probe")
     check_settings(output / "settings.json", settings, overwrite=args.overwrite, what=str(output))
     dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
-                                                                  max_samples=args.max_samples))
+                                                                  max_samples=args.max_samples),
+                                          source=f"{args.dataset}, split {args.split!r}")
     if args.reward_model:
         from prefalign.reward_models import load_reward_model
 

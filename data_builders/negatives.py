@@ -241,8 +241,10 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     parser.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
-    model, processing_class = load_for_generation(args.model)
+    dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
+                                                                  max_samples=args.max_samples),
+                                          required=("prompt", "rejected"), source=f"{args.dataset}, split {args.split!r}")
+    model, processing_class = load_for_generation(args.model)  # after the rows are checked
     built = build_anchors(dataset, args.output, model=model, processing_class=processing_class,
                           num_anchors=args.num_anchors,
                           instruction=args.instruction, max_new_tokens=args.max_new_tokens,

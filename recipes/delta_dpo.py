@@ -68,7 +68,9 @@ def delta_pairs(data_args: DataArguments, delta_args: DeltaArguments, split: str
                               seed=args.seed, split=split, loaded_models=loaded_models,
                               keep_truncated=delta_args.pairs_keep_truncated, distributed=True)
     return validate_preference_dataset(pairs, processing_class, max_length=args.max_length,
-                                       drop_invalid=data_args.drop_invalid)
+                                       drop_invalid=data_args.drop_invalid,
+                                       source=f"the delta pairs built in {Path(args.output_dir) / 'delta-pairs'}, "
+                                              f"split {split!r}")
 
 
 def main(argv: list[str] | None = None) -> DPOTrainer:

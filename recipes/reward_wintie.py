@@ -48,7 +48,8 @@ def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_t
                              "pairs, not cross-prompt pairs (it has an 'is_tie' column)")
         return data
     if "completion" not in data.column_names:
-        data = validate_preference_dataset(data, drop_invalid=data_args.drop_invalid)
+        data = validate_preference_dataset(data, drop_invalid=data_args.drop_invalid,
+                                           source=f"{data_args.dataset_name}, split {split!r}")
         data = items_from_preference_pairs(data, as_text=as_text)
     if items_only:
         return data

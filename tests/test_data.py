@@ -524,3 +524,41 @@ def test_judge_resume_names_the_malformed_line_of_its_output(tmp_path):
     with pytest.raises(PreferenceDataError) as error:
         judge_cli(command)
     assert str(error.value) == f"{output}:2:{len(lines[1]) + 1}: invalid JSON: Expecting ',' delimiter"
+
+
+def _entry_points():
+    """(name, call(path, tmp_path)) for every command that reads preference pairs from a file the user names."""
+    import runpy
+
+    from conftest import REPO
+
+    from data_builders import audit, negatives, verdicts
+
+    reward = runpy.run_path(str(REPO / "recipes" / "reward_wintie.py"))["main"]
+    return {
+        "build anchors": lambda path, out: negatives.main(["--dataset", str(path), "--output", str(out / "a"),
+                                                           "--model", "tiny-causal-lm"]),
+        "build verdicts": lambda path, out: verdicts.main(["--dataset", str(path), "--output", str(out / "v.jsonl")]),
+        "build audit": lambda path, out: audit.main(["--dataset", str(path), "--output", str(out / "audit"),
+                                                     "--model", "tiny-causal-lm"]),
+        "reward_wintie recipe": lambda path, out: reward(["--dataset_name", str(path), "--model_name_or_path",
+                                                          "tiny-causal-lm", "--output_dir", str(out / "rm"),
+                                                          "--eval_strategy", "no", "--max_steps", "1"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["build anchors", "build verdicts", "build audit", "reward_wintie recipe"])
+def test_commands_reading_pairs_name_the_file_row_and_column_before_any_model_loads(name, tmp_path, monkeypatch):
+    import prefalign.models
+    from data_builders import negatives
+
+    rows = [{"prompt": "Define 'cat'.", "chosen": "A small feline.", "rejected": "A large bird."},
+            {"prompt": "Define 'dog'.", "chosen": "A canine.", "rejected": None}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call = _entry_points()[name]
+    if name != "reward_wintie recipe":  # the recipe loads its backbone first (its tokenizer shapes the check)
+        monkeypatch.setattr(prefalign.models, "load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+        monkeypatch.setattr(negatives, "load_for_generation", lambda *a, **k: pytest.fail("a model loaded first"))
+    with pytest.raises(PreferenceDataError, match=r"(?s)pairs\.jsonl, split 'train'.*row 1, column 'rejected'"):
+        call(path, tmp_path)
