@@ -67,6 +67,9 @@ def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | Non
     return TrlParser(dataclass_types).parse_args_and_config(argv)
 
 
+# TRL ModelConfig's quantisation fields and their defaults (model_load_kwargs refuses any other value).
+QUANTISATION_DEFAULTS = {"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+                         "use_bnb_nested_quant": False, "bnb_4bit_quant_storage": None}
 _LATEST = ("true", "last", "latest")  # --resume_from_checkpoint values meaning "the newest checkpoint in output_dir"
 
 
@@ -104,6 +107,20 @@ def load_recipe_datasets(data_args: DataArguments, processing_class=None, max_le
     return tuple(loaded) if with_eval else (loaded[0], None)
 
 
+def model_load_kwargs(model_args) -> dict:
+    """``from_pretrained`` settings from TRL's ModelConfig: ``dtype`` (float32 when unset), ``attn_implementation``
+    and ``revision`` (``--model_revision``). Quantised loading (``--load_in_4bit``, ``--load_in_8bit`` and the
+    ``bnb_*`` fields) is refused at start: the recipes' trainers are not tested on bitsandbytes models."""
+    quantised = {name: getattr(model_args, name) for name, default in QUANTISATION_DEFAULTS.items()
+                 if getattr(model_args, name) != default}
+    if quantised:
+        raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in quantised.items())}: quantised (bitsandbytes) loading "
+                         "is not supported by prefalign's recipes; load the model unquantised (LoRA keeps the "
+                         "trained weights small) or quantise it yourself and pass the trainer a loaded model")
+    return dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation,
+                revision=model_args.model_revision)
+
+
 def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
     """(model, ref_model, processing_class, peft_config) for a preference recipe.
 
@@ -114,8 +131,8 @@ def load_policy_and_reference(model_args, need_reference: bool = True) -> tuple:
 
     from prefalign.models import load_model, load_processing_class
 
-    model_kwargs = dict(dtype=model_args.dtype or "float32", attn_implementation=model_args.attn_implementation)
-    processing_class = load_processing_class(model_args.model_name_or_path)
+    model_kwargs = model_load_kwargs(model_args)
+    processing_class = load_processing_class(model_args.model_name_or_path, revision=model_args.model_revision)
     model = load_model(model_args.model_name_or_path, **model_kwargs)
     peft_config = get_peft_config(model_args)
     needs_copy = peft_config is None and need_reference

@@ -22,7 +22,13 @@ from trl import ModelConfig, get_peft_config
 from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
 from prefalign.data import check_reward_pair_lengths, load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
-from prefalign.recipe_args import DataArguments, end_process_group, parse_recipe_args, train_and_save
+from prefalign.recipe_args import (
+    DataArguments,
+    end_process_group,
+    model_load_kwargs,
+    parse_recipe_args,
+    train_and_save,
+)
 from prefalign.reward_models import load_reward_model
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
 
@@ -62,8 +68,8 @@ def main(argv: list[str] | None = None) -> WinTieRewardTrainer:
         (DataArguments, CrossPromptArguments, WinTieRewardConfig, ModelConfig), "reward_wintie", argv)
 
     # Reward model: the backbone with one output (last-token head; the query-attention head is added by the trainer).
-    processing_class = load_processing_class(model_args.model_name_or_path)
-    model = load_reward_model(model_args.model_name_or_path, dtype=model_args.dtype or "float32")
+    processing_class = load_processing_class(model_args.model_name_or_path, revision=model_args.model_revision)
+    model = load_reward_model(model_args.model_name_or_path, **model_load_kwargs(model_args))
     peft_config = get_peft_config(model_args)
     if peft_config is not None:  # a reward model is a sequence classifier: PEFT then also trains its score head
         peft_config.task_type = "SEQ_CLS"

@@ -211,3 +211,32 @@ def test_every_trainer_carries_the_paper_its_docs_page_names(trainer, page):
     title, arxiv_id = re.search(r'\*\*Paper\*\*: "([^"]+)", arXiv:(\d{4}\.\d{5})', text).groups()
     assert (paper["title"], paper["id"]) == (title, arxiv_id)
     assert f"eprint       = {{{arxiv_id}}}" in paper["citation"] and title in paper["citation"]
+
+
+@pytest.mark.parametrize("flag", [["--load_in_4bit", "true"], ["--load_in_8bit", "true"],
+                                  ["--bnb_4bit_quant_type", "fp4"], ["--use_bnb_nested_quant", "true"]])
+def test_quantisation_flags_are_refused_at_start(tiny_dpo_args, tmp_path, flag):
+    with pytest.raises(ValueError, match=f"{flag[0]} {flag[1].replace('true', 'True')}: quantised"):
+        dpo_recipe["main"]([*tiny_dpo_args, *flag])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "reward_wintie"])
+def test_model_revision_and_attention_reach_from_pretrained(recipe, tiny_dpo_args, tmp_path, monkeypatch):
+    """--model_revision and --attn_implementation are ModelConfig fields the recipes accept: both reach the model's
+    from_pretrained (the reward recipe dropped both, the preference recipes dropped the revision)."""
+    import transformers
+
+    seen = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        original = auto.from_pretrained.__func__
+
+        def spy(cls, *args, _original=original, **kwargs):
+            seen.append((kwargs.get("revision"), kwargs.get("attn_implementation")))
+            return _original(cls, *args, **kwargs)
+
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(spy))
+    main = runpy.run_path(str(REPO / "recipes" / f"{recipe}.py"))["main"]
+    main([*tiny_dpo_args, "--max_steps", "1", "--model_revision", "main", "--attn_implementation", "eager",
+          *(["--eval_strategy", "no"] if recipe == "reward_wintie" else [])])
+    assert seen and all(s == ("main", "eager") for s in seen)
