@@ -51,7 +51,8 @@ def _as_text(value: str | list) -> str:
 
 
 def items_from_preference_pairs(pairs: Dataset, as_text: bool = False) -> Dataset:
-    """Single items from preference pairs: each row's chosen becomes a good item (1), its rejected a bad item (0).
+    """Single items from preference pairs: each row's chosen becomes a good item (1), its rejected a bad item (0);
+    both keep the pair's media columns (`images`, `image`, `video`), other columns are left out.
 
     With `as_text`, chat messages are flattened to plain text (prompt + newline, then the completion), for reward
     backbones without a chat template such as MiniLM.
@@ -60,12 +61,15 @@ def items_from_preference_pairs(pairs: Dataset, as_text: bool = False) -> Datase
     if missing:
         raise ValueError(f"missing column(s) {missing}; columns present: {pairs.column_names}")
 
+    media = [column for column in MEDIA_COLUMNS if column in pairs.column_names]
+
     def split(batch: dict) -> dict:
         prompts = [_as_text(p) + "\n" for p in batch["prompt"]] if as_text else batch["prompt"]
         completions = [c for pair in zip(batch["chosen"], batch["rejected"]) for c in pair]
         return {"prompt": [p for p in prompts for _ in range(2)],
                 "completion": [_as_text(c) for c in completions] if as_text else completions,
-                "label": [1, 0] * len(prompts)}
+                "label": [1, 0] * len(prompts),
+                **{column: [v for v in batch[column] for _ in range(2)] for column in media}}
 
     return pairs.map(split, batched=True, remove_columns=pairs.column_names, desc="Pairs to single items")
 
@@ -272,7 +276,7 @@ def pair_kind_counts(pairs: Dataset) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Build cross-prompt pairs from labelled items (or from preference pairs) and write them to a file or folder."""
-    from prefalign.data import load_preference_dataset
+    from prefalign.data import load_preference_dataset, validate_preference_dataset
 
     parser = argparse.ArgumentParser(prog="prefalign build cross-prompt", description=__doc__.splitlines()[0])
     parser.add_argument("--items", default="wordnet-definitions",
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 
     items = load_preference_dataset(args.items, split=args.split)
     if "completion" not in items.column_names and {"chosen", "rejected"} <= set(items.column_names):
-        items = items_from_preference_pairs(items)
+        items = items_from_preference_pairs(validate_preference_dataset(
+            items, source=f"{args.items}, split {args.split!r}"))
     pairs = build_cross_prompt_pairs(items, args.pairs_per_item, args.tie_ratio, args.max_pairs, args.seed,
                                      args.allow_same_prompt, args.bad_bad_ties, args.batch_size)
     save_dataset(pairs, args.output)

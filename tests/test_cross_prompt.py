@@ -103,3 +103,25 @@ def test_items_from_preference_pairs_and_cli(tmp_path, capsys):
     assert len(written) == 10 and sum(r["is_tie"] for r in written) == 5
     assert "10 pairs from 10 items (5 win (good-bad), 5 tie (good-good), 0 tie (bad-bad))" in capsys.readouterr().out
     assert math.isclose(sum(not r["is_tie"] for r in written) / len(written), 0.5)
+
+
+def test_items_from_pairs_keep_each_pairs_pictures_and_bad_pairs_name_the_file(tmp_path):
+    """A pair's image paths go with both of its items (they were dropped, so a VLM reward model trained on text
+    alone), on into the cross-prompt pairs; a bad pair is named by file, row and column before any pairing."""
+    pairs = Dataset.from_list([{"images": [f"picture{i}.png"], "prompt": [{"role": "user", "content": f"Q{i}"}],
+                                "chosen": [{"role": "assistant", "content": f"good {i}"}],
+                                "rejected": [{"role": "assistant", "content": f"bad {i}"}]} for i in range(3)])
+    items = items_from_preference_pairs(pairs)
+    assert items["images"] == [["picture0.png"], ["picture0.png"], ["picture1.png"], ["picture1.png"],
+                               ["picture2.png"], ["picture2.png"]]
+    built = build_cross_prompt_pairs(items, pairs_per_item=1, tie_ratio=0.0, seed=0)
+    for row in built:  # every side carries its own item's picture
+        for side in ("chosen", "rejected"):
+            number = row[side][-1]["content"].split()[-1]
+            assert row[f"{side}_images"] == [f"picture{number}.png"]
+    rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    rows[4]["rejected"] = None
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"(?s)pairs\.jsonl, split 'train'.*row 4, column 'rejected'"):
+        main(["--items", str(source), "--output", str(tmp_path / "out.jsonl")])
