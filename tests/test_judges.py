@@ -608,3 +608,25 @@ def test_embedded_judge_against_plain_forwards_on_its_real_tokenizer():
         else:
             scores = [judge.score_from_distribution(p) for p in raw]
             assert scores[0] == max(scores) and scores[0] - min(scores) > 0.5  # Paris is rated highest
+
+
+def test_judge_consistency_shows_each_prompt_its_own_images():
+    """Every score and comparison of a prompt's candidates is given that prompt's images (they were left out, so a
+    VLM judge read text alone); `prefalign judge consistency` passes a row's `images` column the same way."""
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def score(self, prompts, responses, images=None):
+            self.seen += list(zip(prompts, images or [None] * len(prompts)))
+            return [float(len(r)) for r in responses]
+
+        def compare_pairs(self, prompts, a, b, images=None):
+            self.seen += list(zip(prompts, images or [None] * len(prompts)))
+            return [_verdict(1.6, 0.2, 0.2) for _ in prompts]
+
+    judge = Recorder()
+    judge_consistency(judge, ["p0", "p1"], [["a", "bb", "ccc"], ["a", "bb"]], progress=False,
+                      images=[["picture0"], ["picture1"]])
+    assert judge.seen == [("p0", ["picture0"])] * 6 + [("p1", ["picture1"])] * 3

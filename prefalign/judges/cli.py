@@ -182,9 +182,9 @@ def _judge_rows(judge: TrustJudge, args: argparse.Namespace, rows: list[dict], c
         return [{"verdict": v.verdict, "margin": v.margin, "merged": v.merged, "probs_order1": v.probs_order1,
                  "probs_order2": v.probs_order2} for v in verdicts]
     results = []
-    for row in rows:
+    for index, row in enumerate(rows):
         report = judge_consistency(judge, [row["prompt"]], [row[args.candidates_column]], args.tolerance,
-                                   progress=False)
+                                   progress=False, images=None if images is None else [images[index]])
         results.append({"scores": report.scores[0], "verdicts": {f"{i}-{j}": v for (i, j), v in
                                                                  report.verdicts[0].items()}, **report.summary()})
     return results

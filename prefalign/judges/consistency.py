@@ -154,23 +154,27 @@ def score_comparison_counts(
 
 def judge_consistency(
     judge: Any, prompts: Sequence[Any], candidate_sets: Sequence[Sequence[Any]], tolerance: float = 0.0,
-    progress: bool = True,
+    progress: bool = True, images: Sequence[Sequence | None] | None = None,
 ) -> ConsistencyReport:
     """Score every candidate and compare every pair (both orders) of each prompt with ``judge``; count the rates.
 
     ``judge`` is a ``TrustJudge`` (its ``mode`` and ``pairwise_mode`` decide the scores and verdicts).
-    ``candidate_sets[i]`` holds the responses to ``prompts[i]`` (at least 2; triples need 3).
+    ``candidate_sets[i]`` holds the responses to ``prompts[i]`` (at least 2; triples need 3); ``images[i]``, when
+    given, the images of ``prompts[i]``, shown with every score and comparison of its candidates.
     """
-    if len(prompts) != len(candidate_sets):
-        raise ValueError(f"judge_consistency: {len(prompts)} prompts but {len(candidate_sets)} candidate sets")
+    if len(prompts) != len(candidate_sets) or (images is not None and len(images) != len(prompts)):
+        raise ValueError(f"judge_consistency: {len(prompts)} prompts but {len(candidate_sets)} candidate sets"
+                         + ("" if images is None else f" and {len(images)} image lists"))
     report = ConsistencyReport()
     for index, (prompt, candidates) in enumerate(tqdm(list(zip(prompts, candidate_sets)), desc="Judge consistency",
                                                       unit="prompt", disable=not progress)):
         if len(candidates) < 2:
             raise ValueError(f"judge_consistency: prompt {index} has {len(candidates)} candidate(s); need ≥ 2")
-        scores = judge.score([prompt] * len(candidates), list(candidates))
+        shown = None if images is None else images[index]
+        scores = judge.score([prompt] * len(candidates), list(candidates),
+                             None if shown is None else [shown] * len(candidates))
         pairs = list(itertools.combinations(range(len(candidates)), 2))
         results = judge.compare_pairs([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                                      [candidates[j] for _, j in pairs])
+                                      [candidates[j] for _, j in pairs], None if shown is None else [shown] * len(pairs))
         report.add(scores, {pair: result.verdict for pair, result in zip(pairs, results)}, tolerance)
     return report
