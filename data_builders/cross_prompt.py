@@ -74,6 +74,16 @@ def items_from_preference_pairs(pairs: Dataset, as_text: bool = False) -> Datase
     return pairs.map(split, batched=True, remove_columns=pairs.column_names, desc="Pairs to single items")
 
 
+def pairs_as_text(pairs: Dataset) -> Dataset:
+    """Cross-prompt pairs whose chat sides are flattened to plain text (each message's text on its own line, so the
+    prompt, a newline, the answer: as `items_from_preference_pairs(as_text=True)` writes items), for reward backbones
+    without a chat template; pairs already in text are returned as they are."""
+    if _is_text(pairs.features["chosen"]):
+        return pairs
+    return pairs.map(lambda row: {side: _as_text(row[side]) for side in ("chosen", "rejected")},
+                     desc="Chat pairs to plain text")
+
+
 def _is_text(feature) -> bool:
     """Whether a column's feature is a plain string (standard format) rather than a list of messages."""
     return isinstance(feature, Value) and feature.dtype in ("string", "large_string")

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, get_peft_config
 
-from data_builders.cross_prompt import build_cross_prompt_pairs, items_from_preference_pairs, pair_kind_counts
+from data_builders.cross_prompt import (
+    build_cross_prompt_pairs,
+    items_from_preference_pairs,
+    pair_kind_counts,
+    pairs_as_text,
+)
 from prefalign.data import check_reward_pair_lengths, load_preference_dataset, validate_preference_dataset
 from prefalign.models import load_processing_class
 from prefalign.recipe_args import (
@@ -52,7 +57,7 @@ def cross_prompt_pairs(data_args, pair_args, split: str, limit: int | None, as_t
         if items_only:
             raise ValueError(f"{data_args.dataset_name}: loss_type='mann_whitney' needs single items or preference "
                              "pairs, not cross-prompt pairs (it has an 'is_tie' column)")
-        return data
+        return pairs_as_text(data) if as_text else data
     if "completion" not in data.column_names:
         data = validate_preference_dataset(data, drop_invalid=data_args.drop_invalid,
                                            source=f"{data_args.dataset_name}, split {split!r}")

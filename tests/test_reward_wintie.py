@@ -346,3 +346,27 @@ def test_minilm_learns_with_the_mann_whitney_loss(tmp_path):
     trainer.train()
     after = trainer.evaluate()
     assert after["eval_auc"] > before["eval_auc"] and after["eval_auc"] > 0.6
+
+
+def test_recipe_reads_built_conversational_pairs_on_a_backbone_without_chat_template(tmp_path):
+    """`prefalign build cross-prompt` writes chat pairs by default; the recipe on MiniLM (no chat template) flattens
+    them to the same plain text as pairs it builds itself (it stopped in TRL with a chat-template error)."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from data_builders.cross_prompt import main as build
+
+    pairs = tmp_path / "pairs.jsonl"
+    build(["--items", "wordnet-definitions", "--output", str(pairs), "--max-pairs", "8"])
+    recipe = runpy.run_path(str(Path(__file__).parents[1] / "recipes" / "reward_wintie.py"))
+    trainer = recipe["main"](["--model_name_or_path", "minilm-l6", "--dataset_name", str(pairs), "--output_dir",
+                              str(tmp_path / "out"), "--max_steps", "1", "--per_device_train_batch_size", "4",
+                              "--save_strategy", "no", "--eval_strategy", "no", "--use_peft", "false"])
+    first = json.loads(pairs.read_text().splitlines()[0])
+    row = trainer.train_dataset[0]
+    tokenizer = trainer.processing_class
+    expected = "\n".join(m["content"] for m in first["chosen"])  # prompt, newline, answer: as the items path writes
+    assert tokenizer.decode(row["chosen_ids"], skip_special_tokens=True) == tokenizer.decode(
+        tokenizer(expected)["input_ids"], skip_special_tokens=True)
+    assert trainer.state.global_step == 1
