@@ -630,3 +630,11 @@ def test_judge_consistency_shows_each_prompt_its_own_images():
     judge_consistency(judge, ["p0", "p1"], [["a", "bb", "ccc"], ["a", "bb"]], progress=False,
                       images=[["picture0"], ["picture1"]])
     assert judge.seen == [("p0", ["picture0"])] * 6 + [("p1", ["picture1"])] * 3
+
+
+def test_cli_bad_rows_name_the_file_row_and_column(tmp_path):
+    data, rows = _pairs_file(tmp_path)
+    rows[1]["chosen"] = ""
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"(?s)pairs\.jsonl, split 'train': 1 problem.*row 1, column 'chosen'"):
+        judge_cli(["compare", "--data", str(data), "--judge-model", "tiny-causal-lm"])

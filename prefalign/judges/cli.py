@@ -82,8 +82,9 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "content" in m for m in value)
 
 
-def _check_rows(rows: list[dict], columns: list[str], list_column: str | None) -> None:
-    """Raise naming row and column for a missing, empty or wrongly typed value (at most 10 listed)."""
+def _check_rows(rows: list[dict], columns: list[str], list_column: str | None, source: str) -> None:
+    """Raise naming ``source`` (file and split), row and column for a missing, empty or wrongly typed value (at most
+    10 listed)."""
     problems = []
     for index, row in enumerate(rows):
         for column in ["prompt", *columns]:
@@ -96,7 +97,7 @@ def _check_rows(rows: list[dict], columns: list[str], list_column: str | None) -
                 problems.append(f"  row {index}, column {list_column!r}: expected a list of ≥ 2 non-empty "
                                 f"responses, got {value!r:.60}")
     if problems:
-        raise SystemExit(f"prefalign judge: {len(problems)} problem(s) in the data:\n" + "\n".join(problems[:10])
+        raise SystemExit(f"prefalign judge: {source}: {len(problems)} problem(s) in the data:\n" + "\n".join(problems[:10])
                          + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
 
 
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"prefalign judge {args.command}: missing column(s) {missing or list(RESPONSE_COLUMNS)}; "
                          f"columns present: {names}")
     rows = dataset.to_list()
-    _check_rows(rows, columns, args.candidates_column if args.command == "consistency" else None)
+    _check_rows(rows, columns, args.candidates_column if args.command == "consistency" else None,
+                f"{args.data}, split {args.split!r}")
     _start(output, _settings(args, columns), args.overwrite)
     done = {result["row"] for result in _committed_rows(output, rows)}
     todo = [i for i in range(len(rows)) if i not in done]
