@@ -17,6 +17,7 @@ from prefalign.judges.pairwise import PairwiseRewardModel
 from prefalign.models import load_model, load_processing_class
 from prefalign.trainers.d2o import D2OConfig, D2OTrainer
 from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer, strip_phrase_tags
+from prefalign.trainers.dpo import PackedDPOConfig, PackedDPOTrainer
 from prefalign.trainers.pairwise_ppo import PairwisePPOConfig, PairwisePPOTrainer
 from prefalign.trainers.pairwise_rm import PairwiseRMConfig, PairwiseRMTrainer
 from prefalign.trainers.reward_wintie import WinTieRewardConfig, WinTieRewardTrainer
@@ -34,6 +35,9 @@ REFUSED = [
     *[("DisentangledDPOTrainer", DisentangledDPOConfig, {"disentangle": mode}, field, value)
       for mode in ("pngd", "token_mask", "anchored") for field, value in DPO_LOSS_FIELDS.items()],
     ("WinTieRewardTrainer", WinTieRewardConfig, {}, "label_smoothing_factor", 0.1),
+    ("PackedDPOTrainer", PackedDPOConfig, {}, "label_smoothing_factor", 0.1),
+    *[("PairwisePPOTrainer", PairwisePPOConfig, {"advantage": advantage, **PPO}, "label_smoothing_factor", 0.1)
+      for advantage in ("anchor", "group", "round_robin")],
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "completion_only_loss", False),
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "assistant_only_loss", True),
     ("PairwiseRMTrainer", PairwiseRMConfig, {}, "packing", True),
@@ -311,3 +315,14 @@ def test_sync_ref_model_replaces_the_reference(tmp_path, tokenizer, pairs, train
     assert abs(seen[True][0] - start_value) > 1e-3
     assert seen[True][1] == pytest.approx(start_value, abs=1e-6)
     assert abs(seen[False][1] - start_value) > 1e-3
+
+
+def test_packed_dpo_refuses_label_smoothing_factor_in_a_plain_dpo_config(tmp_path, tokenizer, pairs):
+    """A plain TRL DPOConfig given to PackedDPOTrainer is checked too (transformers' label smoother never runs in a
+    DPO loss; DPO's own smoothing is `label_smoothing`)."""
+    from trl import DPOConfig
+
+    args = DPOConfig(output_dir=str(tmp_path), **COMMON, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match=r"PackedDPOTrainer.*label_smoothing_factor=0\.1"):
+        PackedDPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"), args=args,
+                         train_dataset=pairs, processing_class=tokenizer)

@@ -16,6 +16,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from prefalign.losses import dpo_pair_losses
+from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pair_mining import (
     ROW_COLUMN,
     PairMiningArguments,
@@ -30,12 +31,14 @@ from prefalign.trainers.reference_cache import ReferenceCacheArguments
 @dataclass
 class PackedDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`PackedDPOTrainer`]: exactly [`~trl.DPOConfig`], every field honoured as by TRL's
-    DPOTrainer, and `padding_free=True` working (padding-free packing of each micro-batch; text only); plus the
+    DPOTrainer except TrainingArguments' `label_smoothing_factor` (refused: no label smoother runs in a DPO loss,
+    in TRL's trainer either), and `padding_free=True` working (padding-free packing of each micro-batch; text only); plus the
     noisy-pair mining fields (`pair_mining="dbpm"|"pld"`, ...; docs/methods/noisy_pairs.md), which need TRL's plain
     sigmoid loss (its per-pair loss is what the memory records)."""
 
     def __post_init__(self):
         super().__post_init__()
+        refuse_label_smoothing_factor(self)
         check_pair_mining_arguments(self)
         if self.pair_mining is not None:
             plain = (self.loss_type == ["sigmoid"] and self.ld_alpha is None and self.label_smoothing == 0
@@ -50,6 +53,13 @@ class PackedDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
                                  f"loss_weights={self.loss_weights})")
 
 
+def refuse_label_smoothing_factor(args: DPOConfig) -> None:
+    """TrainingArguments' `label_smoothing_factor` is refused: transformers' label smoother never runs in a DPO loss
+    (DPO's own smoothing is `label_smoothing`, conservative DPO)."""
+    refuse_unhonoured_fields(args, DPOConfig, ("label_smoothing_factor",), "PackedDPOTrainer",
+                             "DPO's own smoothing is `label_smoothing` (conservative DPO).")
+
+
 class PackedDPOTrainer(PreferenceTrainer):
     """TRL's DPOTrainer (any `loss_type`, weights, `ld_alpha`, f-divergence, WPO) on the shared forward."""
 
@@ -60,6 +70,7 @@ class PackedDPOTrainer(PreferenceTrainer):
         args = PackedDPOConfig("DPO") if args is None else args
         if not isinstance(args, DPOConfig):
             raise TypeError(f"PackedDPOTrainer needs a DPOConfig, got {type(args).__name__}")
+        refuse_label_smoothing_factor(args)  # also for a plain DPOConfig
         if getattr(args, "pair_mining", None) is not None and isinstance(kwargs.get("train_dataset"), Dataset):
             # numbered as given, before TRL drops any row (text and vision rows alike: TRL prepares only text)
             kwargs["train_dataset"] = add_row_index(kwargs["train_dataset"])

@@ -108,6 +108,8 @@ class PairwisePPOConfig(GRPOConfig):
         super().__post_init__()
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"PairwisePPOConfig: advantage={self.advantage!r}; expected one of {ADVANTAGES}")
+        refuse_unhonoured_fields(self, GRPOConfig, ("label_smoothing_factor",), "PairwisePPOTrainer",
+                                 "transformers' label smoother never runs in a policy-gradient loss.")
         if self.advantage != "group":
             refuse_unhonoured_fields(self, GRPOConfig, GROUP_ADVANTAGE_FIELDS,
                                      f"PairwisePPOTrainer (advantage={self.advantage!r})",
