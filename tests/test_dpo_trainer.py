@@ -137,3 +137,29 @@ def test_vision_data_refuses_padding_free(tmp_path):
     args = PackedDPOConfig(output_dir=str(tmp_path), padding_free=True, **{**COMMON, "max_length": None})
     with pytest.raises(NotImplementedError, match="padding_free=True packs text"):
         PackedDPOTrainer(load_model("tiny-qwen2-vl"), args=args, train_dataset=data, processing_class=processor)
+
+
+@pytest.mark.parametrize("disentangle", [None, "anchored"], ids=["dpo", "disentangled"])
+def test_rows_whose_prompt_fills_max_length_are_counted_when_dropped(tmp_path, pairs, tokenizer, caplog, disentangle):
+    """TRL drops pairs whose prompt alone fills max_length (keep_start leaves them no completion token): the
+    trainers log how many, of how many, instead of training on fewer rows unannounced."""
+    import logging
+
+    from prefalign.trainers.disentangled import DisentangledDPOConfig, DisentangledDPOTrainer
+
+    max_length = 20
+    prompt_lengths = [len(tokenizer(p)["input_ids"]) for p in pairs["prompt"]]
+    expected = sum(n >= max_length for n in prompt_lengths)
+    assert 0 < expected < len(pairs)
+    config = {**COMMON, "max_length": max_length, "output_dir": str(tmp_path)}
+    caplog.set_level(logging.WARNING)
+    if disentangle is None:
+        trainer = PackedDPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"),
+                                   args=PackedDPOConfig(**config), train_dataset=pairs, processing_class=tokenizer)
+    else:
+        trainer = DisentangledDPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"),
+                                         args=DisentangledDPOConfig(disentangle=disentangle, **config),
+                                         train_dataset=pairs, processing_class=tokenizer)
+    assert len(trainer.train_dataset) == len(pairs) - expected
+    assert f"dropped {expected} of {len(pairs)} train pairs whose prompt alone fills max_length={max_length}" \
+        in caplog.text

@@ -35,6 +35,7 @@ TRL's vision collator and go through the same forward (padded only).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -55,12 +56,14 @@ from prefalign.trainers.reference_cache import (
     check_entry,
     dataset_hash,
     entry_path,
-    logger,
     nearest_entry_change,
     tokenizer_hash,
     weights_hash,
     write_entry,
 )
+from prefalign.trainers.reference_cache import logger as cache_logger
+
+logger = logging.getLogger("prefalign.trainers.preference")
 
 
 class ReplayModel:
@@ -168,6 +171,16 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
               self.reference_context(), self.accelerator.autocast()):
             return self.sequence_log_probs(model, inputs, hidden_states=hidden_states)
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """TRL's tokenisation; the pairs it drops because their prompt alone fills `max_length` (with
+        `truncation_mode="keep_start"` no completion token would be left) are counted in a warning."""
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
+            logger.warning("dropped %d of %d %s pairs whose prompt alone fills max_length=%s (no completion token "
+                           "would be left); raise max_length or shorten those prompts", len(dataset) - len(prepared),
+                           len(dataset), dataset_name, args.max_length)
+        return prepared
+
     def compute_ref_log_probs(self, model, inputs):
         """TRL's precompute hook on the core's forward (packed when `padding_free`): summed reference log-probs,
         chosen and rejected (with TRL's `ld_alpha` weighting)."""
@@ -216,7 +229,8 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         if self.accelerator.is_main_process:  # rank 0 hashes the data; every rank takes its key
             # the row numbers pair mining adds do not change the reference log-probs: a mining run reuses the entry
             key[0] = {**identity, "data": dataset_hash(dataset, (*REFERENCE_COLUMNS, ROW_COLUMN)),
-                      "rows": len(dataset), "max_length": self.args.max_length, "truncation_mode": self.args.truncation_mode}
+                      "rows": len(dataset), "max_length": self.args.max_length,
+                      "truncation_mode": self.args.truncation_mode}
         broadcast_object_list(key, from_process=0)
         return key[0]
 
@@ -236,16 +250,17 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         problem = problem[0]
         if problem is None:
             if main:
-                logger.warning("reference cache: reusing %s (%d rows) for the %s dataset", path, len(dataset), name)
+                cache_logger.warning("reference cache: reusing %s (%d rows) for the %s dataset", path, len(dataset),
+                                     name)
         else:
             if main and problem == "absent":
                 nearest = nearest_entry_change(self.args.reference_cache_dir, key)
                 changed = f"; the nearest entry {nearest[0]} was made with other settings ({nearest[1]})" \
                     if nearest else ""
-                logger.warning("reference cache: computing %s (%d rows of the %s dataset)%s", path, len(dataset),
-                               name, changed)
+                cache_logger.warning("reference cache: computing %s (%d rows of the %s dataset)%s", path,
+                                     len(dataset), name, changed)
             elif main:
-                logger.warning("reference cache: %s cannot be reused: %s; computing it again", path, problem)
+                cache_logger.warning("reference cache: %s cannot be reused: %s; computing it again", path, problem)
             columns = self._compute_reference_columns(dataset, name, batch_size)
             if main:
                 write_entry(path, key, columns)
