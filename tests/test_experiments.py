@@ -174,7 +174,11 @@ def test_entanglement_rrpo_and_pairwise_rl_outcome_rules_by_hand():
     assert rule({"dpo": run([-1.0, -0.5]), **kept}, {}).startswith("reproduced")
     assert rule({"dpo": run([-1.0, -0.5]), **kept, "pngd": run([0.1, -0.3])}, {}).startswith("partly")  # mean −0.1
     assert rule({"dpo": run([0.5, -0.1]), **kept}, {}).startswith("not reproduced (DPO")  # no displacement
-    assert rule({"dpo": run([-1.0, -0.5], fails=0.0), **kept}, {}).startswith("not reproduced (DPO")
+    # DPO falls but the probe never flagged it: the remedies part holds, the condition part does not
+    assert rule({"dpo": run([-1.0, -0.5], fails=0.0), **kept}, {}).startswith(
+        "partly reproduced (kept from falling: pngd, token_mask, anchored; the probe's first-order condition held")
+    fallen = {mode: run([-0.2, -0.1]) for mode in kept}
+    assert rule({"dpo": run([-1.0, -0.5]), **fallen}, {}).startswith("not reproduced (no disentangled mode")
     rule = load("rrpo")["outcome_of"]
     point = lambda kl, acc: {"kl_chosen": [kl, kl], "phrase_accuracy": [acc, acc]}  # noqa: E731
     rrpo = {"RRPO α=0": point(0.3, 0.90), "RRPO α=0.2": point(0.1, 0.85)}

@@ -127,17 +127,25 @@ def prediction_agreement(chosen_up: list[float], measured_next: list[float | Non
 
 
 def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
-    """The claim's verdict from means over seeds: reproduced when DPO's held-out log π(y_w) ends below its start
-    while the probe reported the condition failing, and every other mode ends at or above its start (also used by
-    merge.py)."""
+    """The claim's verdict from means over seeds (also used by merge.py): reproduced when DPO's held-out log π(y_w)
+    ends below its start while the probe reported the condition failing, and every other mode ends at or above its
+    start; partly when DPO's falls and some mode keeps it (the verdict says when the probe's first-order condition
+    held throughout, i.e. did not predict the fall); not reproduced when DPO's does not fall or no mode keeps it."""
     mean = {mode: {k: statistics.fmean(v) for k, v in m.items()} for mode, m in per_seed.items()}
     parts = [f"{mode} Δ log π(y_w) {values['final_d_chosen']:+.2f}" for mode, values in mean.items()]
-    dpo_falls = "dpo" in mean and mean["dpo"]["final_d_chosen"] < 0 and mean["dpo"]["condition_fails"] > 0
+    dpo_falls = "dpo" in mean and mean["dpo"]["final_d_chosen"] < 0
+    flagged = dpo_falls and mean["dpo"]["condition_fails"] > 0
     kept = [mode for mode in mean if mode != "dpo" and mean[mode]["final_d_chosen"] >= 0]
-    verdict = ("reproduced" if dpo_falls and len(kept) == len(mean) - 1 else
-               "partly reproduced" if dpo_falls and kept else
-               "not reproduced (DPO's held-out log π(y_w) did not fall with the condition failing: no displacement "
-               "to fix in this run)" if not dpo_falls else "not reproduced")
+    unpredicted = ("" if flagged else
+                   "; the probe's first-order condition held at every check, so it did not predict DPO's fall")
+    if not dpo_falls:
+        verdict = "not reproduced (DPO's held-out log π(y_w) did not fall: no displacement to fix in this run)"
+    elif flagged and len(kept) == len(mean) - 1:
+        verdict = "reproduced"
+    elif kept:
+        verdict = f"partly reproduced (kept from falling: {', '.join(kept)}{unpredicted})"
+    else:
+        verdict = f"not reproduced (no disentangled mode kept log π(y_w) from falling{unpredicted})"
     return f"{verdict}: " + ", ".join(parts) + " (held-out, final, means over seeds)"
 
 
@@ -145,13 +153,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__, default_seeds=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per mode (default: 200)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per mode (default: 60)")
     parser.add_argument("--batch-size", type=int, default=2, help="pairs per step")
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW, constant")
+    parser.add_argument("--learning-rate", type=float, default=5e-4,
+                        help="AdamW, constant (default 5e-4: at 2e-4 DPO's held-out log π(y_w) was still rising "
+                             "after 20 steps)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--eval-every", type=int, default=20, help="held-out log-probs every N steps")
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out log-probs every N steps")
     parser.add_argument("--eval-pairs", type=int, default=16, help="held-out test pairs")
-    parser.add_argument("--probe-every", type=int, default=20, help="entanglement probe every N steps")
+    parser.add_argument("--probe-every", type=int, default=10, help="entanglement probe every N steps")
     parser.add_argument("--probe-pairs", type=int, default=2)
     opts = parser.parse_args(argv)
     if opts.smoke:

@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alphas", type=float, nargs="+", default=list(RRPO_ALPHAS), help="RRPO α values")
     parser.add_argument("--betas", type=float, nargs="+", default=list(DPO_BETAS), help="DPO β values")
     parser.add_argument("--rrpo-beta", type=float, default=0.1, help="RRPO's β (phrase-reward scale)")
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="constant, every arm (the recipes' value)")
-    parser.add_argument("--eval-pairs", type=int, default=100, help="held-out wordnet-phrases test pairs")
+    parser.add_argument("--eval-pairs", type=int, default=50, help="held-out wordnet-phrases test pairs")
     opts = parser.parse_args(argv)
     if opts.smoke:
         opts.model, opts.steps, opts.eval_pairs, opts.alphas, opts.betas = "tiny-causal-lm", 1, 4, [0.0, 0.2], [0.1]
