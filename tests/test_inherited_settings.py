@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import perturbed_copy
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import MixtralConfig, MixtralForCausalLM
 from trl import DPOConfig, DPOTrainer
 
@@ -326,3 +326,17 @@ def test_packed_dpo_refuses_label_smoothing_factor_in_a_plain_dpo_config(tmp_pat
     with pytest.raises(ValueError, match=r"PackedDPOTrainer.*label_smoothing_factor=0\.1"):
         PackedDPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"), args=args,
                          train_dataset=pairs, processing_class=tokenizer)
+
+
+def test_pairwise_rm_row_whose_verdict_is_cut_off_is_an_error_naming_it(tmp_path, tokenizer, verdicts):
+    """max_length that cuts off a verdict row's verdict token stops at start naming that row (TRL's SFT preparation
+    dropped it unannounced, and the other rows' errors then counted rows after the drop)."""
+    long = verdicts.select([0]).map(lambda row: {"prompt": [{"role": "user", "content": "Word " * 300 +
+                                                             row["prompt"][0]["content"]}]})
+    data = concatenate_datasets([verdicts.select([0, 1]), long, verdicts.select([2])])
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
+               for r in data]
+    max_length = max(lengths[:2] + lengths[3:]) + 4  # every row's verdict fits but row 2's
+    assert lengths[2] >= max_length
+    with pytest.raises(ValueError, match=rf"train dataset, row\(s\) 2: .*max_length={max_length}"):
+        _rm_trainer(tmp_path, load_model("tiny-causal-lm"), tokenizer, data, max_length=max_length)

@@ -42,6 +42,7 @@ from prefalign.trainers.inherited import refuse_unhonoured_fields
 logger = logging.getLogger("prefalign.trainers.pairwise_rm")
 
 VERDICT_COLUMNS = ("prompt", "completion", "verdict", "pair_index")
+ROW_NUMBER = "pairwise_rm_row"  # temporary column: each row's number as given, for errors after SFT's drops
 
 
 def verdict_metrics(prob_first: Sequence[float], first_is_better: Sequence[bool], pair_index: Sequence[int],
@@ -174,21 +175,34 @@ class PairwiseRMTrainer(SFTTrainer):
         self.verdict_ids = verdict_token_ids(self.processing_class)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        """SFT's tokenisation, then labels kept on the first completion token only (the verdict), checked."""
+        """SFT's tokenisation, then labels kept on the first completion token only (the verdict), checked; a row
+        whose verdict `max_length` cuts off (SFT would drop it) is an error naming it."""
+        numbered = isinstance(dataset, Dataset)
+        if numbered:  # rows numbered as given: SFT drops fully truncated rows, and errors must name the user's row
+            dataset = dataset.add_column(ROW_NUMBER, list(range(len(dataset))))
+        rows = len(dataset) if numbered else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         verdict_ids = set(verdict_token_ids(processing_class))
+        if numbered and len(dataset) < rows:
+            lost = sorted(set(range(rows)) - set(dataset[ROW_NUMBER]))
+            listed = ", ".join(map(str, lost[:20])) + (", ..." if len(lost) > 20 else "")
+            raise ValueError(f"{dataset_name} dataset, row(s) {listed}: the verdict token is cut off by "
+                             f"truncation to max_length={args.max_length} ({len(lost)} of {rows} rows); raise "
+                             "max_length or shorten these prompts")
 
         def verdict_only(example: dict, index: int) -> dict:
             labels = example["labels"]
             first = next((i for i, label in enumerate(labels) if label != -100), None)
             if first is None or labels[first] not in verdict_ids:
                 found = "no completion token" if first is None else f"token {labels[first]}"
-                raise ValueError(f"{dataset_name} dataset, row {index}, column 'completion': the completion must "
-                                 f"start with a verdict token {sorted(verdict_ids)}, found {found}; build the rows "
-                                 "with data_builders.verdicts.build_verdict_examples")
+                raise ValueError(f"{dataset_name} dataset, row {example.get(ROW_NUMBER, index)}, column "
+                                 f"'completion': the completion must start with a verdict token "
+                                 f"{sorted(verdict_ids)}, found {found}; build the rows with "
+                                 "data_builders.verdicts.build_verdict_examples")
             return {"labels": [-100] * first + [labels[first]] + [-100] * (len(labels) - first - 1)}
 
-        return dataset.map(verdict_only, with_indices=True, desc=f"Keeping the verdict token of {dataset_name}")
+        dataset = dataset.map(verdict_only, with_indices=True, desc=f"Keeping the verdict token of {dataset_name}")
+        return dataset.remove_columns(ROW_NUMBER) if numbered else dataset
 
     def evaluate(self, eval_dataset: Dataset | None = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
