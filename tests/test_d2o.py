@@ -545,3 +545,19 @@ def test_vision_online_refresh_samples_with_the_prompts_images(tmp_path, monkeyp
                                                                        batch["completion_mask"][:4])]
     assert texts == [f"Fresh 1.{i}.{j}<|im_end|>\n" for i in range(2) for j in range(2)]
     assert batch["image_grid_thw"].shape[0] == 2 * 3
+
+
+@pytest.mark.parametrize("column", ["tools", "chat_template_kwargs"])
+def test_columns_the_chat_template_would_need_are_refused(tmp_path, source, tokenizer, column):
+    """TRL's DPO renders `tools` and `chat_template_kwargs` into the template; D²O's tokenisation does not, so such
+    data is refused at start instead of being tokenised without them."""
+    rows = _with_anchors(source, 2)
+    rows = rows.add_column(column, [{"enable_thinking": False} if column == "chat_template_kwargs" else
+                                    [{"type": "function", "function": {"name": "f"}}]] * len(rows))
+    with pytest.raises(ValueError, match=rf"\['{column}'\] column"):
+        _d2o(tmp_path, rows, tokenizer, num_anchors=2)
+
+
+def test_pad_to_multiple_of_with_images_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="pad_to_multiple_of=8 is not applied to image batches"):
+        _vision_d2o(tmp_path, _vision_rows(), pad_to_multiple_of=8)

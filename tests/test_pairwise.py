@@ -522,3 +522,13 @@ def test_pairwise_ppo_recipe_trains_on_prompt_only_rows(tmp_path):
     assert trainer.state.global_step == 1 and len(trainer.train_dataset) == 2
     with pytest.raises(PreferenceDataError, match="answer"):
         recipe([*args, "--anchor_column", "answer"])
+
+
+def test_generated_anchors_refuse_chat_template_kwargs(tmp_path):
+    """GRPO renders prompts with chat_template_kwargs; the greedy anchors would be generated without them."""
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, num_generations=2,
+                  max_completion_length=4, per_device_train_batch_size=2)
+    with pytest.raises(ValueError, match="chat_template_kwargs=.*anchor_column"):
+        PairwisePPOConfig(**common, chat_template_kwargs={"enable_thinking": False})
+    PairwisePPOConfig(**common, chat_template_kwargs={"enable_thinking": False}, anchor_column="chosen")
+    PairwisePPOConfig(**common, chat_template_kwargs={"enable_thinking": False}, advantage="round_robin")

@@ -298,6 +298,15 @@ class D2OTrainer(PreferenceTrainer):
             raise TypeError("D2OTrainer needs map-style datasets (anchors are refreshed by row)")
         refresh = args.anchor_refresh_steps > 0
         vision = any(d is not None and has_vision_columns(d) for d in datasets)
+        unused = sorted({c for d in datasets if d is not None for c in ("tools", "chat_template_kwargs")
+                         if c in d.column_names})
+        if unused:
+            raise ValueError(f"D2OTrainer does not render the {unused} column(s) into the chat template (TRL's "
+                             "DPOTrainer does): the anchors and negatives would be tokenised without them; remove "
+                             "the column(s) or render the prompts beforehand")
+        if vision and args.pad_to_multiple_of is not None:
+            raise ValueError(f"pad_to_multiple_of={args.pad_to_multiple_of} is not applied to image batches by "
+                             "D2OTrainer's vision collator; unset it for image data")
         if vision:  # TRL collates vision rows raw (no _prepare_dataset): check and index them here
             train_dataset = self._vision_rows(train_dataset, args, "train")
             if isinstance(eval_dataset, dict):

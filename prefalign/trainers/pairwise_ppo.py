@@ -108,6 +108,11 @@ class PairwisePPOConfig(GRPOConfig):
         super().__post_init__()
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"PairwisePPOConfig: advantage={self.advantage!r}; expected one of {ADVANTAGES}")
+        if self.chat_template_kwargs and self.anchor_column is None and self.advantage != "round_robin":
+            raise ValueError(f"chat_template_kwargs={self.chat_template_kwargs!r}: the greedy reference anchors are "
+                             "generated without them while GRPO renders the policy's prompts with them, so the RM "
+                             "would compare answers to different prompts; give the anchors in a column "
+                             "(anchor_column) or leave chat_template_kwargs unset")
         refuse_unhonoured_fields(self, GRPOConfig, ("label_smoothing_factor",), "PairwisePPOTrainer",
                                  "transformers' label smoother never runs in a policy-gradient loss.")
         if self.advantage != "group":
