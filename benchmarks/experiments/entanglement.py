@@ -214,14 +214,22 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def plot(result: dict, results_dir: Path) -> Path:
-    """Held-out Δ log π(y_w) and Δ log π(y_l) over steps per mode, the probe's cosine and its first-order prediction
-    (share of probe pairs whose condition says log π(y_w) rises)."""
+    """Held-out Δ log π(y_w) and Δ log π(y_l) over steps per mode, the probe's cosine, and the probe's measured
+    change of log π(y_w) over each interval beside the first-order prediction made at its start (▲: most probe pairs
+    predicted to rise, ▼: to fall)."""
     fig, axes = new_figure(4)
     plot_curves(axes[0], result["curves"]["heldout"], "d_chosen", "held-out Δ log π(y_w)")
     plot_curves(axes[1], result["curves"]["heldout"], "d_rejected", "held-out Δ log π(y_l)")
     plot_curves(axes[2], result["curves"]["probe"], "cos", "probe cos(g_w, g_l)")
-    plot_curves(axes[3], result["curves"]["probe"], "chosen_up", "first-order: share with log π(y_w) up")
-    for ax in axes[:2]:
+    for mode, probe in result["curves"]["probe"].items():
+        measured = [statistics.fmean(v) for v in zip(*(run[1:] for run in probe["probe_delta_chosen"]))]
+        predicted_up = [statistics.fmean(v) >= 0.5 for v in zip(*(run[:-1] for run in probe["chosen_up"]))]
+        line, = axes[3].plot(probe["steps"][1:], measured, label=mode)
+        for step, value, up in zip(probe["steps"][1:], measured, predicted_up):
+            axes[3].plot(step, value, marker="^" if up else "v", color=line.get_color(), markersize=5)
+    axes[3].set(xlabel="optimizer step", ylabel="probe Δ log π(y_w); ▲▼ predicted")
+    axes[3].legend(fontsize=7)
+    for ax in (axes[0], axes[1], axes[3]):
         ax.axhline(0, color="grey", linewidth=0.8)
     return save_figure(fig, results_dir, CLAIM)
 
