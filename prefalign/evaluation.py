@@ -35,7 +35,7 @@ from prefalign.logprobs import check_unscaled_logits, completion_log_probs, froz
 from prefalign.losses import mann_whitney_auc
 from prefalign.messages import completion_text, with_completion_text
 from prefalign.models import adapter_base
-from prefalign.phrases import OPEN_TAG, pair_phrase_spans, phrase_token_ids
+from prefalign.phrases import OPEN_TAG, completion_start, pair_phrase_spans, phrase_token_ids
 from prefalign.reward_models import is_reward_model, load_reward_model, load_reward_model_and_processor
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,16 @@ def tokenize_pair(processing_class: Any, row: dict) -> dict[str, list[int]]:
     if OPEN_TAG in chosen_text or OPEN_TAG in rejected_text:
         clean_chosen, chosen_spans, clean_rejected, rejected_spans = pair_phrase_spans(chosen_text, rejected_text)
         chosen, rejected = with_completion_text(chosen, clean_chosen), with_completion_text(rejected, clean_rejected)
-    chosen_ids, chosen_phrases = phrase_token_ids(processing_class, row["prompt"], chosen, chosen_spans)
-    rejected_ids, rejected_phrases = phrase_token_ids(processing_class, row["prompt"], rejected, rejected_spans)
-    return {"prompt_ids": prompt_token_ids(processing_class, [row["prompt"]])[0],
-            "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "chosen_phrase_ids": chosen_phrases, "rejected_phrase_ids": rejected_phrases}
+    out = {"prompt_ids": prompt_token_ids(processing_class, [row["prompt"]])[0]}
+    sides = {"chosen": (chosen, chosen_spans), "rejected": (rejected, rejected_spans)}
+    starts = {side: completion_start(processing_class, row["prompt"], text) for side, (text, _) in sides.items()}
+    cut = min(starts.values())  # as TRL: the prompt ends where it and either completion first diverge
+    for side, (text, spans) in sides.items():
+        ids, phrases = phrase_token_ids(processing_class, row["prompt"], text, spans)
+        out[f"{side}_ids"] = out["prompt_ids"][cut:starts[side]] + ids
+        out[f"{side}_phrase_ids"] = [0] * (starts[side] - cut) + phrases
+    out["prompt_ids"] = out["prompt_ids"][:cut]
+    return out
 
 
 def collate_pairs(pairs: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -118,12 +118,28 @@ def diff_phrases(chosen: str, rejected: str, tokenizer: Any = None) -> tuple[lis
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _completion_ids(processing_class: Any, prompt: str | list, completion: str | list) -> list[int]:
-    """The completion's token ids exactly as TRL 1.16's DPOTrainer tokenises one prompt/completion pair."""
+def _split_ids(processing_class: Any, prompt: str | list, completion: str | list) -> tuple[list[int], int]:
+    """TRL 1.16 DPOTrainer's ids of one prompt + completion and where the completion's tokens start in them (the
+    common prefix with the prompt's own ids: a prompt's last token merged into the completion's goes with it)."""
     generation_prompt = {"add_generation_prompt": True} if isinstance(prompt, list) else {}
     prompt_ids = list(_tokenize(processing_class, prompt, **generation_prompt)["input_ids"])
     full_ids = list(_tokenize(processing_class, prompt + completion)["input_ids"])
-    return full_ids[common_prefix_length(prompt_ids, full_ids) :]
+    return full_ids, common_prefix_length(prompt_ids, full_ids)
+
+
+def _completion_ids(processing_class: Any, prompt: str | list, completion: str | list) -> list[int]:
+    """The completion's token ids exactly as TRL 1.16's DPOTrainer tokenises one prompt/completion pair."""
+    full_ids, start = _split_ids(processing_class, prompt, completion)
+    return full_ids[start:]
+
+
+def completion_start(processing_class: Any, prompt: str | list, completion: str | list) -> int:
+    """Where TRL 1.16's DPOTrainer starts this completion's tokens: the number of the prompt's tokens kept before it
+    (fewer than all when the prompt's last token merges into the completion's; a string completion gets TRL's EOS)."""
+    eos_token = getattr(processing_class, "tokenizer", processing_class).eos_token
+    if isinstance(completion, str) and not completion.endswith(eos_token):
+        completion = completion + eos_token
+    return _split_ids(processing_class, prompt, completion)[1]
 
 
 def _offsets_by_encoding(tokenizer: Any, full_text: str, completion_ids: list[int], conversational: bool):

@@ -274,3 +274,25 @@ def test_models_with_scaled_logits_are_refused(models):
     scaled.config.logit_scale = 0.5  # Cohere-style: the logits are multiplied after the head
     with pytest.raises(NotImplementedError, match="logit_scale"):
         evaluate_preferences(model, scaled, tokenizer, Dataset.from_list(_rows(False)), progress=False)
+
+
+def test_pairs_are_tokenised_as_trls_dpo_trainer_also_across_a_merged_boundary(tmp_path):
+    """A string prompt ending in a space: the tokenizer merges the space into the completions' first token, and TRL
+    then cuts the prompt where prompt and completions diverge. `prefalign eval` must score the same ids (it put the
+    whole prompt before completions that repeat the boundary)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from prefalign.evaluation import tokenize_pair
+
+    tokenizer = load_processing_class("tiny-causal-lm")
+    rows = Dataset.from_list([{"prompt": "What does 'cat' mean? ", "chosen": "A small feline.", "rejected": "Bird."},
+                              {"prompt": "What does 'dog' mean?", "chosen": " A canine.", "rejected": " Fish."}])
+    stock = DPOTrainer(load_model("tiny-causal-lm"), load_model("tiny-causal-lm"),
+                       args=DPOConfig(str(tmp_path), report_to="none", use_cpu=True, bf16=False),
+                       train_dataset=rows, processing_class=tokenizer).train_dataset
+    for i in range(len(rows)):
+        ours = tokenize_pair(tokenizer, rows[i])
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert ours[key] == stock[i][key], (i, key)
+        assert len(ours["chosen_phrase_ids"]) == len(ours["chosen_ids"])
