@@ -243,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
                                                                   max_samples=args.max_samples),
-                                          required=("prompt", "rejected"), source=f"{args.dataset}, split {args.split!r}")
+                                          required=("prompt", "rejected"),
+                                          source=f"{args.dataset}, split {args.split!r}")
     model, processing_class = load_for_generation(args.model)  # after the rows are checked
     built = build_anchors(dataset, args.output, model=model, processing_class=processing_class,
                           num_anchors=args.num_anchors,

@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
         parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
     dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
                                                                   max_samples=args.max_samples),
-                                          drop_invalid=args.drop_invalid, source=f"{args.dataset}, split {args.split!r}")
+                                          drop_invalid=args.drop_invalid,
+                                          source=f"{args.dataset}, split {args.split!r}")
     built = build_verdict_examples(dataset)
     if output.suffix == ".jsonl" and "images" in built.column_names and "Image" in repr(built.features["images"]):
         parser.error(f"{args.dataset} holds pictures, not image file paths: a .jsonl output cannot store them; write "

@@ -334,8 +334,8 @@ def test_pairwise_rm_row_whose_verdict_is_cut_off_is_an_error_naming_it(tmp_path
     long = verdicts.select([0]).map(lambda row: {"prompt": [{"role": "user", "content": "Word " * 300 +
                                                              row["prompt"][0]["content"]}]})
     data = concatenate_datasets([verdicts.select([0, 1]), long, verdicts.select([2])])
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"])
-               for r in data]
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True,
+                                                 return_dict=True)["input_ids"]) for r in data]
     max_length = max(lengths[:2] + lengths[3:]) + 4  # every row's verdict fits but row 2's
     assert lengths[2] >= max_length
     with pytest.raises(ValueError, match=rf"train dataset, row\(s\) 2: .*max_length={max_length}"):

@@ -235,7 +235,8 @@ def test_refusals_that_reference_cache_dir_causes_name_it(tmp_path):
     args = D2OConfig(output_dir=str(tmp_path / "d2o"), report_to="none", use_cpu=True, bf16=False,
                      anchor_refresh_steps=1, reference_cache_dir=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="reference_cache_dir=.*online anchors"):
-        D2OTrainer(load_model("tiny-causal-lm"), None, args=args, train_dataset=_with_anchors(load_preference_dataset("wordnet-definitions", split="train").select(range(4)), 1),
+        D2OTrainer(load_model("tiny-causal-lm"), None, args=args, train_dataset=_with_anchors(
+            load_preference_dataset("wordnet-definitions", split="train").select(range(4)), 1),
                    processing_class=tokenizer)
 
 

@@ -97,7 +97,8 @@ def _check_rows(rows: list[dict], columns: list[str], list_column: str | None, s
                 problems.append(f"  row {index}, column {list_column!r}: expected a list of ≥ 2 non-empty "
                                 f"responses, got {value!r:.60}")
     if problems:
-        raise SystemExit(f"prefalign judge: {source}: {len(problems)} problem(s) in the data:\n" + "\n".join(problems[:10])
+        raise SystemExit(f"prefalign judge: {source}: {len(problems)} problem(s) in the data:\n"
+                         + "\n".join(problems[:10])
                          + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""))
 
 

@@ -175,6 +175,7 @@ def judge_consistency(
                              None if shown is None else [shown] * len(candidates))
         pairs = list(itertools.combinations(range(len(candidates)), 2))
         results = judge.compare_pairs([prompt] * len(pairs), [candidates[i] for i, _ in pairs],
-                                      [candidates[j] for _, j in pairs], None if shown is None else [shown] * len(pairs))
+                                      [candidates[j] for _, j in pairs],
+                                      None if shown is None else [shown] * len(pairs))
         report.add(scores, {pair: result.verdict for pair, result in zip(pairs, results)}, tolerance)
     return report

@@ -32,9 +32,9 @@ from prefalign.trainers.reference_cache import ReferenceCacheArguments
 class PackedDPOConfig(ReferenceCacheArguments, PairMiningArguments, DPOConfig):
     r"""Configuration for [`PackedDPOTrainer`]: exactly [`~trl.DPOConfig`], every field honoured as by TRL's
     DPOTrainer except TrainingArguments' `label_smoothing_factor` (refused: no label smoother runs in a DPO loss,
-    in TRL's trainer either), and `padding_free=True` working (padding-free packing of each micro-batch; text only); plus the
-    noisy-pair mining fields (`pair_mining="dbpm"|"pld"`, ...; docs/methods/noisy_pairs.md), which need TRL's plain
-    sigmoid loss (its per-pair loss is what the memory records)."""
+    in TRL's trainer either), and `padding_free=True` working (padding-free packing of each micro-batch; text
+    only); plus the noisy-pair mining fields (`pair_mining="dbpm"|"pld"`, ...; docs/methods/noisy_pairs.md),
+    which need TRL's plain sigmoid loss (its per-pair loss is what the memory records)."""
 
     def __post_init__(self):
         super().__post_init__()
