@@ -55,9 +55,11 @@ COSTS = {
               "shared machine",
     "delta": "per seed: 40 warm-start + 2 × 60 LoRA steps on SmolLM2 and 14 greedy passes over 24 prompts: about "
              "30 min; 3 seeds ≈ 1.5–2 h",
-    "entanglement": "200 steps × 4 modes × 3 seeds of SmolLM2 LoRA (pngd ≈ 1.8× a DPO step): about 4–5 h on CPU; "
-                    "`--steps 100 --seeds 0 1 2` halves it",
-    "rrpo": "7 arms × 3 seeds × 80 LoRA steps on SmolLM2 plus 100 held-out pairs each: about 4–5 h on CPU",
+    "entanglement": "per seed: 4 modes × 60 LoRA steps on SmolLM2 with held-out and probe checks every 10 steps: "
+                    "measured ≈ 34 min on one core; 3 seeds ≈ 1.7 h, or about 1.1 h split over 2 cores "
+                    "(`--seeds 0 1` and `--seeds 2`, then merge.py)",
+    "rrpo": "per seed: 7 arms × 20 LoRA steps on SmolLM2 plus 50 held-out pairs each: measured ≈ 35 min on one core; "
+            "3 seeds ≈ 1.8 h, or about 1.2 h split over 2 cores",
     "pairwise_rl": "per seed: 2 RM runs of 40 LoRA steps (batch 8) and 2 policy runs of 24 steps × 8 samples of 48 "
                    "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
     "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: measured "
