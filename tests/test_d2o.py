@@ -561,3 +561,24 @@ def test_columns_the_chat_template_would_need_are_refused(tmp_path, source, toke
 def test_pad_to_multiple_of_with_images_is_refused(tmp_path):
     with pytest.raises(ValueError, match="pad_to_multiple_of=8 is not applied to image batches"):
         _vision_d2o(tmp_path, _vision_rows(), pad_to_multiple_of=8)
+
+
+def test_refreshed_anchors_are_shared_with_every_rank(tmp_path, source, tokenizer, monkeypatch):
+    """Each rank samples anchors for its own rows, then every rank stores every rank's new anchors: a later epoch
+    deals rows to other ranks, which would otherwise train on the row's old anchors (gather_object stands in for a
+    second rank that refreshed row 3)."""
+    def fake_generate(model, processing_class, prompts, num_return_sequences, **kwargs):
+        return ([[f"Fresh {i}.{j}" for j in range(num_return_sequences)] for i in range(len(prompts))],
+                [[True] * num_return_sequences for _ in prompts])
+
+    other_rank = (3, {"anchor_ids": [[42, 43], [44, 45]]})
+    monkeypatch.setattr(d2o_module, "generate", fake_generate)
+    monkeypatch.setattr(d2o_module, "gather_object", lambda entries: [*entries, other_rank])
+    trainer = _d2o(tmp_path, _with_anchors(source, 2), tokenizer, num_anchors=2, anchor_warmup_steps=0,
+                   anchor_refresh_steps=2)
+    trainer._refresh_anchors([0, 1])
+    assert sorted(trainer._anchor_store) == [0, 1, 3] and trainer._anchor_store[3] == other_rank[1]
+    assert trainer._refreshed_prompts == 3
+    batch = trainer._collate_rows([3])
+    assert [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"][:2], batch["completion_mask"][:2])] \
+        == [[42, 43], [44, 45]]

@@ -26,7 +26,8 @@ step's batch get K new anchors sampled from the current policy (`prefalign.gener
 their stored anchors from then on (later epochs too). Under several processes each rank samples, with its own seed,
 for the prompts of its own batch; generation involves no communication (under DeepSpeed ZeRO-3 TRL's
 `unwrap_model_for_generation` first gathers the full weights on every rank, which is safe because all ranks refresh
-at the same step), and ranks meet again at the gradient all-reduce. Refreshed anchors live in memory: a run resumed
+at the same step); then the new anchors are shared, so every rank holds every refreshed row's anchors for the epochs
+in which another rank draws that row. Refreshed anchors live in memory: a run resumed
 from a checkpoint starts again from the stored anchors and refreshes at its next refresh step.
 """
 
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import DPOConfig
 from trl.data_utils import _tokenize, apply_chat_template, common_prefix_length, prepare_multimodal_messages
@@ -472,9 +473,8 @@ class D2OTrainer(PreferenceTrainer):
         self.log_means(mode, per_prompt)
         if mode == "train":
             self._total_train_tokens += gather(attention_mask.sum()).sum().item() // self._tp_size
-            refreshed = gather(torch.tensor([self._refreshed_prompts], device=attention_mask.device)).sum().item()
             metrics["anchors/refreshes"] = [self._refresh_events]
-            metrics["anchors/refreshed_prompts"] = [refreshed]
+            metrics["anchors/refreshed_prompts"] = [self._refreshed_prompts]
         metrics["num_tokens"] = [self._total_train_tokens]
 
     # ---- online anchors -----------------------------------------------------------------------------------------
@@ -580,8 +580,12 @@ class D2OTrainer(PreferenceTrainer):
             ref_anchor_logps, _ = self.compute_ref_log_probs(self.reference_model(), batch)
             for row, logps in zip(rows, ref_anchor_logps.tolist()):
                 self._anchor_store[row]["ref_chosen_logps"] = logps
+        # every rank keeps every rank's new anchors: a later epoch deals the rows to other ranks (all ranks refresh at
+        # the same steps, so this meets; one process: the list itself)
+        for row, entry in gather_object([(row, self._anchor_store[row]) for row in rows]):
+            self._anchor_store[row] = entry
         self._refresh_events += 1
-        self._refreshed_prompts = len(self._anchor_store)
+        self._refreshed_prompts = len(self._anchor_store)  # the same on every rank
         logger.info("step %d, rank %d: sampled %d anchors for %d prompt(s) from the current policy (mean %.1f tokens)",
                     self.state.global_step, self.accelerator.process_index, args.num_anchors * len(rows), len(rows),
                     sum(lengths) / max(len(lengths), 1))
