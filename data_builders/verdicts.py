@@ -34,9 +34,11 @@ from prefalign.templates import PAIRWISE_PROMPT, VERDICT_LABELS, verdict_prompt
 logger = logging.getLogger("data_builders.verdicts")
 
 
-def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, drop_invalid: bool = False) -> Dataset:
-    """Two verdict rows per preference pair (chosen first → "1", rejected first → "2"), in the pairs' order."""
-    dataset = vision_as_images(validate_preference_dataset(dataset, drop_invalid=drop_invalid))
+def build_verdict_examples(dataset: Dataset, template: str = PAIRWISE_PROMPT, drop_invalid: bool = False,
+                           source: str | None = None) -> Dataset:
+    """Two verdict rows per preference pair (chosen first → "1", rejected first → "2"), in the pairs' order; the
+    pairs are validated first (errors start with ``source``, e.g. the file and split)."""
+    dataset = vision_as_images(validate_preference_dataset(dataset, drop_invalid=drop_invalid, source=source))
     vision = "images" in dataset.column_names
 
     def both_orders(batch: dict, indices: list[int]) -> dict:
@@ -83,11 +85,9 @@ def main(argv: Sequence[str] | None = None) -> Dataset:
     output = Path(args.output)
     if output.suffix not in (".jsonl", ".parquet"):
         parser.error(f"--output must end in .jsonl or .parquet, got {output.name!r}")
-    dataset = validate_preference_dataset(load_preference_dataset(args.dataset, split=args.split,
-                                                                  max_samples=args.max_samples),
-                                          drop_invalid=args.drop_invalid,
-                                          source=f"{args.dataset}, split {args.split!r}")
-    built = build_verdict_examples(dataset)
+    dataset = load_preference_dataset(args.dataset, split=args.split, max_samples=args.max_samples)
+    built = build_verdict_examples(dataset, drop_invalid=args.drop_invalid,
+                                   source=f"{args.dataset}, split {args.split!r}")
     if output.suffix == ".jsonl" and "images" in built.column_names and "Image" in repr(built.features["images"]):
         parser.error(f"{args.dataset} holds pictures, not image file paths: a .jsonl output cannot store them; write "
                      f"a .parquet file ({output.with_suffix('.parquet')})")

@@ -133,13 +133,16 @@ def _completion_ids(processing_class: Any, prompt: str | list, completion: str |
     return full_ids[start:]
 
 
+def _with_eos(processing_class: Any, completion: str | list) -> str | list:
+    """A string completion with the EOS TRL appends when it is missing; a message list as it is."""
+    eos_token = getattr(processing_class, "tokenizer", processing_class).eos_token
+    return completion + eos_token if isinstance(completion, str) and not completion.endswith(eos_token) else completion
+
+
 def completion_start(processing_class: Any, prompt: str | list, completion: str | list) -> int:
     """Where TRL 1.16's DPOTrainer starts this completion's tokens: the number of the prompt's tokens kept before it
     (fewer than all when the prompt's last token merges into the completion's; a string completion gets TRL's EOS)."""
-    eos_token = getattr(processing_class, "tokenizer", processing_class).eos_token
-    if isinstance(completion, str) and not completion.endswith(eos_token):
-        completion = completion + eos_token
-    return _split_ids(processing_class, prompt, completion)[1]
+    return _split_ids(processing_class, prompt, _with_eos(processing_class, completion))[1]
 
 
 def _offsets_by_encoding(tokenizer: Any, full_text: str, completion_ids: list[int], conversational: bool):
@@ -189,9 +192,7 @@ def phrase_token_ids(
         full_text = processing_class.apply_chat_template(messages, tokenize=False)
         text_start = full_text.rfind(text)
     else:
-        text = completion
-        if not completion.endswith(tokenizer.eos_token):
-            completion = completion + tokenizer.eos_token
+        text, completion = completion, _with_eos(processing_class, completion)
         full_text, text_start = prompt + completion, len(prompt)
     if any(not 0 <= start <= end <= len(text) for start, end in spans):
         raise ValueError(f"spans {list(spans)} fall outside the completion's {len(text)} characters")

@@ -67,9 +67,9 @@ def parse_recipe_args(dataclass_types: tuple, recipe: str, argv: list[str] | Non
     return TrlParser(dataclass_types).parse_args_and_config(argv)
 
 
-# TRL ModelConfig's quantisation fields and their defaults (model_load_kwargs refuses any other value).
-QUANTISATION_DEFAULTS = {"load_in_4bit": False, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
-                         "use_bnb_nested_quant": False, "bnb_4bit_quant_storage": None}
+# TRL ModelConfig's quantisation fields (model_load_kwargs refuses any value but ModelConfig's default).
+QUANTISATION_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+                       "bnb_4bit_quant_storage")
 _LATEST = ("true", "last", "latest")  # --resume_from_checkpoint values meaning "the newest checkpoint in output_dir"
 
 
@@ -111,8 +111,12 @@ def model_load_kwargs(model_args) -> dict:
     """``from_pretrained`` settings from TRL's ModelConfig: ``dtype`` (float32 when unset), ``attn_implementation``
     and ``revision`` (``--model_revision``). Quantised loading (``--load_in_4bit``, ``--load_in_8bit`` and the
     ``bnb_*`` fields) is refused at start: the recipes' trainers are not tested on bitsandbytes models."""
-    quantised = {name: getattr(model_args, name) for name, default in QUANTISATION_DEFAULTS.items()
-                 if getattr(model_args, name) != default}
+    from trl import ModelConfig
+
+    from prefalign.trainers.inherited import trl_default
+
+    quantised = {name: getattr(model_args, name) for name in QUANTISATION_FIELDS
+                 if getattr(model_args, name) != trl_default(ModelConfig, name)}
     if quantised:
         raise ValueError(f"{', '.join(f'--{k} {v}' for k, v in quantised.items())}: quantised (bitsandbytes) loading "
                          "is not supported by prefalign's recipes; load the model unquantised (LoRA keeps the "

@@ -178,9 +178,9 @@ class PairwiseRMTrainer(SFTTrainer):
         """SFT's tokenisation, then labels kept on the first completion token only (the verdict), checked; a row
         whose verdict `max_length` cuts off (SFT would drop it) is an error naming it."""
         numbered = isinstance(dataset, Dataset)
+        rows = len(dataset) if numbered else 0
         if numbered:  # rows numbered as given: SFT drops fully truncated rows, and errors must name the user's row
-            dataset = dataset.add_column(ROW_NUMBER, list(range(len(dataset))))
-        rows = len(dataset) if numbered else None
+            dataset = dataset.add_column(ROW_NUMBER, list(range(rows)))
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         verdict_ids = set(verdict_token_ids(processing_class))
         if numbered and len(dataset) < rows:
