@@ -14,7 +14,8 @@ define their config. It gives them:
 - `compute_ref_log_probs(model, inputs)`: TRL's precompute hook, on the same forward.
 - the reference cache (`reference_cache_dir`, ``prefalign.trainers.reference_cache``): precomputed reference columns
   stored once per key in a folder and reused by later runs and every rank, instead of TRL's per-session cache.
-- `log_means(mode, values)`: each [B] metric gathered across processes and averaged into TRL's `_metrics`.
+- `log_means(mode, values)`: each [B] metric gathered across processes (rows padded where their counts differ) and
+  averaged into TRL's `_metrics`.
 - `add_aux_loss(loss, policy, mode)`: the MoE load-balancing loss with `router_aux_loss_coef`, logged.
 - `_per_pair_loss_hook(losses, inputs)`: the one place where a trainer's per-pair losses [B] and the batch's rows
   are known before the mean (default: identity); subclasses re-weight pairs there.
@@ -308,10 +309,15 @@ class PreferenceTrainer(PairMiningMixin, DPOTrainer):
         return loss + self.router_aux_loss_coef * policy.aux_loss
 
     def log_means(self, mode: str, values: dict[str, torch.Tensor]) -> None:
-        """Append to `_metrics[mode]` the mean over all processes of each value (a [B] tensor or a scalar)."""
-        for name, value in values.items():
-            self._metrics[mode][name].append(
-                self.accelerator.gather_for_metrics(value.detach().float()).mean().item())
+        """Append to `_metrics[mode]` the mean over all processes' rows of each value (all [B] tensors, or all
+        scalars). Processes may hold different numbers of rows (RRPO drops pairs left without a phrase token at
+        collation): the rows are padded to the longest and the padding is left out of the means."""
+        names = list(values)
+        rows = torch.stack([values[name].detach().float().reshape(-1) for name in names], dim=-1)  # [B, M]
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=-1)  # the last column counts the real rows
+        gathered = self.accelerator.gather_for_metrics(self.accelerator.pad_across_processes(rows))
+        for name, mean in zip(names, (gathered[:, :-1].sum(0) / gathered[:, -1].sum()).tolist()):
+            self._metrics[mode][name].append(mean)
 
     def prepare_for_collation(self, dataset, name: str):
         """A raw dataset made ready for this trainer's collator (tokenised as for training; vision data as is)."""
