@@ -448,13 +448,12 @@ def test_vlm_dropped_pairs_under_two_processes_log_the_kept_pairs_means(tmp_path
     the logged per-pair means are over the 3 kept pairs, as in one process with all 4 rows in its batch."""
     import json
     import subprocess
-    import sys
 
+    import rrpo_drop_driver
     from conftest import REPO, accelerate_launch
 
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "tests/rrpo_drop_driver.py", str(one), "4"], cwd=REPO, check=True,
-                   capture_output=True)
+    rrpo_drop_driver.main(str(one), 4)
     launch = subprocess.run([*accelerate_launch("ddp.yaml"), "tests/rrpo_drop_driver.py", str(two), "2"], cwd=REPO,
                             capture_output=True, text=True)
     assert launch.returncode == 0, launch.stderr[-3000:]
