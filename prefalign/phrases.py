@@ -133,7 +133,7 @@ def _completion_ids(processing_class: Any, prompt: str | list, completion: str |
     return full_ids[start:]
 
 
-def _with_eos(processing_class: Any, completion: str | list) -> str | list:
+def with_trl_eos(processing_class: Any, completion: str | list) -> str | list:
     """A string completion with the EOS TRL appends when it is missing; a message list as it is."""
     eos_token = getattr(processing_class, "tokenizer", processing_class).eos_token
     return completion + eos_token if isinstance(completion, str) and not completion.endswith(eos_token) else completion
@@ -142,7 +142,7 @@ def _with_eos(processing_class: Any, completion: str | list) -> str | list:
 def completion_start(processing_class: Any, prompt: str | list, completion: str | list) -> int:
     """Where TRL 1.16's DPOTrainer starts this completion's tokens: the number of the prompt's tokens kept before it
     (fewer than all when the prompt's last token merges into the completion's; a string completion gets TRL's EOS)."""
-    return _split_ids(processing_class, prompt, _with_eos(processing_class, completion))[1]
+    return _split_ids(processing_class, prompt, with_trl_eos(processing_class, completion))[1]
 
 
 def _offsets_by_encoding(tokenizer: Any, full_text: str, completion_ids: list[int], conversational: bool):
@@ -192,7 +192,7 @@ def phrase_token_ids(
         full_text = processing_class.apply_chat_template(messages, tokenize=False)
         text_start = full_text.rfind(text)
     else:
-        text, completion = completion, _with_eos(processing_class, completion)
+        text, completion = completion, with_trl_eos(processing_class, completion)
         full_text, text_start = prompt + completion, len(prompt)
     if any(not 0 <= start <= end <= len(text) for start, end in spans):
         raise ValueError(f"spans {list(spans)} fall outside the completion's {len(text)} characters")

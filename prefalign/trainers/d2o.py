@@ -49,6 +49,7 @@ from trl.trainer.utils import flush_left, global_then_local_main_first, pad
 from prefalign.data import PreferenceDataError, has_vision_columns, validate_preference_dataset, vision_as_images
 from prefalign.generation import generate
 from prefalign.losses import d2o_loss
+from prefalign.phrases import with_trl_eos
 from prefalign.trainers import papers
 from prefalign.trainers.inherited import refuse_unhonoured_fields
 from prefalign.trainers.pair_mining import PairMiningArguments, add_row_index, check_pair_mining_arguments
@@ -205,8 +206,7 @@ class DataCollatorForVisionAnchors:
                         for prompt, completion, i in zip(prompts, completions, order)]
             prompts, completions = [r["prompt"] for r in rendered], [r["completion"] for r in rendered]
         else:
-            eos = tokenizer.eos_token
-            completions = [c if c.endswith(eos) else c + eos for c in completions]
+            completions = [with_trl_eos(tokenizer, c) for c in completions]
         all_images = [images[i] for i in order]
         processed = self.processor(images=None if all(not x for x in all_images) else all_images, text=prompts,
                                    padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
@@ -271,12 +271,9 @@ def check_anchor_rows(dataset: Dataset, num_anchors: int, name: str = "train") -
                                   + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
-def _tokenized(processing_class, prompt: str | list, completion: str | list, eos_token: str) -> list[int]:
+def _tokenized(processing_class, prompt: str | list, completion: str | list) -> list[int]:
     """Token ids of prompt + completion as TRL's DPOTrainer builds them (chat template, or text + EOS)."""
-    if isinstance(prompt, list):
-        return _tokenize(processing_class, prompt + completion)["input_ids"]
-    completion = completion if completion.endswith(eos_token) else completion + eos_token
-    return _tokenize(processing_class, prompt + completion)["input_ids"]
+    return _tokenize(processing_class, prompt + with_trl_eos(processing_class, completion))["input_ids"]
 
 
 class D2OTrainer(PreferenceTrainer):
@@ -352,13 +349,12 @@ class D2OTrainer(PreferenceTrainer):
             return dataset
         check_anchor_rows(dataset, args.num_anchors, dataset_name)
         dataset = add_row_index(dataset)  # numbered before any row is dropped: rows as given
-        eos_token = self._tokenizer.eos_token
 
         def tokenize(row):
             prompt = row["prompt"]
             prompt_ids = _tokenize(processing_class, prompt, **({"add_generation_prompt": True} if isinstance(
                 prompt, list) else {}))["input_ids"]
-            full = [_tokenized(processing_class, prompt, c, eos_token) for c in [row["rejected"], *row["anchors"]]]
+            full = [_tokenized(processing_class, prompt, c) for c in [row["rejected"], *row["anchors"]]]
             prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full)  # as TRL: where they diverge
             return {"prompt_ids": prompt_ids[:prompt_len], "rejected_ids": full[0][prompt_len:],
                     "anchor_ids": [ids[prompt_len:] for ids in full[1:]]}
@@ -567,7 +563,7 @@ class D2OTrainer(PreferenceTrainer):
                     anchor_ids.append(old)
                     continue
                 completion = text if isinstance(rejected, str) else [{"role": "assistant", "content": text}]
-                ids = _tokenized(self.processing_class, prompt, completion, self._tokenizer.eos_token)
+                ids = _tokenized(self.processing_class, prompt, completion)
                 if ids[: len(prompt_ids)] != prompt_ids:  # a token merged across the prompt's end: keep the old one
                     kept += 1
                     anchor_ids.append(old)
