@@ -345,9 +345,9 @@ def test_d2o_steps_lower_the_log_prob_of_held_out_negatives(tmp_path):
 
     model = load_model("smollm2-135m-instruct")
     dataset = build_anchors(train, tmp_path / "anchors.jsonl", model=model, processing_class=tokenizer,
-                            num_anchors=2, max_new_tokens=24, keep_truncated=True, progress=False)
+                            num_anchors=2, max_new_tokens=16, keep_truncated=True, progress=False)
     before = _negative_logps(model, tokenizer, held_out)
-    args = D2OConfig(output_dir=str(tmp_path / "smol"), max_steps=6, learning_rate=5e-4, num_anchors=2,
+    args = D2OConfig(output_dir=str(tmp_path / "smol"), max_steps=3, learning_rate=5e-4, num_anchors=2,
                      max_length=256, anchor_refresh_steps=0, **{**COMMON, "per_device_train_batch_size": 4})
     trainer = D2OTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
