@@ -186,8 +186,9 @@ def test_entanglement_rrpo_and_pairwise_rl_outcome_rules_by_hand():
     assert rule({**rrpo, "DPO β=0.1": point(0.4, 0.9), "DPO β=0.5": point(0.05, 0.8)}, {}).startswith("partly")
     assert rule({**rrpo, "DPO β=0.1": point(0.2, 0.95)}, {}).startswith("not reproduced")
     rule = load("pairwise_rl")["outcome_of"]
-    rm = lambda acc, win: {"rm_accuracy": [acc, acc], "rm_position_consistency": [0.9, 0.9],  # noqa: E731
-                           "judge_win_rate": [win - 0.1, win + 0.1]}
+    rm = lambda acc, win, consistency=0.9: {  # noqa: E731
+        "rm_accuracy": [acc, acc], "rm_position_consistency": [consistency, consistency],
+        "judge_win_rate": [win - 0.1, win + 0.1]}
     untrained = {"judge_win_rate": [0.5, 0.5]}
     arms = lambda pairwise, scalar: {"untrained policy": untrained, "pairwise RM + pairwise PPO": pairwise,  # noqa: E731
                                      "scalar RM + GRPO": scalar}
@@ -195,6 +196,9 @@ def test_entanglement_rrpo_and_pairwise_rl_outcome_rules_by_hand():
     assert rule(arms(rm(0.9, 0.6), rm(0.8, 0.7)), {}).startswith("partly reproduced (RM part only)")
     assert rule(arms(rm(0.7, 0.8), rm(0.8, 0.7)), {}).startswith("partly reproduced (policy part only)")
     assert rule(arms(rm(0.7, 0.6), rm(0.8, 0.7)), {}).startswith("not reproduced")
+    # a pairwise RM that names one position on most pairs gives every sample a reward near ½: nothing to compare
+    assert rule(arms(rm(0.9, 0.8, consistency=0.4), rm(0.8, 0.7)), {}).startswith("not testable here")
+    assert rule(arms(rm(0.9, 0.8, consistency=0.5), rm(0.8, 0.7)), {}).startswith("reproduced")
 
 
 def test_trustjudge_arm_metrics_by_hand():

@@ -97,15 +97,23 @@ def policy_config(config_class, opts, seed: int, output_dir: Path, **extra):
                         gradient_checkpointing=False, save_strategy="no", seed=seed, disable_tqdm=True, **extra)
 
 
+MIN_POSITION_CONSISTENCY = 0.5
+
+
 def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
     """The claim's verdict from means over seeds: reproduced when the pairwise RM is at least as accurate as the
     scalar RM and pairwise PPO's judge win rate is at least GRPO's, partly when one of the two holds (also used by
-    merge.py)."""
+    merge.py). Not testable when the pairwise RM names the same position on most held-out pairs (consistency below
+    MIN_POSITION_CONSISTENCY): its two orders then mostly cancel, every sample's reward against the anchor stays
+    near ½, and pairwise PPO has no signal to follow."""
     mean = {arm: {k: statistics.fmean(v) for k, v in m.items()} for arm, m in per_seed.items()}
     untrained, pairwise, scalar = (mean[arm] for arm in ARMS)
     rm_holds = pairwise["rm_accuracy"] >= scalar["rm_accuracy"]
     policy_holds = pairwise["judge_win_rate"] >= scalar["judge_win_rate"]
-    verdict = ("reproduced" if rm_holds and policy_holds else
+    verdict = (f"not testable here (the pairwise RM did not learn: position consistency below "
+               f"{MIN_POSITION_CONSISTENCY}, so its rewards stay near ½)"
+               if pairwise["rm_position_consistency"] < MIN_POSITION_CONSISTENCY else
+               "reproduced" if rm_holds and policy_holds else
                f"partly reproduced ({'RM' if rm_holds else 'policy'} part only)" if rm_holds or policy_holds else
                "not reproduced")
     return (f"{verdict}: judge win rate untrained {untrained['judge_win_rate']:.3f}, pairwise PPO "
