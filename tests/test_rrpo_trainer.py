@@ -198,7 +198,7 @@ def test_vlm_images_and_frame_sequences(tmp_path, with_video):
 def test_rrpo_steps_on_the_embedded_model_reduce_the_loss(tmp_path):
     tokenizer = load_processing_class("smollm2-135m-instruct")
     dataset = load_preference_dataset("wordnet-phrases", split="train").select(range(8))
-    args = RRPOConfig(output_dir=str(tmp_path / "smol"), max_steps=6, learning_rate=2e-4, max_length=256,
+    args = RRPOConfig(output_dir=str(tmp_path / "smol"), max_steps=4, learning_rate=5e-4, max_length=256,
                       **{**COMMON, "per_device_train_batch_size": 4})
     trainer = RRPOTrainer(load_model("smollm2-135m-instruct"), args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=LoraConfig(r=16, lora_alpha=32,
