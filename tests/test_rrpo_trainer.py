@@ -442,29 +442,6 @@ def test_vlm_pairs_whose_phrases_are_cut_at_collation_are_reported(tmp_path, cap
     assert "dropped pairs at rows [1]" in caplog.text
 
 
-@pytest.mark.slow
-def test_vlm_dropped_pairs_under_two_processes_log_the_kept_pairs_means(tmp_path):
-    """With drop_unaligned on the vision path, processes can hold different numbers of pairs (here 1 and 2 of 4):
-    the logged per-pair means are over the 3 kept pairs, as in one process with all 4 rows in its batch."""
-    import json
-    import subprocess
-
-    import rrpo_drop_driver
-    from conftest import REPO, accelerate_launch
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    rrpo_drop_driver.main(str(one), 4)
-    launch = subprocess.run([*accelerate_launch("ddp.yaml"), "tests/rrpo_drop_driver.py", str(two), "2"], cwd=REPO,
-                            capture_output=True, text=True)
-    assert launch.returncode == 0, launch.stderr[-3000:]
-    single, double = (json.loads((d / "log.json").read_text()) for d in (one, two))
-    assert (single["processes"], double["processes"]) == (1, 2)
-    per_pair = [k for k in single["log"] if k.split("/")[0] in ("logps", "phrase_tokens", "kl", "rewards")]
-    assert {"logps/chosen", "logps/rejected", "phrase_tokens/chosen"} <= set(per_pair)
-    for key in per_pair:
-        assert double["log"][key] == pytest.approx(single["log"][key], rel=1e-5, abs=1e-6), key
-
-
 def test_vlm_evaluate_on_a_raw_dataset(tmp_path):
     """A raw (tagged) vision dataset given to evaluate() gets its phrase spans: same loss as the same rows given
     at initialisation, and not log 2 (the policy differs from the reference)."""

@@ -289,7 +289,9 @@ def test_pngd_normalises_by_gradients_that_include_the_vision_tower(tmp_path):
 @pytest.mark.multiproc
 def test_d2o_and_dpo_with_images_two_processes_equal_one(tmp_path):
     """D²O, then DPO, on image rows: 2 DDP processes × 2 rows give the logged losses of 1 process × 4 rows (same rows,
-    sequential sampler), and the losses move from log 2 (one launch for both trainers)."""
+    sequential sampler), and the losses move from log 2. Then RRPO with drop_unaligned, where the processes hold 1
+    and 2 of the 3 kept pairs: its logged per-pair means are over the kept pairs, as in one process (one launch for
+    the three trainers)."""
     import json
     import math
     import subprocess
@@ -315,3 +317,7 @@ def test_d2o_and_dpo_with_images_two_processes_equal_one(tmp_path):
     assert len(single["dpo_losses"]) == 3 and single["dpo_losses"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert abs(single["dpo_losses"][-1] - math.log(2)) > 1e-3
     assert double["dpo_losses"] == pytest.approx(single["dpo_losses"], abs=1e-5)
+    per_pair = [k for k in single["rrpo_log"] if k.split("/")[0] in ("logps", "phrase_tokens", "kl", "rewards")]
+    assert {"logps/chosen", "logps/rejected", "phrase_tokens/chosen"} <= set(per_pair)
+    for key in per_pair:
+        assert double["rrpo_log"][key] == pytest.approx(single["rrpo_log"][key], rel=1e-5, abs=1e-6), key

@@ -1,6 +1,10 @@
-"""D²O, then DPO (`PackedDPOTrainer`), with images on the tiny Qwen2-VL for tests/test_vlm.py: the same 12 image rows,
-3 steps of 4 rows each, in 1 process (batch 4) or under `accelerate launch` with 2 processes (batch 2 each); rank 0
-writes the logged losses to OUTPUT_DIR/losses.json ({"losses": D²O's, "dpo_losses": DPO's, "processes": N}).
+"""D²O, then DPO (`PackedDPOTrainer`), then RRPO with dropped pairs, with images on the tiny Qwen2-VL for
+tests/test_vlm.py, in 1 process (batch 4) or under `accelerate launch` with 2 processes (batch 2 each):
+- D²O and DPO: the same 12 image rows, 3 steps of 4 rows each;
+- RRPO with `drop_unaligned`: 4 pairs, the second cut by max_length at collation so that it has no phrase token
+  left, one step (with 2 processes one keeps 1 pair, the other 2).
+Rank 0 writes OUTPUT_DIR/losses.json ({"losses": D²O's, "dpo_losses": DPO's, "rrpo_log": RRPO's first logged entry,
+"processes": N}).
 
     python tests/vlm_ddp_driver.py OUTPUT_DIR 4
     accelerate launch --config_file recipes/accelerate/ddp.yaml tests/vlm_ddp_driver.py OUTPUT_DIR 2
@@ -39,6 +43,43 @@ def rows():
     return Dataset.from_list(out)
 
 
+def phrase_rows():
+    """Pairs about plain-coloured pictures with tagged phrases; row 1's phrase comes late in a long answer."""
+    from datasets import Dataset
+    from PIL import Image
+
+    out = []
+    for i, (right, wrong) in enumerate([("red", "green"), ("blue", "yellow"), ("white", "black"), ("pink", "grey")]):
+        lead = "Well, I would say that it is" if i == 1 else "It is"
+        out.append({"images": [Image.new("RGB", (56, 56), (60 * i, 255 - 60 * i, 90))],
+                    "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                    "chosen": [{"role": "assistant", "content": f"{lead} <MASK>{right}</MASK>."}],
+                    "rejected": [{"role": "assistant", "content": f"{lead} <MASK>{wrong}</MASK>."}]})
+    return Dataset.from_list(out)
+
+
+def rrpo_dropping_row_1(common: dict):
+    """RRPO on `phrase_rows()` with max_length set so that every pair but row 1 keeps a phrase token, trained."""
+    from prefalign.models import load_model, load_processing_class
+    from prefalign.trainers.rrpo import RRPOConfig, RRPOTrainer
+
+    data = phrase_rows()
+
+    def trainer(max_length):
+        args = RRPOConfig(**{**common, "max_steps": 1, "max_length": max_length, "drop_unaligned": True})
+        return RRPOTrainer(load_model("tiny-qwen2-vl"), load_model("tiny-qwen2-vl"), args=args, train_dataset=data,
+                           processing_class=load_processing_class("tiny-qwen2-vl"))
+
+    probe = trainer(None)
+    phrase_ids = probe.data_collator([probe.train_dataset[i] for i in range(4)])["phrase_ids"]
+    first = [int((ids > 0).nonzero()[0]) for ids in phrase_ids]  # each completion's first phrase position
+    max_length = max(first[i] for i in (0, 2, 3, 4, 6, 7)) + 1
+    assert min(first[1], first[5]) >= max_length
+    rrpo = trainer(max_length)
+    rrpo.train()
+    return rrpo
+
+
 def main(output_dir: str, batch_size: int) -> None:
     from trl import DPOConfig
 
@@ -60,11 +101,13 @@ def main(output_dir: str, batch_size: int) -> None:
                            train_dataset=data.remove_columns("anchors"),
                            processing_class=load_processing_class("tiny-qwen2-vl"))
     dpo.train()
+    rrpo = rrpo_dropping_row_1(common)
     if dpo.accelerator.is_main_process:
         def losses(trainer):
             return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
         Path(output_dir, "losses.json").write_text(json.dumps({"losses": losses(d2o), "dpo_losses": losses(dpo),
+                                                               "rrpo_log": rrpo.state.log_history[0],
                                                                "processes": dpo.accelerator.num_processes}))
     dpo.accelerator.end_training()
     if torch.distributed.is_initialized():
