@@ -61,7 +61,9 @@ COSTS = {
     "rrpo": "per seed: 7 arms × 20 LoRA steps on SmolLM2 plus 50 held-out pairs each: measured ≈ 35 min on one core; "
             "3 seeds ≈ 1.8 h, or about 1.2 h split over 2 cores",
     "pairwise_rl": "per seed: 2 RM runs of 40 LoRA steps (batch 8) and 2 policy runs of 24 steps × 8 samples of 48 "
-                   "tokens on SmolLM2, plus generation and MiniLM judging: roughly 1–2 h; 3 seeds ≈ 4–6 h on CPU",
+                   "tokens on SmolLM2, plus generation and MiniLM judging: measured ≈ 75 min per seed with 2–3 "
+                   "processes sharing the 2 cores (pairwise RM 14–21 min, scalar RM 7–10 min, pairwise PPO 17–23 min, "
+                   "GRPO 10–16 min); 3 seeds ≈ 2 h split over 2 cores",
     "trustjudge": "per seed: the 135M judge reads 250 responses on two scales and 500 pairs in both orders: measured "
                   "≈ 19 CPU-minutes; 3 seeds ≈ 1 h on one core",
     "d2o": "per seed: 16 LoRA steps (batch 2) of D²O K=4 (≈ 20 s a step), DPO (≈ 5 s) and unlikelihood (≈ 2 s) on "
