@@ -43,6 +43,7 @@ CLAIM_TEXT = ("the trained pairwise RM is position-consistent and at least as ac
 ARMS = ("untrained policy", "pairwise RM + pairwise PPO", "scalar RM + GRPO")
 METRICS = {"rm_accuracy": "RM held-out accuracy", "rm_position_consistency": "RM position consistency",
            "judge_win_rate": "judge win rate (MiniLM)"}
+MIN_POSITION_CONSISTENCY = 0.5  # below it the pairwise RM's two orders mostly cancel (outcome_of)
 
 
 def same_prompt_reward_pairs(pairs):
@@ -95,9 +96,6 @@ def policy_config(config_class, opts, seed: int, output_dir: Path, **extra):
                         learning_rate=opts.learning_rate, lr_scheduler_type="constant", logging_steps=max(opts.steps, 1),
                         report_to="none", bf16=False, use_cpu=not torch.cuda.is_available(),
                         gradient_checkpointing=False, save_strategy="no", seed=seed, disable_tqdm=True, **extra)
-
-
-MIN_POSITION_CONSISTENCY = 0.5
 
 
 def outcome_of(per_seed: dict[str, dict[str, list[float]]], setup: dict) -> str:
